@@ -1,0 +1,139 @@
+"""The Dataset container, value checks, and ``load_dataset`` by name."""
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from gapbench.data.errors import DataError
+
+DATASETS: tuple[str, ...] = ("digits", "fashion-mnist", "mnist")
+SPLITS: tuple[str, ...] = ("train", "valid", "test")
+
+
+def check_values(x: torch.Tensor, name: str) -> None:
+    """Check that ``x`` holds finite grey levels in [0, 1].
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        Any shape, e.g. ``(N, D)``.
+    name : str
+        What ``x`` is, for the message, e.g. ``"mnist train split"``.
+
+    Raises
+    ------
+    DataError
+        If ``x`` has NaN or infinite values, or values outside [0, 1].
+    """
+    if x.numel() == 0:
+        return
+    low, high = torch.aminmax(x)  # NaN propagates, so one pass catches NaN, inf and range
+    if low >= 0 and high <= 1:
+        return
+    num_bad = int((~torch.isfinite(x)).sum())
+    if num_bad:
+        raise DataError(
+            f"{name}: {num_bad} of {x.numel()} values are NaN or infinite. Fix: the data are "
+            f"corrupt or were transformed wrongly; reload them from the original files."
+        )
+    raise DataError(
+        f"{name}: values span [{float(low):g}, {float(high):g}], outside [0, 1]. "
+        f"Fix: scale grey levels to [0, 1] (divide 8-bit pixels by 255)."
+    )
+
+
+def array_record(array: np.ndarray) -> dict:
+    """Shape and sha256 of the raw bytes of a decoded uint8 array, for provenance."""
+    return {
+        "shape": list(array.shape),
+        "sha256": hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest(),
+    }
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """Three fixed splits of flattened grey-level images, with where they came from.
+
+    Construction checks shapes, dtype and values, so every Dataset is valid.
+    """
+
+    name: str  # "digits" | "fashion-mnist" | "mnist"
+    train: torch.Tensor  # (N_train, D) float32 grey levels in [0, 1]
+    valid: torch.Tensor  # (N_valid, D)
+    test: torch.Tensor  # (N_test, D)
+    image_shape: tuple[int, int]  # (H, W) with H * W = D: (8, 8) or (28, 28)
+    provenance: dict  # JSON-serialisable: sources, sha256 of decoded uint8 arrays, split rule/sizes
+
+    def __post_init__(self) -> None:
+        size = math.prod(self.image_shape)
+        for split in SPLITS:
+            x = getattr(self, split)
+            what = f"{self.name} {split} split"
+            if x.dtype != torch.float32 or x.ndim != 2 or x.shape[0] == 0 or x.shape[1] != size:
+                raise DataError(
+                    f"{what}: got a {x.dtype} tensor of shape {tuple(x.shape)}; a Dataset needs "
+                    f"float32 of shape (N > 0, {size}) for images of shape {self.image_shape}. "
+                    f"Fix: flatten the images and convert them with .float()."
+                )
+            check_values(x, what)
+        try:
+            json.dumps(self.provenance)
+        except TypeError as error:
+            raise TypeError(f"Dataset provenance must be JSON-serialisable: {error}") from None
+
+    def split(self, name: str) -> torch.Tensor:
+        """The ``(N, D)`` tensor of split ``name``: ``"train"``, ``"valid"`` or ``"test"``."""
+        if name not in SPLITS:
+            raise DataError(f"unknown split {name!r}. Fix: use one of {', '.join(SPLITS)}.")
+        return getattr(self, name)
+
+    @property
+    def data_size(self) -> int:
+        """D, the number of pixels per image."""
+        return self.train.shape[1]
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{s}={tuple(getattr(self, s).shape)}" for s in SPLITS)
+        return f"Dataset(name={self.name!r}, {sizes}, image_shape={self.image_shape})"
+
+
+def load_dataset(
+    name: str,
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    download: bool = True,
+) -> Dataset:
+    """Load a dataset by name with its fixed train/valid/test split.
+
+    Parameters
+    ----------
+    name : str
+        One of ``DATASETS``: ``"digits"`` (scikit-learn's bundled 8x8 digits, offline),
+        ``"fashion-mnist"`` or ``"mnist"`` (original IDX files, see ``gapbench.data.mnist``).
+    data_dir : str or os.PathLike, optional
+        Directory searched first for the IDX files (itself and ``data_dir/<name>``).
+        Unused for ``"digits"``.
+    download : bool
+        Whether to download missing IDX files into the user cache. Unused for ``"digits"``.
+
+    Returns
+    -------
+    Dataset
+
+    Raises
+    ------
+    DataError
+        If the name is unknown, or the files cannot be found, fetched or read.
+    """
+    from gapbench.data import digits, mnist  # here, because both import Dataset from this module
+
+    if name == "digits":
+        return digits.load_digits()
+    if name in ("fashion-mnist", "mnist"):
+        return mnist.load_mnist_family(name, data_dir=data_dir, download=download)
+    raise DataError(f"unknown dataset {name!r}. Fix: use one of {', '.join(DATASETS)}.")
