@@ -1,0 +1,44 @@
+"""The generative half of a VAE: prior N(0, I) and an MLP decoder with a Bernoulli likelihood.
+
+The encoder (amortized posterior) lives in ``gapbench.posteriors.amortized``; this module knows
+nothing of inference.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .likelihoods import bernoulli_log_prob, standard_normal_log_prob
+from .mlp import mlp
+
+
+class Decoder(nn.Module):
+    """p(z) p(x|z) with p(z) = N(0, I) and p(x|z) = prod_d Bernoulli(x_d; sigmoid(f(z)_d)).
+
+    Parameters
+    ----------
+    data_size : D
+    latent_size : Z
+    hidden_sizes : widths of the hidden layers of f, from z towards x (paper: (200, 200))
+    activation : name of the nonlinearity (paper: "elu")
+    """
+
+    def __init__(self, data_size: int, latent_size: int, hidden_sizes: tuple[int, ...] = (200, 200),
+                 activation: str = "elu"):
+        super().__init__()
+        self.data_size = data_size
+        self.latent_size = latent_size
+        self.net = mlp([latent_size, *hidden_sizes, data_size], activation)
+
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        """Bernoulli logits: (..., Z) -> (..., D)."""
+        return self.net(z)
+
+    def log_prior(self, z: torch.Tensor) -> torch.Tensor:
+        """log p(z) for z (K, B, Z); returns (K, B)."""
+        return standard_normal_log_prob(z)
+
+    def log_likelihood(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """log p(x|z) for x (B, D) and z (K, B, Z); returns (K, B)."""
+        return bernoulli_log_prob(self.logits(z), x)

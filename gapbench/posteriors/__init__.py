@@ -1,0 +1,12 @@
+"""Variational families: amortized (encoder output) and local (free per-datapoint parameters)."""
+
+from .amortized import GaussianEncoder
+from .base import DistributionPosterior, Posterior, as_posterior
+from .families import FAMILIES, DiagonalGaussianFamily, LocalFamily, get_family
+from .gaussian import DiagonalGaussian
+from .noise import fork_seed, standard_normal
+
+__all__ = [
+    "DiagonalGaussian", "DiagonalGaussianFamily", "DistributionPosterior", "FAMILIES", "GaussianEncoder", "LocalFamily",
+    "Posterior", "as_posterior", "fork_seed", "get_family", "standard_normal",
+]

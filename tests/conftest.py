@@ -1,0 +1,23 @@
+import pytest
+import torch
+
+from gapbench.models import LinearGaussian
+
+
+@pytest.fixture
+def generator():
+    return torch.Generator().manual_seed(1234)
+
+
+def make_linear_gaussian(data_size: int = 12, latent_size: int = 3, *, sigma: float = 0.7,
+                         scale: float = 1.5, num_datapoints: int = 6, seed: int = 0):
+    """A linear-Gaussian model (float64) with a correlated posterior, and data drawn from it."""
+    g = torch.Generator().manual_seed(seed)
+    model = LinearGaussian.random(data_size, latent_size, sigma=sigma, scale=scale, generator=g)
+    x, _ = model.sample(num_datapoints, generator=g)
+    return model, x
+
+
+@pytest.fixture
+def linear_gaussian():
+    return make_linear_gaussian()
