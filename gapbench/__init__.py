@@ -1,0 +1,19 @@
+"""gapbench: measure the approximation and amortization gaps of amortized inference.
+
+Cremer, Li & Duvenaud (2018), "Inference Suboptimality in Variational Autoencoders".
+"""
+
+from .estimators import Estimate, elbo, iwae
+from .gaps import decompose, summarize
+from .measure import RefineProcedure, measure_gaps
+from .models import Decoder, LinearGaussian, Model
+from .posteriors import DiagonalGaussian, GaussianEncoder, as_posterior
+from .refine import RefineResult, refine
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Decoder", "DiagonalGaussian", "Estimate", "GaussianEncoder", "LinearGaussian", "Model",
+    "RefineProcedure", "RefineResult", "__version__", "as_posterior", "decompose", "elbo", "iwae",
+    "measure_gaps", "refine", "summarize",
+]

@@ -1,0 +1,112 @@
+"""The gap decomposition (Cremer, Li & Duvenaud, 2018, section 3 and Table 2).
+
+    inference gap      log p(x) - L[q]      = approximation gap + amortization gap
+    approximation gap  log p(x) - L[q*]     (the family is too simple)
+    amortization gap   L[q*]    - L[q]      (the encoder misses the family's best member)
+
+with log p(x) replaced by log p_hat(x), the per-datapoint maximum of the available lower bounds
+(IWAE under q and under q*, and AIS where run): the best estimate we have, still a lower bound in
+expectation, so the approximation gap is estimated conservatively.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .estimators import Estimate
+
+BOUND_NAMES = ("elbo_q", "elbo_q_star", "log_px")
+GAP_NAMES = ("approximation", "amortization", "inference")
+
+
+def estimate_columns(name: str, estimate: Estimate) -> dict[str, np.ndarray]:
+    """Per-datapoint columns ``name``, ``name_stderr``, ``name_ess`` from an Estimate."""
+    return {
+        name: estimate.value.detach().cpu().double().numpy(),
+        f"{name}_stderr": estimate.stderr.detach().cpu().double().numpy(),
+        f"{name}_ess": estimate.ess.detach().cpu().double().numpy(),
+    }
+
+
+def best_bound(frame: pd.DataFrame, candidates: tuple[str, ...]) -> pd.DataFrame:
+    """log p_hat(x): per datapoint, the largest of the candidate bound columns.
+
+    Returns columns ``log_px``, ``log_px_stderr`` (the winner's) and ``log_px_source`` (its name).
+    """
+    missing = [c for c in candidates if c not in frame]
+    if missing:
+        raise KeyError(f"bounds {missing} are not in the per-datapoint frame")
+    values = frame[list(candidates)].to_numpy()  # (N, C)
+    winner = np.argmax(np.where(np.isnan(values), -np.inf, values), axis=1)  # (N,)
+    rows = np.arange(len(frame))
+    stderrs = frame[[f"{c}_stderr" for c in candidates]].to_numpy()  # (N, C)
+    return pd.DataFrame({
+        "log_px": values[rows, winner],
+        "log_px_stderr": stderrs[rows, winner],
+        "log_px_source": np.asarray(candidates)[winner],
+    }, index=frame.index)
+
+
+def decompose(frame: pd.DataFrame) -> pd.DataFrame:
+    """Add the three gap columns (and their Monte Carlo standard errors) to a frame holding
+    ``elbo_q``, ``elbo_q_star`` and ``log_px`` with their ``_stderr`` columns."""
+    out = frame.copy()
+    pairs = {"approximation": ("log_px", "elbo_q_star"), "amortization": ("elbo_q_star", "elbo_q"),
+             "inference": ("log_px", "elbo_q")}
+    for gap, (upper, lower) in pairs.items():
+        out[gap] = out[upper] - out[lower]
+        out[f"{gap}_stderr"] = np.hypot(out[f"{upper}_stderr"], out[f"{lower}_stderr"])
+    return out
+
+
+def summarize_column(values: pd.Series, mc_stderrs: pd.Series | None = None) -> dict[str, float]:
+    """Mean over datapoints with two standard errors.
+
+    ``stderr``: sample standard deviation over datapoints / sqrt(N), the uncertainty from which
+    datapoints were evaluated (what matters when comparing models or papers).
+    ``mc_stderr``: sqrt(sum of squared per-datapoint Monte Carlo errors) / N, the uncertainty from
+    sampling alone, for these exact datapoints (what matters when re-running the same evaluation).
+    """
+    finite = values[np.isfinite(values)]
+    n = len(finite)
+    summary = {
+        "mean": float(finite.mean()) if n else math.nan,
+        "stderr": float(finite.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan,
+        "num_datapoints": n,
+    }
+    if mc_stderrs is not None:
+        se = mc_stderrs[np.isfinite(values)]
+        summary["mc_stderr"] = float(np.sqrt(np.square(se).sum()) / n) if n else math.nan
+    return summary
+
+
+def summarize(frame: pd.DataFrame) -> dict[str, dict[str, dict[str, float]]]:
+    """``{"bounds": {name: {mean, stderr, mc_stderr, num_datapoints}}, "gaps": {...}}``."""
+    def block(names: tuple[str, ...]) -> dict[str, dict[str, float]]:
+        return {n: summarize_column(frame[n], frame.get(f"{n}_stderr")) for n in names}
+    return {"bounds": block(BOUND_NAMES), "gaps": block(GAP_NAMES)}
+
+
+def to_numpy(t: torch.Tensor | np.ndarray) -> np.ndarray:
+    return t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+
+
+def gap_frame(bounds: Mapping[str, Estimate], *, log_px_candidates: tuple[str, ...],
+              extra: Mapping[str, torch.Tensor | np.ndarray] | None = None) -> pd.DataFrame:
+    """The per-datapoint frame: every bound's columns, extra columns, log p_hat(x) and the gaps.
+
+    ``bounds`` must hold at least ``elbo_q`` and ``elbo_q_star``.
+    """
+    columns: dict[str, np.ndarray] = {}
+    for name, estimate in bounds.items():
+        columns.update(estimate_columns(name, estimate))
+    for name, value in (extra or {}).items():
+        columns[name] = to_numpy(value)
+    frame = pd.DataFrame(columns)
+    frame = pd.concat([frame, best_bound(frame, log_px_candidates)], axis=1)
+    return decompose(frame)

@@ -1,0 +1,146 @@
+"""The Python API: measure the gaps of any model and encoder on a batch of datapoints.
+
+    frame, summary = gapbench.measure_gaps(model, encoder, x)
+
+``model`` needs ``log_prior(z) -> (K, B)`` and ``log_likelihood(x, z) -> (K, B)``; ``encoder`` maps
+x (B, D) to a torch Distribution over z with batch shape (B,) and event shape (Z,) (or a gapbench
+Posterior). The stages are also public so that a runner can checkpoint between them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import pandas as pd
+import torch
+
+from .estimators import Estimate, elbo_from_stats, iwae_from_stats, weight_stats
+from .gaps import gap_frame, summarize
+from .posteriors import DiagonalGaussian, as_posterior, get_family
+from .refine import RefineResult, refine
+
+INITS = ("prior", "encoder")
+
+
+class RefineProcedure(NamedTuple):
+    """Settings of local refinement; the fields are the keyword arguments of ``gapbench.refine``.
+
+    The defaults are gapbench's procedure (see ``gapbench bench refine`` for how it compares with
+    the paper's); :meth:`paper` gives Cremer, Li & Duvenaud (2018)'s.
+    """
+
+    num_samples: int = 10  # z samples per datapoint per step
+    learning_rate: float = 0.05  # initial Adam step size
+    max_steps: int = 5000  # hard limit per datapoint
+    check_every: int = 50  # steps per convergence window
+    patience: int = 4  # consecutive bad windows that stop a datapoint
+    lr_decay: float = 0.5  # learning-rate factor after a bad window
+    min_improvement: float = 0.0  # nats a window must gain to count as better
+    gradient: str = "stl"  # "stl" (sticking the landing) or "reparam"
+
+    @classmethod
+    def paper(cls) -> "RefineProcedure":
+        """The 2018 code: Adam 1e-3, 50 samples, checks every 100 steps, stop after >10 bad checks."""
+        return cls(num_samples=50, learning_rate=1e-3, max_steps=10**6, check_every=100, patience=11,
+                   lr_decay=1.0, min_improvement=0.0, gradient="reparam")
+
+
+class BoundPair(NamedTuple):
+    """ELBO and IWAE of one posterior, from the same K samples."""
+
+    elbo: Estimate
+    iwae: Estimate
+
+
+def bounds_of(model, posterior, x: torch.Tensor, *, num_samples: int, chunk_size: int | None,
+              generator: torch.Generator | None) -> BoundPair:
+    """ELBO and IWAE-K of ``posterior`` from one pass of K samples per datapoint."""
+    stats = weight_stats(model, posterior, x, num_samples=num_samples, chunk_size=chunk_size,
+                         generator=generator)
+    return BoundPair(elbo_from_stats(stats), iwae_from_stats(stats))
+
+
+def amortized_posterior(encoder: Callable, x: torch.Tensor):
+    """The encoder's posterior for x, without an autograd graph."""
+    with torch.no_grad():
+        return as_posterior(encoder(x))
+
+
+def local_posterior(model, encoder: Callable, x: torch.Tensor, *, family: str = "ffg",
+                    init: str = "prior", procedure: RefineProcedure = RefineProcedure(),
+                    generator: torch.Generator | None,
+                    callback: Callable[[int, int], None] | None = None) -> RefineResult:
+    """Refine a local posterior of ``family`` for every datapoint of x (B, D), all at once.
+
+    ``init="prior"`` starts from N(0, I) (as the paper); ``init="encoder"`` from the encoder's
+    output, which must then be a diagonal Gaussian (``Independent(Normal(mu, sigma), 1)``).
+    """
+    if init not in INITS:
+        raise ValueError(f"unknown refinement init {init!r}; choose one of {INITS}")
+    local = get_family(family)
+    q = amortized_posterior(encoder, x)
+    if init == "encoder" and not isinstance(q, DiagonalGaussian):
+        raise ValueError("init='encoder' needs an encoder returning a diagonal Gaussian; use init='prior'")
+    z, _ = q.rsample_and_log_prob(1, generator=torch.Generator().manual_seed(0))  # (1, B, Z), shape probe
+    init_params = local.init_params(x.shape[0], z.shape[-1], like=z,
+                                    init_from=q if init == "encoder" else None)
+    with _frozen(model):
+        return refine(model, x, family=local, init_params=init_params, **procedure._asdict(),
+                      generator=generator, callback=callback)
+
+
+class _frozen:
+    """Context manager: stop a torch model's parameters from collecting gradients."""
+
+    def __init__(self, model: Any):
+        self.params = [p for p in getattr(model, "parameters", lambda: [])() if p.requires_grad]
+
+    def __enter__(self):
+        for p in self.params:
+            p.requires_grad_(False)
+
+    def __exit__(self, *exc):
+        for p in self.params:
+            p.requires_grad_(True)
+
+
+def measure_gaps(model, encoder: Callable, x: torch.Tensor, *, family: str = "ffg", init: str = "prior",
+                 num_samples: int = 5000, chunk_size: int | None = None,
+                 procedure: RefineProcedure = RefineProcedure(),
+                 generator: torch.Generator | None = None) -> tuple[pd.DataFrame, dict]:
+    """Estimate L[q], L[q*], log p_hat(x) and the gaps for every datapoint of x.
+
+    Parameters
+    ----------
+    model : ``log_prior(z) -> (K, B)``, ``log_likelihood(x, z) -> (K, B)``
+    encoder : x (B, D) -> Distribution (batch (B,), event (Z,)) or gapbench Posterior
+    x : (B, D)
+    family : local variational family for q* ("ffg")
+    init : where refinement starts, "prior" (the paper) or "encoder"
+    num_samples : samples for every final ELBO and IWAE (paper: 5000)
+    chunk_size : samples per chunk in the estimators (None: automatic)
+    procedure : refinement settings
+    generator : random stream; None makes a fresh one seeded with 0
+
+    Returns
+    -------
+    frame : one row per datapoint: elbo_q, elbo_q_star, iwae_q, iwae_q_star (each with _stderr and
+        _ess), log_px (the per-datapoint max of the IWAE bounds) with its source, the three gaps,
+        refine_steps and refine_converged
+    summary : {"bounds": ..., "gaps": ...}, each entry {mean, stderr, mc_stderr, num_datapoints}
+    """
+    if generator is None:
+        generator = torch.Generator(device=x.device).manual_seed(0)
+    q = amortized_posterior(encoder, x)
+    amortized = bounds_of(model, q, x, num_samples=num_samples, chunk_size=chunk_size, generator=generator)
+    result = local_posterior(model, encoder, x, family=family, init=init, procedure=procedure,
+                             generator=generator)
+    q_star = get_family(family).posterior(result.params)
+    local = bounds_of(model, q_star, x, num_samples=num_samples, chunk_size=chunk_size, generator=generator)
+    frame = gap_frame(
+        {"elbo_q": amortized.elbo, "elbo_q_star": local.elbo, "iwae_q": amortized.iwae,
+         "iwae_q_star": local.iwae},
+        log_px_candidates=("iwae_q", "iwae_q_star"),
+        extra={"refine_steps": result.num_steps, "refine_converged": result.is_converged},
+    )
+    return frame, summarize(frame)
