@@ -14,15 +14,19 @@ import torch
 
 from ..posteriors import Posterior, as_posterior
 
-# Rows (samples x datapoints) per chunk when the caller does not choose: about 2^16 rows keeps a
-# (rows, 784) float32 activation near 200 MB while matmuls stay large enough to run at full speed.
-DEFAULT_ROWS_PER_CHUNK = 2**16
+# Rows (samples x datapoints) per chunk when the caller does not choose. About 4096 rows keeps a
+# chunk's activations in cache while the matmuls stay large: on 2 CPU cores with the paper's decoder,
+# IWAE ran at 107 GFLOP/s with 4000-row chunks, 56 with 8000 and 50 with 65000.
+DEFAULT_ROWS_PER_CHUNK = 4096
 
 
 def log_weights(model, posterior: Posterior, x: torch.Tensor, *, num_samples: int,
                 generator: torch.Generator | None) -> torch.Tensor:
     """log w = log p(z) + log p(x|z) - log q(z) for z ~ q; returns (K, B). Keeps the autograd graph."""
     z, log_q = posterior.rsample_and_log_prob(num_samples, generator=generator)  # (K, B, Z), (K, B)
+    if z.ndim != 3 or z.shape[1] != x.shape[0]:
+        raise ValueError(f"the posterior holds {z.shape[1] if z.ndim == 3 else '?'} datapoints "
+                         f"(z of shape {tuple(z.shape)}) but x holds {x.shape[0]}; build q from the same x")
     return model.log_prior(z) + model.log_likelihood(x, z) - log_q  # (K, B)
 
 
@@ -67,7 +71,7 @@ def empty_stats() -> WeightStats:
 
 
 def resolve_chunk_size(chunk_size: int | None, num_samples: int, num_datapoints: int) -> int:
-    """The number of samples per chunk: ``chunk_size`` or about 2^16 rows, at most ``num_samples``."""
+    """The number of samples per chunk: ``chunk_size`` or about 4096 rows, at most ``num_samples``."""
     if chunk_size is None:
         chunk_size = max(1, DEFAULT_ROWS_PER_CHUNK // max(1, num_datapoints))
     if chunk_size < 1:
@@ -86,7 +90,7 @@ def weight_stats(model, posterior, x: torch.Tensor, *, num_samples: int, chunk_s
     posterior : a Posterior or torch Distribution over z, batch (B,), event (Z,)
     x : (B, D)
     num_samples : K
-    chunk_size : samples per chunk (None: about 2^16 rows)
+    chunk_size : samples per chunk (None: about 4096 rows)
     generator : random stream; the same generator gives the same result for any chunk_size
     """
     if num_samples < 1:

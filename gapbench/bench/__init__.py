@@ -1,0 +1,54 @@
+"""Benchmarks that print figures (``gapbench bench ...``); never timed tests."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _write(figures: dict, out: str | None) -> None:
+    if out:
+        from .. import io
+        io.write_json(Path(out), figures)
+        print(f"figures written to {out}", file=sys.stderr)
+
+
+def _refine(args: argparse.Namespace) -> int:
+    from .refine import bench_refine
+    figures = bench_refine(args.run_dir, num_datapoints=args.num_datapoints,
+                           reference_datapoints=args.reference_datapoints, num_samples=args.num_samples)
+    _write(figures, args.out)
+    return 0
+
+
+def _iwae(args: argparse.Namespace) -> int:
+    from .iwae import bench_iwae
+    figures = bench_iwae(args.run_dir, num_datapoints=args.num_datapoints, num_samples=args.k,
+                         chunk_size=args.chunk_size, memory_ks=tuple(args.memory_k))
+    _write(figures, args.out)
+    return 0
+
+
+def add_bench_parser(sub) -> None:
+    bench = sub.add_parser("bench", help="speed and memory benchmarks on a trained run (prints figures)")
+    kinds = bench.add_subparsers(dest="benchmark", required=True)
+    refine = kinds.add_parser("refine", help="local FFG: the paper's loop against gapbench's batched default")
+    refine.add_argument("run_dir", help="a trained run folder (gapbench run ... --out RUN_DIR)")
+    refine.add_argument("--num-datapoints", type=int, default=1000)
+    refine.add_argument("--reference-datapoints", type=int, default=20,
+                        help="datapoints for the slow one-at-a-time reference (time scaled per datapoint)")
+    refine.add_argument("--num-samples", type=int, default=5000, help="samples for each final L[q*]")
+    refine.add_argument("--out", help="also write the figures as JSON here")
+    refine.set_defaults(func=_refine)
+    iw = kinds.add_parser("iwae", help="IWAE-k GFLOP/s against a plain matmul, and peak memory against k")
+    iw.add_argument("run_dir")
+    iw.add_argument("--num-datapoints", type=int, default=1000)
+    iw.add_argument("--k", type=int, default=5000)
+    iw.add_argument("--chunk-size", type=int, default=None)
+    iw.add_argument("--memory-k", type=int, nargs="+", default=[500, 5000, 50000])
+    iw.add_argument("--out", help="also write the figures as JSON here")
+    iw.set_defaults(func=_iwae)
+
+
+__all__ = ["add_bench_parser"]

@@ -1,0 +1,62 @@
+"""The ``gapbench`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .experiment import run_experiment
+    from .report import gap_table_markdown
+
+    config = load_config(args.experiment, args.set)
+    out = Path(args.out) if args.out else Path("runs") / config.name
+    summary = run_experiment(config, out, force=args.force, progress=not args.quiet,
+                             log=lambda m: print(m, file=sys.stderr))
+    n = summary["settings"]["num_datapoints"]
+    print(f"\n{config.name}: {summary['settings']['dataset']}, {n} {summary['settings']['split']} datapoints, "
+          f"k = {summary['settings']['num_samples']['iwae_k']}\n")
+    print(gap_table_markdown(summary))
+    print(f"run folder: {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gapbench",
+        description="Measure the approximation and amortization gaps of amortized inference "
+                    "(Cremer, Li & Duvenaud, 2018).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train (or load), refine, estimate and report one experiment")
+    run.add_argument("experiment", help="experiment TOML file, e.g. experiments/digits.toml")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config value, e.g. --set train.epochs=5 (repeatable)")
+    run.add_argument("--out", help="run folder (default: runs/<name>)")
+    run.add_argument("--force", action="store_true", help="redo every stage, even in a folder with another config")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(func=_run)
+    from .bench import add_bench_parser
+    add_bench_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError
+    from .data import DataError
+    from .experiment import RunError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, RunError) as error:
+        print(f"gapbench: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

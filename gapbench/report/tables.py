@@ -1,0 +1,29 @@
+"""Gap tables from a run's summary: Markdown for the terminal and README-style reports."""
+
+from __future__ import annotations
+
+ROWS = (
+    ("bounds", "log_px", "log p̂(x)"),
+    ("bounds", "elbo_q_star", "L[q*]"),
+    ("bounds", "elbo_q", "L[q]"),
+    ("gaps", "approximation", "approximation gap"),
+    ("gaps", "amortization", "amortization gap"),
+    ("gaps", "inference", "inference gap"),
+)
+
+
+def gap_table_markdown(summary: dict, *, digits: int = 3) -> str:
+    """A Markdown table of the bounds and gaps: mean, standard error over datapoints and Monte Carlo
+    standard error, in nats.
+
+    ``summary`` is the dict written to ``summary.json`` (``{"bounds": ..., "gaps": ...}``).
+    """
+    lines = [
+        "| quantity | mean (nats) | ± stderr | ± MC stderr |",
+        "|---|---:|---:|---:|",
+    ]
+    for block, key, label in ROWS:
+        entry = summary[block][key]
+        mc = entry.get("mc_stderr", float("nan"))
+        lines.append(f"| {label} | {entry['mean']:.{digits}f} | {entry['stderr']:.{digits}f} | {mc:.{digits}f} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,159 @@
+"""Training a VAE (decoder + amortized encoder) by maximising the ELBO with Adam.
+
+Linear KL warm-up (Bowman et al., 2016; Sonderby et al., 2016): the weight beta on
+log p(z) - log q(z|x) rises linearly from 0 to 1 over the first ``warmup_epochs`` epochs.
+Optional learning-rate schedule of Burda et al. (2016), used by Cremer et al. (2018): in stage
+i = 0, 1, 2, ... the rate is lr * 10^(-i/7), and stage i lasts 3^i epochs.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Callable, NamedTuple
+
+import torch
+from torch import nn
+
+from .data import binarize
+from .estimators import elbo
+from .posteriors import as_posterior
+
+SCHEDULES = ("constant", "paper")
+
+
+def paper_learning_rate(epoch: int, base: float) -> float:
+    """Burda et al. (2016): lr * 10^(-i/7) during stage i, which spans epochs [3^i - 1)/2, (3^(i+1) - 1)/2)."""
+    stage, start = 0, 0
+    while epoch >= start + 3**stage:
+        start += 3**stage
+        stage += 1
+    return base * 10 ** (-stage / 7)
+
+
+def warmup_weight(step: int, warmup_steps: int) -> float:
+    """beta = min(1, step / warmup_steps); 1 when there is no warm-up."""
+    return 1.0 if warmup_steps <= 0 else min(1.0, step / warmup_steps)
+
+
+class EpochRecord(NamedTuple):
+    epoch: int  # 1-based
+    train_elbo: float  # mean single-sample warm-up-free ELBO over the epoch's batches
+    valid_elbo: float  # mean ELBO on the validation set (NaN where not evaluated)
+    learning_rate: float
+    beta: float  # warm-up weight at the end of the epoch
+    seconds: float
+
+
+class TrainResult(NamedTuple):
+    best_epoch: int
+    best_valid_elbo: float
+    decoder_state: dict  # state_dict of the best decoder
+    encoder_state: dict
+    history: list[EpochRecord]
+
+
+def negative_elbo(decoder, encoder, x: torch.Tensor, *, beta: float,
+                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The warm-up loss -(log p(x|z) + beta (log p(z) - log q(z|x))), one sample, mean over the batch,
+    and the plain ELBO per datapoint (B,) for logging."""
+    q = as_posterior(encoder(x))
+    z, log_q = q.rsample_and_log_prob(1, generator=generator)  # (1, B, Z), (1, B)
+    log_lik = decoder.log_likelihood(x, z)  # (1, B)
+    kl_term = decoder.log_prior(z) - log_q  # (1, B)
+    loss = -(log_lik + beta * kl_term).mean()
+    return loss, (log_lik + kl_term)[0].detach()
+
+
+@torch.no_grad()
+def validation_elbo(decoder, encoder, x: torch.Tensor, *, num_samples: int, batch_size: int,
+                    seed: int) -> float:
+    """Mean ELBO over x (N, D), the same random numbers at every call (common random numbers)."""
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    total = 0.0
+    for start in range(0, x.shape[0], batch_size):
+        batch = x[start:start + batch_size]
+        total += float(elbo(decoder, encoder(batch), batch, num_samples=num_samples,
+                            generator=generator).value.sum())
+    return total / x.shape[0]
+
+
+def train(decoder: nn.Module, encoder: nn.Module, train_x: torch.Tensor, valid_x: torch.Tensor, *,
+          epochs: int, batch_size: int, learning_rate: float, adam_eps: float, warmup_epochs: float, schedule: str,
+          binarization: str, threshold: float, valid_every: int, valid_num_samples: int,
+          early_stopping_patience: int, generator: torch.Generator,
+          on_epoch: Callable[[EpochRecord, bool], None] | None = None,
+          progress: bool = True) -> TrainResult:
+    """Train ``decoder`` and ``encoder`` in place; return the best (validation-ELBO) weights.
+
+    Parameters
+    ----------
+    train_x, valid_x : (N, D) grey levels in [0, 1]; binarised here ("dynamic": resampled every
+        epoch for training, once for validation; "static": thresholded once)
+    epochs : maximum number of epochs
+    learning_rate, adam_eps : Adam's step size (initial, under the paper schedule) and epsilon
+    warmup_epochs : epochs over which beta rises linearly from 0 to 1 (0: no warm-up)
+    schedule : "constant" or "paper" (Burda et al., 2016)
+    valid_every : evaluate the validation ELBO every this many epochs (and at the last epoch)
+    early_stopping_patience : stop after this many validation checks without improvement (0: never)
+    generator : every random draw (shuffling, binarisation, z samples) comes from it
+    on_epoch : called with each EpochRecord and whether it is the best so far (e.g. to checkpoint)
+    progress : show a tqdm bar with the current ELBO
+    """
+    from tqdm.auto import tqdm
+
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose one of {SCHEDULES}")
+    params = list(decoder.parameters()) + list(encoder.parameters())
+    optimizer = torch.optim.Adam(params, lr=learning_rate, eps=adam_eps)
+    valid_bin = binarize(valid_x, mode=binarization, threshold=threshold, generator=generator)
+    static_train = binarize(train_x, mode="static", threshold=threshold) if binarization == "static" else None
+    num_batches = math.ceil(train_x.shape[0] / batch_size)
+    warmup_steps = round(warmup_epochs * num_batches)
+    best_state: tuple[dict, dict] | None = None
+    best_elbo, best_epoch, bad_checks, step = -math.inf, 0, 0, 0
+    history: list[EpochRecord] = []
+    bar = tqdm(range(1, epochs + 1), desc="train", unit="epoch", disable=not progress)
+    for epoch in bar:
+        start_time = time.perf_counter()
+        lr = paper_learning_rate(epoch - 1, learning_rate) if schedule == "paper" else learning_rate
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        data = static_train if static_train is not None else binarize(
+            train_x, mode="dynamic", generator=generator)
+        order = torch.randperm(data.shape[0], generator=generator)
+        decoder.train(), encoder.train()
+        total = 0.0
+        for b in range(num_batches):
+            batch = data[order[b * batch_size:(b + 1) * batch_size]]
+            step += 1
+            beta = warmup_weight(step, warmup_steps)
+            loss, batch_elbo = negative_elbo(decoder, encoder, batch, beta=beta, generator=generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(batch_elbo.sum())
+        decoder.eval(), encoder.eval()
+        valid = math.nan
+        is_best = False
+        if epoch % valid_every == 0 or epoch == epochs:
+            valid = validation_elbo(decoder, encoder, valid_bin, num_samples=valid_num_samples,
+                                    batch_size=1000, seed=0)
+            if valid > best_elbo:
+                best_elbo, best_epoch, bad_checks, is_best = valid, epoch, 0, True
+                best_state = (copy.deepcopy(decoder.state_dict()), copy.deepcopy(encoder.state_dict()))
+            else:
+                bad_checks += 1
+        record = EpochRecord(epoch, total / data.shape[0], valid, lr, beta, time.perf_counter() - start_time)
+        history.append(record)
+        bar.set_postfix(elbo=f"{record.train_elbo:.2f}", valid=f"{best_elbo:.2f}", beta=f"{beta:.2f}")
+        if on_epoch is not None:
+            on_epoch(record, is_best)
+        if early_stopping_patience and bad_checks >= early_stopping_patience:
+            break
+    bar.close()
+    if best_state is None:  # every validation ELBO was NaN
+        raise FloatingPointError("training diverged: the validation ELBO was never finite; "
+                                 "lower train.learning_rate or check the data")
+    return TrainResult(best_epoch, best_elbo, best_state[0], best_state[1], history)

@@ -1,0 +1,50 @@
+"""The benchmark commands run end to end on a tiny trained run and report consistent figures.
+
+No timing is asserted (machines are shared and noisy); the figures themselves are checked for
+internal consistency.
+"""
+
+import json
+
+import pytest
+
+from gapbench.bench.iwae import bench_iwae, decoder_flops_per_row
+from gapbench.bench.refine import bench_refine
+from gapbench.cli import main
+from gapbench.models import Decoder
+
+from test_cli import DIGITS, QUICK
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "run"
+    assert main(["run", str(DIGITS), "--out", str(out), *QUICK]) == 0
+    return out
+
+
+def test_flop_count_of_paper_decoder():
+    decoder = Decoder(784, 50, (200, 200))
+    assert decoder_flops_per_row(decoder) == 2 * (50 * 200 + 200 * 200 + 200 * 784)
+
+
+def test_bench_iwae_reports_figures(tiny_run):
+    figures = bench_iwae(str(tiny_run), num_datapoints=20, num_samples=100, memory_ks=(10, 100),
+                         memory_datapoints=5, log=lambda m: None)
+    assert figures["seconds"] > 0 and figures["gflops"] > 0 and figures["matmul_gflops"] > 0
+    assert figures["fraction_of_matmul"] == pytest.approx(figures["gflops"] / figures["matmul_gflops"])
+    assert [m["k"] for m in figures["memory"]] == [10, 100]
+    json.dumps(figures)
+
+
+def test_bench_refine_reports_figures(tiny_run):
+    lines = []
+    figures = bench_refine(str(tiny_run), num_datapoints=6, reference_datapoints=1, num_samples=200,
+                           log=lines.append)
+    r, g = figures["reference"], figures["gapbench"]
+    assert r["mean_steps"] % 100 == 0 and r["mean_steps"] >= 1100  # the paper's rule
+    assert figures["speedup"] == pytest.approx(r["seconds_per_datapoint"] * 6 / g["seconds"])
+    assert figures["elbo_difference_subset"] == pytest.approx(
+        g["mean_elbo_q_star_subset"] - r["mean_elbo_q_star_subset"])
+    assert any("speed-up" in line for line in lines)
+    json.dumps(figures)

@@ -1,0 +1,112 @@
+"""The `gapbench run` command end to end on digits, and every bad input it must refuse."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from gapbench.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "experiments" / "digits.toml"
+QUICK = ["--set", "train.epochs=3", "--set", "train.warmup_epochs=1", "--set", "eval.num_datapoints=24",
+         "--set", "eval.num_samples=200", "--set", "refine.max_steps=100", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "digits"
+    assert main(["run", str(DIGITS), "--out", str(out), *QUICK]) == 0
+    return out
+
+
+def test_run_writes_every_file(quick_run, capsys):
+    for name in ("config.json", "checkpoint.pt", "train_history.csv", "amortized.csv", "local.csv",
+                 "local.pt", "datapoints.csv", "summary.json", "table.md", "stages.json"):
+        assert (quick_run / name).is_file(), name
+    assert not [p for p in quick_run.iterdir() if p.name.endswith(".tmp")]
+    summary = json.loads((quick_run / "summary.json").read_text())
+    for block, keys in (("bounds", ("elbo_q", "elbo_q_star", "log_px")),
+                        ("gaps", ("approximation", "amortization", "inference"))):
+        for key in keys:
+            assert set(summary[block][key]) >= {"mean", "stderr", "mc_stderr"}
+    settings = summary["settings"]
+    assert settings["split"] == "train" and settings["num_datapoints"] == 24
+    assert settings["num_samples"]["iwae_k"] == 200
+    assert settings["binarization"]["mode"] == "dynamic"
+    assert settings["refinement"]["max_steps"] == 100 and settings["refinement"]["init"] == "encoder"
+    assert {"torch", "numpy", "gapbench", "python"} <= set(summary["versions"])
+    assert summary["data"]["split"]["sizes"]["train"] == 1197
+    # the table holds the numbers of the summary
+    table = (quick_run / "table.md").read_text()
+    assert f"| L[q] | {summary['bounds']['elbo_q']['mean']:.3f} |" in table
+
+
+def test_rerun_skips_finished_stages(quick_run, capsys):
+    before = json.loads((quick_run / "stages.json").read_text())
+    mtime = (quick_run / "checkpoint.pt").stat().st_mtime_ns
+    assert main(["run", str(DIGITS), "--out", str(quick_run), *QUICK]) == 0
+    err = capsys.readouterr().err
+    assert "[train] skipped" in err and "[amortized] skipped" in err and "[local] skipped" in err
+    after = json.loads((quick_run / "stages.json").read_text())
+    assert after["train"] == before["train"] and after["local"] == before["local"]
+    assert (quick_run / "checkpoint.pt").stat().st_mtime_ns == mtime
+
+
+def test_same_config_gives_same_summary(quick_run, tmp_path):
+    out = tmp_path / "again"
+    assert main(["run", str(DIGITS), "--out", str(out), *QUICK]) == 0
+    a = json.loads((quick_run / "summary.json").read_text())
+    b = json.loads((out / "summary.json").read_text())
+    assert a["bounds"] == b["bounds"] and a["gaps"] == b["gaps"]
+
+
+def test_different_config_in_same_folder_is_refused(quick_run, capsys):
+    before = (quick_run / "summary.json").read_text()
+    code = main(["run", str(DIGITS), "--out", str(quick_run), *QUICK, "--set", "eval.num_samples=300"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "different config" in err and "eval.num_samples" in err and "--force" in err
+    assert (quick_run / "summary.json").read_text() == before
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epochz=3", "train.epochz: unknown key"),
+    ("train.epochs=\"many\"", "train.epochs"),
+    ("eval.num_samples=0", "eval.num_samples"),
+    ("refine.max_steps=-5", "refine.max_steps"),
+    ("data.dataset=\"cifar\"", "data.dataset"),
+    ("eval.num_datapoints=5000", "has only 1197 datapoints"),
+    ("notakeyvalue", "KEY=VALUE"),
+])
+def test_bad_config_exits_2_and_writes_nothing(tmp_path, capsys, override, message):
+    out = tmp_path / "never"
+    code = main(["run", str(DIGITS), "--out", str(out), "--quiet", "--set", override])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_missing_or_broken_experiment_file(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "nope.toml"), "--quiet"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    broken = tmp_path / "broken.toml"
+    broken.write_text("name = \n")
+    assert main(["run", str(broken), "--quiet"]) == 2
+    assert "not valid TOML" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_output_folder(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    assert main(["run", str(DIGITS), "--out", str(locked / "run"), *QUICK]) == 2
+    assert "cannot write" in capsys.readouterr().err
+
+
+def test_output_folder_that_is_a_file(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["run", str(DIGITS), "--out", str(blocker / "run"), *QUICK]) == 2
+    assert "cannot write" in capsys.readouterr().err

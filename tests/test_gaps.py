@@ -1,0 +1,70 @@
+"""Gap decomposition, log p_hat(x) selection, summaries and the Markdown table."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from gapbench.estimators import Estimate
+from gapbench.gaps import best_bound, decompose, gap_frame, summarize, summarize_column
+from gapbench.report import gap_table_markdown
+
+
+def est(values, stderrs):
+    v = torch.tensor(values, dtype=torch.float64)
+    return Estimate(v, torch.tensor(stderrs, dtype=torch.float64), torch.ones_like(v))
+
+
+def test_gap_frame_decomposes_exactly():
+    frame = gap_frame(
+        {"elbo_q": est([-10.0, -20.0, -30.0], [0.1, 0.1, 0.1]),
+         "elbo_q_star": est([-9.0, -18.0, -29.5], [0.2, 0.2, 0.2]),
+         "iwae_q": est([-8.0, -17.5, -29.0], [0.3, 0.3, 0.3]),
+         "iwae_q_star": est([-8.5, -17.0, -28.0], [0.4, 0.5, 0.6])},
+        log_px_candidates=("iwae_q", "iwae_q_star"),
+    )
+    np.testing.assert_allclose(frame["log_px"], [-8.0, -17.0, -28.0])
+    assert list(frame["log_px_source"]) == ["iwae_q", "iwae_q_star", "iwae_q_star"]
+    np.testing.assert_allclose(frame["log_px_stderr"], [0.3, 0.5, 0.6])
+    np.testing.assert_allclose(frame["approximation"], [1.0, 1.0, 1.5])
+    np.testing.assert_allclose(frame["amortization"], [1.0, 2.0, 0.5])
+    np.testing.assert_allclose(frame["inference"], frame["approximation"] + frame["amortization"])
+    np.testing.assert_allclose(frame["amortization_stderr"], np.hypot(0.2, 0.1))
+
+
+def test_best_bound_ignores_nan_and_requires_columns():
+    frame = pd.DataFrame({"a": [np.nan, -3.0], "a_stderr": [1.0, 1.0], "b": [-5.0, -4.0], "b_stderr": [2.0, 2.0]})
+    out = best_bound(frame, ("a", "b"))
+    assert list(out["log_px_source"]) == ["b", "a"]
+    with pytest.raises(KeyError):
+        best_bound(frame, ("a", "c"))
+
+
+def test_summaries_match_numpy():
+    rng = np.random.default_rng(0)
+    values = pd.Series(rng.normal(size=50))
+    se = pd.Series(np.full(50, 0.2))
+    s = summarize_column(values, se)
+    assert s["mean"] == pytest.approx(values.mean())
+    assert s["stderr"] == pytest.approx(values.std(ddof=1) / math.sqrt(50))
+    assert s["mc_stderr"] == pytest.approx(0.2 / math.sqrt(50))
+    assert s["num_datapoints"] == 50
+    with_nan = pd.Series([1.0, np.nan, 3.0])
+    assert summarize_column(with_nan)["mean"] == 2.0 and summarize_column(with_nan)["num_datapoints"] == 2
+
+
+def test_table_holds_the_summary_numbers():
+    frame = decompose(pd.DataFrame({
+        "elbo_q": [-10.0, -12.0], "elbo_q_stderr": [0.0, 0.0],
+        "elbo_q_star": [-9.0, -11.0], "elbo_q_star_stderr": [0.0, 0.0],
+        "log_px": [-8.5, -10.0], "log_px_stderr": [0.0, 0.0],
+    }))
+    summary = summarize(frame)
+    table = gap_table_markdown(summary)
+    assert "| L[q] | -11.000 |" in table
+    assert "| L[q*] | -10.000 |" in table
+    assert "| approximation gap | 0.750 |" in table
+    assert "| amortization gap | 1.000 |" in table
+    assert "| inference gap | 1.750 |" in table
