@@ -79,6 +79,8 @@ class RefineConfig(Section):
     lr_decay: float | None = Field(None, gt=0.0, le=1.0)  # step-size factor after a bad window
     min_improvement: float | None = Field(None, ge=0.0)  # nats a window must gain
     gradient: Literal["stl", "reparam"] | None = None  # gradient estimator
+    convergence: Literal["paired", "window"] | None = None  # convergence test
+    check_samples: int | None = Field(None, ge=1)  # noise draws per paired check
 
     def resolved(self) -> RefineProcedure:
         """The preset with every field set here replacing the preset's value."""

@@ -10,13 +10,26 @@ of a step falls as datapoints converge.
 The procedure, per datapoint:
   * each step draws ``num_samples`` z ~ q and takes an Adam step on the ELBO estimate; the gradient
     is the plain reparameterisation gradient or the "sticking the landing" path gradient (Roeder,
-    Wu & Duvenaud, 2017), whose variance vanishes as q approaches the posterior;
-  * every ``check_every`` steps the mean ELBO estimate over that window is compared with the best
-    window so far; a window that does not beat it by ``min_improvement`` counts as a bad check and
-    multiplies the datapoint's learning rate by ``lr_decay``; ``patience`` consecutive bad checks
-    stop the datapoint (so does ``max_steps``).
-Cremer, Li & Duvenaud (2018) use Adam with lr 1e-3 from the prior, 50 samples, checks every 100 steps,
-no decay, and stop after more than 10 consecutive bad checks: ``patience=11, lr_decay=1``.
+    Wu & Duvenaud, 2017), whose variance vanishes as q approaches the posterior; the family may
+    scale the steps per element (``LocalFamily.step_scale``: the FFG takes mean steps in units of
+    its standard deviation);
+  * every ``check_every`` steps a convergence test decides whether the datapoint improved; a check
+    without improvement multiplies its learning rate by ``lr_decay``, and ``patience`` such checks
+    in a row stop it (so does ``max_steps``). Two tests:
+      - ``"window"``: the mean ELBO estimate over the window must beat the best window so far by
+        ``min_improvement``. Simple, but a window mean is noisy (its noise is that of log w over
+        num_samples * check_every draws), and slow progress under noise looks like convergence;
+      - ``"paired"``: the candidate, the average of the window's iterates (Polyak & Juditsky, 1992:
+        averaging removes most of the jitter a large step size leaves), is compared with the anchor
+        (the candidate of the last confirmed improvement) on the *same* ``check_samples`` draws of
+        noise (common random numbers), so the noise of log w largely cancels in the difference. An
+        improvement counts when the paired mean difference exceeds ``min_improvement`` plus
+        ``PAIRED_Z`` standard errors; the anchor then moves to the candidate. Slow progress
+        accumulates against a fixed anchor until it is detected. The result is the last window's
+        average: by then the step size has been halved ``patience`` times, and on linear-Gaussian
+        models it is closer to the optimum than the anchor (mean shortfall 0.0008 against 0.005 nats).
+Cremer, Li & Duvenaud (2018) use Adam with lr 1e-3 from the prior, 50 samples, the window test every
+100 steps, no decay, and stop after more than 10 consecutive bad checks: ``patience=11, lr_decay=1``.
 """
 
 from __future__ import annotations
@@ -25,9 +38,12 @@ from typing import Callable, Mapping, NamedTuple
 
 import torch
 
-from .posteriors import LocalFamily
+from .estimators import log_weights
+from .posteriors import LocalFamily, fork_seed
 
 GRADIENTS = ("stl", "reparam")
+CONVERGENCE_TESTS = ("window", "paired")
+PAIRED_Z = 2.0  # one-sided z threshold of the paired test: 2.3% false improvements at convergence
 
 
 class ActiveSet(NamedTuple):
@@ -39,8 +55,11 @@ class ActiveSet(NamedTuple):
     exp_avg_sq: dict[str, torch.Tensor]  # Adam second moments, like params
     learning_rate: torch.Tensor  # (A,)
     window_sum: torch.Tensor  # (A,) float64, sum of per-step ELBO estimates since the last check
-    best: torch.Tensor  # (A,) float64, best window mean so far
+    best: torch.Tensor  # (A,) float64, best window mean so far (window test)
     num_bad_checks: torch.Tensor  # (A,) consecutive checks without improvement
+    anchor: dict[str, torch.Tensor]  # parameters at the last confirmed improvement (paired test)
+    param_sum: dict[str, torch.Tensor]  # sum of the iterates since the last check (paired test)
+    candidate: dict[str, torch.Tensor]  # the last window's average iterate (paired test)
 
 
 class RefineResult(NamedTuple):
@@ -92,6 +111,7 @@ def refine_step(model, family: LocalFamily, x: torch.Tensor, state: ActiveSet, *
                                      gradient=gradient, generator=generator)
     grads = torch.autograd.grad(surrogate.sum(), list(params.values()))
     beta1, beta2 = betas
+    scales = family.step_scale(state.params)
     new_params, new_m, new_v = {}, {}, {}
     for (name, value), grad in zip(params.items(), grads):
         grad = -grad  # ascent on the ELBO
@@ -100,24 +120,59 @@ def refine_step(model, family: LocalFamily, x: torch.Tensor, state: ActiveSet, *
         m_hat = m / (1 - beta1**step)
         v_hat = v / (1 - beta2**step)
         lr = state.learning_rate.view(-1, *([1] * (value.ndim - 1)))  # (A, 1, ...)
-        new_params[name] = value.detach() - lr * m_hat / (v_hat.sqrt() + eps)
+        update = lr * m_hat / (v_hat.sqrt() + eps)
+        if name in scales:
+            update = update * scales[name]
+        new_params[name] = value.detach() - update
         new_m[name], new_v[name] = m, v
-    state = state._replace(params=new_params, exp_avg=new_m, exp_avg_sq=new_v,
+    param_sum = {k: state.param_sum[k] + new_params[k] for k in new_params}
+    state = state._replace(params=new_params, exp_avg=new_m, exp_avg_sq=new_v, param_sum=param_sum,
                            window_sum=state.window_sum + estimate.to(torch.float64))
     return state, estimate
 
 
-def _check(state: ActiveSet, *, check_every: int, min_improvement: float,
-           lr_decay: float) -> tuple[ActiveSet, torch.Tensor]:
-    """Apply the convergence test; returns the updated state and the window means (A,)."""
-    window_mean = state.window_sum / check_every
-    improved = window_mean > state.best + min_improvement  # (A,)
-    best = torch.where(improved, window_mean, state.best)
+def _record_check(state: ActiveSet, improved: torch.Tensor, *, lr_decay: float) -> ActiveSet:
+    """Reset the bad-check count where ``improved`` (A,), else count it and decay the learning rate."""
     num_bad = torch.where(improved, torch.zeros_like(state.num_bad_checks), state.num_bad_checks + 1)
     lr = torch.where(improved, state.learning_rate, state.learning_rate * lr_decay)
-    state = state._replace(best=best, num_bad_checks=num_bad, learning_rate=lr,
-                           window_sum=torch.zeros_like(state.window_sum))
-    return state, window_mean
+    return state._replace(num_bad_checks=num_bad, learning_rate=lr,
+                          window_sum=torch.zeros_like(state.window_sum))
+
+
+def window_check(state: ActiveSet, *, check_every: int, min_improvement: float,
+                 lr_decay: float) -> tuple[ActiveSet, torch.Tensor]:
+    """The window test; returns the updated state and the window means (A,)."""
+    window_mean = state.window_sum / check_every
+    improved = window_mean > state.best + min_improvement  # (A,)
+    state = state._replace(best=torch.where(improved, window_mean, state.best))
+    return _record_check(state, improved, lr_decay=lr_decay), window_mean
+
+
+@torch.no_grad()
+def paired_check(model, family: LocalFamily, x: torch.Tensor, state: ActiveSet, *, check_every: int,
+                 check_samples: int, min_improvement: float, lr_decay: float,
+                 generator: torch.Generator) -> tuple[ActiveSet, torch.Tensor]:
+    """The paired test with common random numbers; returns the updated state and window means (A,).
+
+    diff_s = log w(params, eps_s) - log w(anchor, eps_s), s = 1..check_samples, the same eps for
+    both; improved where mean(diff) > min_improvement + PAIRED_Z * std(diff) / sqrt(check_samples).
+    """
+    window_mean = state.window_sum / check_every
+    candidate = {k: v / check_every for k, v in state.param_sum.items()}  # the window's average iterate
+    noise_state = generator.get_state()
+    log_w_now = log_weights(model, family.posterior(candidate), x, num_samples=check_samples,
+                            generator=generator)  # (S, A)
+    generator.set_state(noise_state)  # replay the same noise for the anchor
+    log_w_anchor = log_weights(model, family.posterior(state.anchor), x, num_samples=check_samples,
+                               generator=generator)  # (S, A)
+    diff = (log_w_now - log_w_anchor).to(torch.float64)  # (S, A)
+    stderr = diff.std(0) / check_samples**0.5 if check_samples > 1 else torch.zeros_like(diff[0])
+    improved = diff.mean(0) > min_improvement + PAIRED_Z * stderr  # (A,)
+    anchor = {k: torch.where(improved.view(-1, *([1] * (v.ndim - 1))), candidate[k], v)
+              for k, v in state.anchor.items()}
+    state = state._replace(anchor=anchor, candidate=candidate, best=torch.maximum(state.best, window_mean),
+                           param_sum={k: torch.zeros_like(v) for k, v in state.param_sum.items()})
+    return _record_check(state, improved, lr_decay=lr_decay), window_mean
 
 
 def _select(state: ActiveSet, keep: torch.Tensor) -> ActiveSet:
@@ -126,12 +181,14 @@ def _select(state: ActiveSet, keep: torch.Tensor) -> ActiveSet:
         return {k: v[keep] for k, v in d.items()}
     return ActiveSet(state.index[keep], rows(state.params), rows(state.exp_avg), rows(state.exp_avg_sq),
                      state.learning_rate[keep], state.window_sum[keep], state.best[keep],
-                     state.num_bad_checks[keep])
+                     state.num_bad_checks[keep], rows(state.anchor), rows(state.param_sum),
+                     rows(state.candidate))
 
 
 def refine(model, x: torch.Tensor, *, family: LocalFamily, init_params: Mapping[str, torch.Tensor],
            num_samples: int, learning_rate: float, max_steps: int, check_every: int, patience: int,
            lr_decay: float = 1.0, min_improvement: float = 0.0, gradient: str = "stl",
+           convergence: str = "paired", check_samples: int = 100,
            generator: torch.Generator | None,
            callback: Callable[[int, int], None] | None = None) -> RefineResult:
     """Optimise a local posterior for each of B datapoints, all at once.
@@ -150,6 +207,8 @@ def refine(model, x: torch.Tensor, *, family: LocalFamily, init_params: Mapping[
     lr_decay : factor applied to a datapoint's learning rate after each bad window (1: none)
     min_improvement : nats a window mean must beat the best by to count as an improvement
     gradient : "stl" (sticking the landing) or "reparam"
+    convergence : "paired" (common-random-number comparison with the anchor) or "window"
+    check_samples : draws of noise per paired check
     generator : random stream (keyword-only)
     callback : called as ``callback(step, num_active)`` after each step, e.g. for a progress bar
 
@@ -159,14 +218,18 @@ def refine(model, x: torch.Tensor, *, family: LocalFamily, init_params: Mapping[
     """
     if gradient not in GRADIENTS:
         raise ValueError(f"unknown gradient estimator {gradient!r}; choose one of {GRADIENTS}")
+    if convergence not in CONVERGENCE_TESTS:
+        raise ValueError(f"unknown convergence test {convergence!r}; choose one of {CONVERGENCE_TESTS}")
     for name, value in {"num_samples": num_samples, "max_steps": max_steps, "check_every": check_every,
-                        "patience": patience}.items():
+                        "patience": patience, "check_samples": check_samples}.items():
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
     if not learning_rate > 0 or not 0 < lr_decay <= 1:
         raise ValueError(f"need learning_rate > 0 and 0 < lr_decay <= 1, got {learning_rate}, {lr_decay}")
     num_datapoints = x.shape[0]
     device = x.device
+    if generator is None:  # the paired test replays noise, so it needs a stream of its own
+        generator = torch.Generator(device=device).manual_seed(fork_seed(None))
     out_params = {k: v.detach().clone() for k, v in init_params.items()}
     num_steps = torch.zeros(num_datapoints, dtype=torch.long, device=device)
     is_converged = torch.zeros(num_datapoints, dtype=torch.bool, device=device)
@@ -183,6 +246,9 @@ def refine(model, x: torch.Tensor, *, family: LocalFamily, init_params: Mapping[
         window_sum=zeros64.clone(),
         best=torch.full_like(zeros64, -torch.inf),
         num_bad_checks=torch.zeros(num_datapoints, dtype=torch.long, device=device),
+        anchor={k: v.clone() for k, v in out_params.items()},
+        param_sum={k: torch.zeros_like(v) for k, v in out_params.items()},
+        candidate={k: v.clone() for k, v in out_params.items()},
     )
     x_active = x
     step = 0
@@ -192,8 +258,13 @@ def refine(model, x: torch.Tensor, *, family: LocalFamily, init_params: Mapping[
                                gradient=gradient, generator=generator)
         is_check = step % check_every == 0
         if is_check:
-            state, window_mean = _check(state, check_every=check_every,
-                                        min_improvement=min_improvement, lr_decay=lr_decay)
+            if convergence == "paired":
+                state, window_mean = paired_check(model, family, x_active, state, check_every=check_every,
+                                                  check_samples=check_samples, min_improvement=min_improvement,
+                                                  lr_decay=lr_decay, generator=generator)
+            else:
+                state, window_mean = window_check(state, check_every=check_every,
+                                                  min_improvement=min_improvement, lr_decay=lr_decay)
             row = torch.full((num_datapoints,), torch.nan, dtype=torch.float64, device=device)
             row[state.index] = window_mean
             history.append(row)
@@ -202,7 +273,8 @@ def refine(model, x: torch.Tensor, *, family: LocalFamily, init_params: Mapping[
             stop = torch.ones_like(state.index, dtype=torch.bool)
         if stop is not None and bool(stop.any()):
             done = state.index[stop]
-            for name, value in state.params.items():
+            final = state.candidate if convergence == "paired" else state.params
+            for name, value in final.items():
                 out_params[name][done] = value[stop]
             num_steps[done] = step
             is_converged[done] = state.num_bad_checks[stop] >= patience
