@@ -17,7 +17,8 @@ def _write(figures: dict, out: str | None) -> None:
 def _refine(args: argparse.Namespace) -> int:
     from .refine import bench_refine
     figures = bench_refine(args.run_dir, num_datapoints=args.num_datapoints,
-                           reference_datapoints=args.reference_datapoints, num_samples=args.num_samples)
+                           reference_datapoints=args.reference_datapoints, num_samples=args.num_samples,
+                           init=args.init)
     _write(figures, args.out)
     return 0
 
@@ -39,6 +40,8 @@ def add_bench_parser(sub) -> None:
     refine.add_argument("--reference-datapoints", type=int, default=20,
                         help="datapoints for the slow one-at-a-time reference (time scaled per datapoint)")
     refine.add_argument("--num-samples", type=int, default=5000, help="samples for each final L[q*]")
+    refine.add_argument("--init", choices=["encoder", "prior"], default=None,
+                        help="where gapbench's procedure starts (default: the config default, encoder)")
     refine.add_argument("--out", help="also write the figures as JSON here")
     refine.set_defaults(func=_refine)
     iw = kinds.add_parser("iwae", help="IWAE-k GFLOP/s against a plain matmul, and peak memory against k")
