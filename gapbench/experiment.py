@@ -257,7 +257,8 @@ class Run:
             "binarization": {"mode": c.data.binarization, "threshold": c.data.threshold,
                              "evaluation_stream_seed": c.seed if c.data.binarization == "dynamic" else None},
             "evaluation_data_sha256": hashlib.sha256(x.numpy().tobytes()).hexdigest(),
-            "num_samples": {"elbo": c.eval.num_samples, "iwae_k": c.eval.num_samples},
+            "num_samples": {"elbo": c.eval.num_samples, "iwae_k": c.eval.num_samples,
+                            "elbo_and_iwae_share_samples": True},
             "chunk_size": c.eval.chunk_size,
             "log_px": "per-datapoint max of " + ", ".join(LOG_PX_CANDIDATES),
             "refinement": {"family": c.refine.family, "init": c.refine.init,
@@ -267,7 +268,6 @@ class Run:
         }
         summary["training"] = training
         summary["data"] = dataset.provenance
-        summary["timings_seconds"] = {k: v["seconds"] for k, v in self.stages.items()}
         summary["versions"] = versions()
         return summary
 

@@ -12,7 +12,8 @@ expectation, so the approximation gap is estimated conservatively.
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -85,7 +86,7 @@ def summarize_column(values: pd.Series, mc_stderrs: pd.Series | None = None) -> 
     return summary
 
 
-def summarize(frame: pd.DataFrame) -> dict[str, dict[str, dict[str, float]]]:
+def summarize(frame: pd.DataFrame) -> dict[str, Any]:
     """``{"bounds": {name: {mean, stderr, mc_stderr, num_datapoints}}, "gaps": {...}}``."""
     def block(names: tuple[str, ...]) -> dict[str, dict[str, float]]:
         return {n: summarize_column(frame[n], frame.get(f"{n}_stderr")) for n in names}

@@ -50,6 +50,9 @@ class RefineProcedure(NamedTuple):
                    lr_decay=1.0, min_improvement=0.0, gradient="reparam", convergence="window")
 
 
+DEFAULT_PROCEDURE = RefineProcedure()
+
+
 class BoundPair(NamedTuple):
     """ELBO and IWAE of one posterior, from the same K samples."""
 
@@ -72,7 +75,7 @@ def amortized_posterior(encoder: Callable, x: torch.Tensor):
 
 
 def local_posterior(model, encoder: Callable, x: torch.Tensor, *, family: str = "ffg",
-                    init: str = "prior", procedure: RefineProcedure = RefineProcedure(),
+                    init: str = "prior", procedure: RefineProcedure = DEFAULT_PROCEDURE,
                     generator: torch.Generator | None,
                     callback: Callable[[int, int], None] | None = None) -> RefineResult:
     """Refine a local posterior of ``family`` for every datapoint of x (B, D), all at once.
@@ -111,7 +114,7 @@ class _frozen:
 
 def measure_gaps(model, encoder: Callable, x: torch.Tensor, *, family: str = "ffg", init: str = "prior",
                  num_samples: int = 5000, chunk_size: int | None = None,
-                 procedure: RefineProcedure = RefineProcedure(),
+                 procedure: RefineProcedure = DEFAULT_PROCEDURE,
                  generator: torch.Generator | None = None) -> tuple[pd.DataFrame, dict]:
     """Estimate L[q], L[q*], log p_hat(x) and the gaps for every datapoint of x.
 

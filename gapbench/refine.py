@@ -49,7 +49,7 @@ PAIRED_Z = 2.0  # one-sided z threshold of the paired test: 2.3% false improveme
 class ActiveSet(NamedTuple):
     """State of the datapoints still being optimised, compacted to the A active rows."""
 
-    index: torch.Tensor  # (A,) positions in the original batch
+    positions: torch.Tensor  # (A,) positions in the original batch
     params: dict[str, torch.Tensor]  # each (A, ...)
     exp_avg: dict[str, torch.Tensor]  # Adam first moments, like params
     exp_avg_sq: dict[str, torch.Tensor]  # Adam second moments, like params
@@ -179,7 +179,7 @@ def _select(state: ActiveSet, keep: torch.Tensor) -> ActiveSet:
     """Keep the rows where ``keep`` (A,) is True."""
     def rows(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v[keep] for k, v in d.items()}
-    return ActiveSet(state.index[keep], rows(state.params), rows(state.exp_avg), rows(state.exp_avg_sq),
+    return ActiveSet(state.positions[keep], rows(state.params), rows(state.exp_avg), rows(state.exp_avg_sq),
                      state.learning_rate[keep], state.window_sum[keep], state.best[keep],
                      state.num_bad_checks[keep], rows(state.anchor), rows(state.param_sum),
                      rows(state.candidate))
@@ -238,7 +238,7 @@ def refine(model, x: torch.Tensor, *, family: LocalFamily, init_params: Mapping[
 
     zeros64 = torch.zeros(num_datapoints, dtype=torch.float64, device=device)
     state = ActiveSet(
-        index=torch.arange(num_datapoints, device=device),
+        positions=torch.arange(num_datapoints, device=device),
         params={k: v.clone() for k, v in out_params.items()},
         exp_avg={k: torch.zeros_like(v) for k, v in out_params.items()},
         exp_avg_sq={k: torch.zeros_like(v) for k, v in out_params.items()},
@@ -252,7 +252,7 @@ def refine(model, x: torch.Tensor, *, family: LocalFamily, init_params: Mapping[
     )
     x_active = x
     step = 0
-    while state.index.numel() > 0 and step < max_steps:
+    while state.positions.numel() > 0 and step < max_steps:
         step += 1
         state, _ = refine_step(model, family, x_active, state, step=step, num_samples=num_samples,
                                gradient=gradient, generator=generator)
@@ -266,23 +266,23 @@ def refine(model, x: torch.Tensor, *, family: LocalFamily, init_params: Mapping[
                 state, window_mean = window_check(state, check_every=check_every,
                                                   min_improvement=min_improvement, lr_decay=lr_decay)
             row = torch.full((num_datapoints,), torch.nan, dtype=torch.float64, device=device)
-            row[state.index] = window_mean
+            row[state.positions] = window_mean
             history.append(row)
         stop = state.num_bad_checks >= patience if is_check else None
         if step == max_steps:
-            stop = torch.ones_like(state.index, dtype=torch.bool)
+            stop = torch.ones_like(state.positions, dtype=torch.bool)
         if stop is not None and bool(stop.any()):
-            done = state.index[stop]
+            done = state.positions[stop]
             final = state.candidate if convergence == "paired" else state.params
-            for name, value in final.items():
-                out_params[name][done] = value[stop]
+            for name, tensor in final.items():
+                out_params[name][done] = tensor[stop]
             num_steps[done] = step
             is_converged[done] = state.num_bad_checks[stop] >= patience
             final_lr[done] = state.learning_rate[stop]
             state = _select(state, ~stop)
-            x_active = x[state.index]
+            x_active = x[state.positions]
         if callback is not None:
-            callback(step, int(state.index.numel()))
+            callback(step, int(state.positions.numel()))
     history_tensor = (torch.stack(history) if history
                       else torch.empty(0, num_datapoints, dtype=torch.float64, device=device))
     return RefineResult(out_params, num_steps, is_converged, final_lr, history_tensor)

@@ -107,7 +107,7 @@ def test_paired_check_replays_the_same_noise():
     params = family.init_params(5, model.latent_size, like=x)
     zeros = torch.zeros(5, dtype=torch.float64)
     state = ActiveSet(
-        index=torch.arange(5), params=params, exp_avg={}, exp_avg_sq={},
+        positions=torch.arange(5), params=params, exp_avg={}, exp_avg_sq={},
         learning_rate=torch.full((5,), 0.1, dtype=x.dtype), window_sum=zeros, best=zeros - torch.inf,
         num_bad_checks=torch.zeros(5, dtype=torch.long), anchor=dict(params),
         param_sum={k: 10 * v for k, v in params.items()}, candidate=dict(params),

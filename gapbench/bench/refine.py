@@ -11,7 +11,8 @@ compared: the speed-up counts only if gapbench reaches the same mean L[q*] (with
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -44,16 +45,16 @@ def bench_refine(run_dir: str, *, num_datapoints: int = 1000, reference_datapoin
 
     # --- reference: paper procedure, batch size 1, on the first m datapoints ---------------------
     paper = RefineProcedure.paper()
-    ref_params, ref_steps, ref_seconds = [], [], 0.0
+    ref_results, ref_steps, ref_seconds = [], [], 0.0
     for i in range(m):
         start = time.perf_counter()
         result = local_posterior(decoder, encoder, x[i:i + 1], init="prior", procedure=paper,
                                  generator=torch.Generator().manual_seed(seed + i))
         ref_seconds += time.perf_counter() - start
-        ref_params.append(result.params)
+        ref_results.append(result.params)
         ref_steps.append(int(result.num_steps[0]))
         log(f"  reference datapoint {i + 1}/{m}: {ref_steps[-1]} steps, {ref_seconds:.1f} s so far")
-    ref_params = {k: torch.cat([p[k] for p in ref_params]) for k in ref_params[0]}
+    ref_params = {k: torch.cat([p[k] for p in ref_results]) for k in ref_results[0]}
     ref_elbo = _final_elbo(decoder, ref_params, x[:m], num_samples=num_samples, seed=seed + 1)
 
     # --- gapbench default, batched over all n datapoints -------------------------------------------
@@ -69,7 +70,7 @@ def bench_refine(run_dir: str, *, num_datapoints: int = 1000, reference_datapoin
     ref_per_datapoint = ref_seconds / m
     ref_total_steps = sum(ref_steps)
     ours_total_steps = int(result.num_steps.sum())
-    figures = {
+    figures: dict[str, Any] = {
         "num_datapoints": n,
         "reference_datapoints": m,
         "threads": torch.get_num_threads(),

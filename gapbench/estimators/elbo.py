@@ -14,7 +14,7 @@ from .log_weights import WeightStats, weight_stats
 
 def elbo_from_stats(stats: WeightStats) -> Estimate:
     """ELBO = mean of log w, standard error = sample std / sqrt(K)."""
-    k = stats.count
+    k = stats.num_samples
     var = stats.sq_dev / max(k - 1, 1)  # (B,) unbiased sample variance of log w
     return Estimate(value=stats.mean, stderr=torch.sqrt(var / k), ess=stats.ess)
 

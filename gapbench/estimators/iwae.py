@@ -21,7 +21,7 @@ def iwae_from_stats(stats: WeightStats) -> Estimate:
     The standard error follows from the delta method on log of the mean weight:
     se^2 = Var(w) / (K wbar^2) = 1/ESS - 1/K, with ESS = (sum w)^2 / sum w^2.
     """
-    k = stats.count
+    k = stats.num_samples
     ess = stats.ess
     value = stats.log_sum_w - math.log(k)
     stderr = torch.sqrt(torch.clamp(1.0 / ess - 1.0 / k, min=0.0))

@@ -7,7 +7,6 @@ merged chunk by chunk in float64 (Chan, Golub & LeVeque, 1979, for the variance)
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -31,9 +30,9 @@ def log_weights(model, posterior: Posterior, x: torch.Tensor, *, num_samples: in
 
 
 class WeightStats(NamedTuple):
-    """Running statistics of K log-weights per datapoint, all (B,) float64 except ``count``."""
+    """Running statistics of K log-weights per datapoint, all (B,) float64 except ``num_samples``."""
 
-    count: int
+    num_samples: int
     mean: torch.Tensor  # mean of log w
     sq_dev: torch.Tensor  # sum of squared deviations of log w from its mean
     log_sum_w: torch.Tensor  # log sum_k w_k
@@ -47,14 +46,14 @@ class WeightStats(NamedTuple):
         chunk_sq_dev = (log_w - chunk_mean).square().sum(0)  # (B,)
         chunk_lse = torch.logsumexp(log_w, 0)  # (B,)
         chunk_lse2 = torch.logsumexp(2.0 * log_w, 0)  # (B,)
-        if self.count == 0:
+        if self.num_samples == 0:
             return WeightStats(k, chunk_mean, chunk_sq_dev, chunk_lse, chunk_lse2)
-        n = self.count + k
+        n = self.num_samples + k
         delta = chunk_mean - self.mean  # (B,)
         return WeightStats(
-            count=n,
+            num_samples=n,
             mean=self.mean + delta * (k / n),
-            sq_dev=self.sq_dev + chunk_sq_dev + delta.square() * (self.count * k / n),
+            sq_dev=self.sq_dev + chunk_sq_dev + delta.square() * (self.num_samples * k / n),
             log_sum_w=torch.logaddexp(self.log_sum_w, chunk_lse),
             log_sum_w2=torch.logaddexp(self.log_sum_w2, chunk_lse2),
         )
