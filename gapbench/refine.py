@@ -5,7 +5,9 @@ with respect to phi_b is the gradient of ELBO_b alone, and Adam updates each ele
 moments, so this is B independent optimisations run in one batch. Every datapoint carries its own
 learning rate, its own convergence test and its own step count; nothing couples datapoints (no
 global clipping, no shared scheduler). Datapoints that stop are removed from the batch, so the cost
-of a step falls as datapoints converge.
+of a step falls as datapoints converge. A datapoint whose ELBO estimate or parameters stop being finite
+stops at once, keeps its last parameters with a finite estimate and is flagged (``is_diverged``); the
+others go on, independently as always.
 
 The procedure, per datapoint:
   * each step draws ``num_samples`` z ~ q and takes an Adam step on the ELBO estimate; the gradient
@@ -60,6 +62,7 @@ class ActiveSet(NamedTuple):
     anchor: dict[str, torch.Tensor]  # parameters at the last confirmed improvement (paired test)
     param_sum: dict[str, torch.Tensor]  # sum of the iterates since the last check (paired test)
     candidate: dict[str, torch.Tensor]  # the last window's average iterate (paired test)
+    last_finite: dict[str, torch.Tensor]  # the last parameters whose ELBO estimate was finite
 
 
 class RefineResult(NamedTuple):
@@ -70,6 +73,8 @@ class RefineResult(NamedTuple):
     is_converged : (B,) True where the convergence test stopped it, False where max_steps did
     final_learning_rate : (B,)
     history : (num_checks, B) float64 window-mean ELBO at each check; NaN after a datapoint stopped
+    is_diverged : (B,) True where the ELBO estimate or the parameters stopped being finite; such a
+        datapoint stops at once and keeps its last parameters with a finite ELBO estimate
     """
 
     params: dict[str, torch.Tensor]
@@ -77,6 +82,7 @@ class RefineResult(NamedTuple):
     is_converged: torch.Tensor
     final_learning_rate: torch.Tensor
     history: torch.Tensor
+    is_diverged: torch.Tensor
 
 
 def _objective(model, family: LocalFamily, params: Mapping[str, torch.Tensor], x: torch.Tensor, *,
@@ -126,9 +132,20 @@ def refine_step(model, family: LocalFamily, x: torch.Tensor, state: ActiveSet, *
         new_params[name] = value.detach() - update
         new_m[name], new_v[name] = m, v
     param_sum = {k: state.param_sum[k] + new_params[k] for k in new_params}
+    is_finite = torch.isfinite(estimate)  # (A,)
+    last_finite = {k: torch.where(is_finite.view(-1, *([1] * (v.ndim - 1))), v.detach(), state.last_finite[k])
+                   for k, v in state.params.items()}  # the parameters the estimate was taken at
     state = state._replace(params=new_params, exp_avg=new_m, exp_avg_sq=new_v, param_sum=param_sum,
-                           window_sum=state.window_sum + estimate.to(torch.float64))
+                           window_sum=state.window_sum + estimate.to(torch.float64), last_finite=last_finite)
     return state, estimate
+
+
+def is_diverged(state: ActiveSet, estimate: torch.Tensor) -> torch.Tensor:
+    """(A,) True where the last ELBO estimate or any new parameter is NaN or infinite."""
+    bad = ~torch.isfinite(estimate)
+    for value in state.params.values():
+        bad = bad | ~torch.isfinite(value.flatten(1)).all(1)
+    return bad
 
 
 def _record_check(state: ActiveSet, improved: torch.Tensor, *, lr_decay: float) -> ActiveSet:
@@ -182,7 +199,7 @@ def _select(state: ActiveSet, keep: torch.Tensor) -> ActiveSet:
     return ActiveSet(state.positions[keep], rows(state.params), rows(state.exp_avg), rows(state.exp_avg_sq),
                      state.learning_rate[keep], state.window_sum[keep], state.best[keep],
                      state.num_bad_checks[keep], rows(state.anchor), rows(state.param_sum),
-                     rows(state.candidate))
+                     rows(state.candidate), rows(state.last_finite))
 
 
 def refine(model, x: torch.Tensor, *, family: LocalFamily, init_params: Mapping[str, torch.Tensor],
@@ -234,6 +251,7 @@ def refine(model, x: torch.Tensor, *, family: LocalFamily, init_params: Mapping[
     num_steps = torch.zeros(num_datapoints, dtype=torch.long, device=device)
     is_converged = torch.zeros(num_datapoints, dtype=torch.bool, device=device)
     final_lr = torch.full((num_datapoints,), float(learning_rate), device=device)
+    diverged = torch.zeros(num_datapoints, dtype=torch.bool, device=device)
     history: list[torch.Tensor] = []
 
     zeros64 = torch.zeros(num_datapoints, dtype=torch.float64, device=device)
@@ -249,13 +267,28 @@ def refine(model, x: torch.Tensor, *, family: LocalFamily, init_params: Mapping[
         anchor={k: v.clone() for k, v in out_params.items()},
         param_sum={k: torch.zeros_like(v) for k, v in out_params.items()},
         candidate={k: v.clone() for k, v in out_params.items()},
+        last_finite={k: v.clone() for k, v in out_params.items()},
     )
     x_active = x
     step = 0
     while state.positions.numel() > 0 and step < max_steps:
         step += 1
-        state, _ = refine_step(model, family, x_active, state, step=step, num_samples=num_samples,
-                               gradient=gradient, generator=generator)
+        state, estimate = refine_step(model, family, x_active, state, step=step, num_samples=num_samples,
+                                      gradient=gradient, generator=generator)
+        bad = is_diverged(state, estimate)  # (A,)
+        if bool(bad.any()):  # stop these datapoints now, at their last finite point, before a check sees them
+            done = state.positions[bad]
+            for name, tensor in state.last_finite.items():
+                out_params[name][done] = tensor[bad]
+            num_steps[done] = step
+            diverged[done] = True
+            final_lr[done] = state.learning_rate[bad]
+            state = _select(state, ~bad)
+            x_active = x[state.positions]
+            if state.positions.numel() == 0:
+                if callback is not None:
+                    callback(step, 0)
+                break
         is_check = step % check_every == 0
         if is_check:
             if convergence == "paired":
@@ -285,4 +318,4 @@ def refine(model, x: torch.Tensor, *, family: LocalFamily, init_params: Mapping[
             callback(step, int(state.positions.numel()))
     history_tensor = (torch.stack(history) if history
                       else torch.empty(0, num_datapoints, dtype=torch.float64, device=device))
-    return RefineResult(out_params, num_steps, is_converged, final_lr, history_tensor)
+    return RefineResult(out_params, num_steps, is_converged, final_lr, history_tensor, diverged)
