@@ -109,3 +109,30 @@ def test_output_folder_that_is_a_file(tmp_path, capsys):
     blocker.write_text("x")
     assert main(["run", str(DIGITS), "--out", str(blocker / "run"), *QUICK]) == 2
     assert "cannot write" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, kept, redone", [
+    ("eval.num_samples=300", ["train"], ["amortized", "local", "report"]),
+    ("refine.max_steps=150", ["train", "amortized"], ["local", "report"]),
+    ('name="renamed"', ["train", "amortized", "local"], ["report"]),
+    ("train.epochs=4", [], ["train", "amortized", "local", "report"]),
+])
+def test_force_redoes_only_the_stages_a_change_affects(quick_run, tmp_path, capsys, override, kept, redone):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(quick_run, run)
+    before = json.loads((run / "stages.json").read_text())
+    assert main(["run", str(DIGITS), "--out", str(run), *QUICK, "--set", override]) == 2
+    assert f"redo the {redone[0]}" in capsys.readouterr().err
+    assert main(["run", str(DIGITS), "--out", str(run), *QUICK, "--set", override, "--force"]) == 0
+    err = capsys.readouterr().err
+    after = json.loads((run / "stages.json").read_text())
+    for stage in kept:
+        assert f"[{stage}] skipped" in err and after[stage] == before[stage]
+    for stage in redone:
+        assert f"[{stage}] skipped" not in err and after[stage]["config_sha256"] != before[stage]["config_sha256"]
+    # the result is what a fresh run with the new config gives
+    fresh = tmp_path / "fresh"
+    assert main(["run", str(DIGITS), "--out", str(fresh), *QUICK, "--set", override]) == 0
+    assert (run / "summary.json").read_text() == (fresh / "summary.json").read_text()
