@@ -157,7 +157,9 @@ def open_run_folder(path: str | Path, resolved: dict, *, force: bool,
             tmp.unlink(missing_ok=True)
         records = _read_records(path)
         try:
-            previous = _read_json(config_path, "delete the folder to start the run again") if config_path.exists() else None
+            previous = None
+            if config_path.exists():
+                previous = _read_json(config_path, "delete the folder to start the run again")
             if previous is not None and previous != resolved:
                 _change_config(path, previous, resolved, records, force=force, log=log)
             if previous != resolved:

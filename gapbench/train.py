@@ -211,7 +211,8 @@ def train(decoder: nn.Module, encoder: nn.Module, train_x: torch.Tensor, valid_x
             optimizer.step()
             total += float(batch_elbo.sum())
         decoder.eval(), encoder.eval()
-        best_elbo, best_epoch, bad_checks, best_state = state.best_elbo, state.best_epoch, state.bad_checks, state.best_state
+        best_elbo, best_epoch, bad_checks = state.best_elbo, state.best_epoch, state.bad_checks
+        best_state = state.best_state
         valid = math.nan
         is_best = False
         stop_reason = None
