@@ -230,6 +230,8 @@ class Run:
             return json.loads((self.dir / "summary.json").read_text())
         self.folder.start("report")
         frame = pd.concat([amortized, local], axis=1)
+        if "refine_diverged" not in frame:  # local.csv from before refinement flagged divergence
+            frame["refine_diverged"] = False
         frame = decompose(pd.concat([frame, best_bound(frame, LOG_PX_CANDIDATES)], axis=1))
         frame["fault"] = find_faults(frame, ("elbo_q", "elbo_q_star", *LOG_PX_CANDIDATES), flags=("refine_diverged",))
         frame.insert(0, "index", np.arange(len(frame)))

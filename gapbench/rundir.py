@@ -164,6 +164,7 @@ def open_run_folder(path: str | Path, resolved: dict, *, force: bool,
                 _change_config(path, previous, resolved, records, force=force, log=log)
             if previous != resolved:
                 io.write_json(config_path, resolved)
+            _adopt_legacy_records(path, resolved, records)
         except OSError as error:
             raise RunError(f"cannot write the run folder {path}: {error.strerror}; "
                            "choose a writable --out") from None
@@ -182,6 +183,16 @@ def _lock(fd: int, path: Path) -> None:
     except BlockingIOError:
         raise RunError(f"another gapbench process is running in {path}; wait for it to finish, "
                        "or choose another --out") from None
+
+
+def _adopt_legacy_records(path: Path, resolved: dict, records: dict[str, dict]) -> None:
+    """Records written before stages.json held config hashes belong to config.json (that gapbench
+    redid every stage on a config change), which now equals ``resolved``: give them its hashes."""
+    legacy = [stage for stage, record in records.items() if "config_sha256" not in record]
+    for stage in legacy:
+        records[stage] = {"config_sha256": section_hash(resolved, stage), **records[stage]}
+    if legacy:
+        io.write_json(path / "stages.json", records)
 
 
 def _stages_phrase(stages: list[str]) -> str:
@@ -205,7 +216,7 @@ def _read_records(path: Path) -> dict[str, dict]:
     if not file.exists():
         return {}
     records = _read_json(file, "delete it to redo every stage (training resumes from train_state.pt if present)")
-    return {stage: record for stage, record in records.items() if stage in STAGES}
+    return {stage: record for stage, record in records.items() if stage in STAGES and isinstance(record, dict)}
 
 
 def _change_config(path: Path, previous: dict, resolved: dict, records: dict[str, dict], *,

@@ -136,3 +136,22 @@ def test_force_redoes_only_the_stages_a_change_affects(quick_run, tmp_path, caps
     fresh = tmp_path / "fresh"
     assert main(["run", str(DIGITS), "--out", str(fresh), *QUICK, "--set", override]) == 0
     assert (run / "summary.json").read_text() == (fresh / "summary.json").read_text()
+
+
+def test_a_run_folder_from_before_config_hashes_is_resumed_not_redone(quick_run, tmp_path, capsys):
+    import shutil
+
+    import pandas as pd
+
+    run = tmp_path / "run"
+    shutil.copytree(quick_run, run)
+    stages = json.loads((run / "stages.json").read_text())
+    (run / "stages.json").write_text(json.dumps({k: {"seconds": v["seconds"], "finished_at": v["finished_at"]}
+                                                 for k, v in stages.items() if k != "report"}))
+    local = pd.read_csv(run / "local.csv")
+    local.drop(columns="refine_diverged").to_csv(run / "local.csv", index=False)
+    assert main(["run", str(DIGITS), "--out", str(run), *QUICK]) == 0
+    err = capsys.readouterr().err
+    assert "[train] skipped" in err and "[amortized] skipped" in err and "[local] skipped" in err
+    assert json.loads((run / "stages.json").read_text())["train"] == stages["train"]
+    assert (run / "summary.json").read_text() == (quick_run / "summary.json").read_text()
