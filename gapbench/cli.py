@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gapbench: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("gapbench: interrupted; finished stages and the last training epoch are kept, "
+        print("gapbench: interrupted; finished stages and the last saved training epoch are kept, "
               "so the same command resumes", file=sys.stderr)
         return EXIT_INTERRUPTED
 

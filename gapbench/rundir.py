@@ -15,8 +15,8 @@ outputs exist, and no stage it reads was redone in this process. Every output is
 atomically (``gapbench.io``: a temporary name, then a rename) before the stage is recorded, so a
 process killed at any moment leaves whole files and a true record, and the next process with the
 same command redoes only the stages that were not recorded. Training also saves
-``train_state.pt`` after every epoch, so an interrupted training stage continues from its last
-finished epoch.
+``train_state.pt`` at the end of an epoch (at most every ``experiment.TRAIN_STATE_SECONDS``), so an
+interrupted training stage continues from its last saved epoch.
 
 A folder holding a run with another config is refused unless ``force``: then the stages whose
 config sections changed (and the stages that read them) are redone and the others are kept, so a

@@ -144,7 +144,7 @@ def train(decoder: nn.Module, encoder: nn.Module, train_x: torch.Tensor, valid_x
           early_stopping_patience: int, generator: torch.Generator,
           on_epoch: Callable[[EpochRecord, bool], None] | None = None,
           resume_from: dict | None = None, on_checkpoint: Callable[[dict], None] | None = None,
-          checkpoint_every: int = 1, progress: bool = True) -> TrainResult:
+          checkpoint_seconds: float = 0.0, progress: bool = True) -> TrainResult:
     """Train ``decoder`` and ``encoder`` in place; return the best (validation-ELBO) weights.
 
     Parameters
@@ -162,8 +162,10 @@ def train(decoder: nn.Module, encoder: nn.Module, train_x: torch.Tensor, valid_x
     on_epoch : called with each EpochRecord and whether it is the best so far
     resume_from : a snapshot passed to ``on_checkpoint`` by an earlier call with the same arguments;
         training continues after its epoch and ends exactly as an uninterrupted call would
-    on_checkpoint : called with a snapshot (see :func:`train_state`) every ``checkpoint_every``
-        epochs and when training stops, e.g. to save it atomically for resuming
+    on_checkpoint : called with a snapshot (see :func:`train_state`) at the end of an epoch when
+        ``checkpoint_seconds`` have passed since the last one (0: every epoch), and when training
+        stops; e.g. to save it atomically for resuming. Which epochs get a snapshot depends on the
+        clock, the result of a resumed training does not.
     progress : show a tqdm bar with the current ELBO
 
     Training stops early when an epoch's training ELBO is not finite (``stop_reason="diverged"``);
@@ -174,8 +176,8 @@ def train(decoder: nn.Module, encoder: nn.Module, train_x: torch.Tensor, valid_x
 
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose one of {SCHEDULES}")
-    if checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every must be at least 1, got {checkpoint_every}")
+    if not checkpoint_seconds >= 0:
+        raise ValueError(f"checkpoint_seconds must be at least 0, got {checkpoint_seconds}")
     check_values(train_x, "training data")
     check_values(valid_x, "validation data")
     params = list(decoder.parameters()) + list(encoder.parameters())
@@ -187,6 +189,7 @@ def train(decoder: nn.Module, encoder: nn.Module, train_x: torch.Tensor, valid_x
     state = _Progress(0, 0, -math.inf, 0, 0, None, [], None)
     if resume_from is not None:  # after the validation draw above, exactly as the first call made it
         state = _restore(resume_from, decoder, encoder, optimizer, generator)
+    last_checkpoint = time.perf_counter()
     bar = tqdm(range(state.epoch + 1, epochs + 1), desc="train", unit="epoch", initial=state.epoch,
                total=epochs, disable=not progress or state.stop_reason is not None)
     for epoch in bar:
@@ -236,8 +239,10 @@ def train(decoder: nn.Module, encoder: nn.Module, train_x: torch.Tensor, valid_x
         bar.set_postfix(elbo=f"{record.train_elbo:.2f}", valid=f"{best_elbo:.2f}", beta=f"{beta:.2f}")
         if on_epoch is not None:
             on_epoch(record, is_best)
-        if on_checkpoint is not None and (epoch % checkpoint_every == 0 or stop_reason is not None):
+        if on_checkpoint is not None and (stop_reason is not None
+                                          or time.perf_counter() - last_checkpoint >= checkpoint_seconds):
             on_checkpoint(train_state(decoder, encoder, optimizer, generator, state))
+            last_checkpoint = time.perf_counter()
     bar.close()
     if state.best_state is None:  # every validation ELBO was NaN
         raise FloatingPointError("training diverged: the validation ELBO was never finite; "

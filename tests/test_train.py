@@ -86,7 +86,7 @@ def test_resumed_training_ends_exactly_as_uninterrupted_training():
                        binarization="dynamic", threshold=0.5, valid_every=2, valid_num_samples=5,
                        early_stopping_patience=0, generator=torch.Generator().manual_seed(1),
                        on_epoch=on_epoch, resume_from=resume_from, on_checkpoint=on_checkpoint,
-                       checkpoint_every=1, progress=False)
+                       checkpoint_seconds=0, progress=False)
         return result, saved
 
     whole, snapshots = run()
