@@ -12,12 +12,22 @@ import torch
 from gapbench.check import CheckError, compare, z_threshold
 from gapbench.cli import main
 
+from conftest import torch_threads
+
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "experiments" / "digits.toml"
 QUICK = ["--set", "train.epochs=3", "--set", "train.warmup_epochs=1", "--set", "eval.num_datapoints=24",
          "--set", "eval.num_samples=200", "--set", "refine.max_steps=100", "--quiet"]
 QUANTITIES = {"bounds": ("elbo_q", "elbo_q_star", "log_px"), "gaps": ("approximation", "amortization", "inference"),
               "other_bounds": ("iwae_q", "iwae_q_star")}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """End-to-end runs of tiny models: one torch thread (two threads that wait for each other on a
+    shared 2-core machine make them 5 to 10 times slower). Module-wide, so every run agrees."""
+    with torch_threads(1):
+        yield
 
 
 def summary(means: dict[str, float] | None = None, mc_stderr: float = 0.01, **extra) -> dict:

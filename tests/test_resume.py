@@ -3,6 +3,7 @@ end with the same summary.json as a run that was never interrupted."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,8 @@ import torch
 
 from gapbench.cli import main
 
+from conftest import torch_threads
+
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "experiments" / "digits.toml"
 KILL_AT = Path(__file__).with_name("kill_at.py")
@@ -24,6 +27,14 @@ ARGS = ["--set", "train.epochs=5", "--set", "train.warmup_epochs=1", "--set", "e
 RESULTS = ("summary.json", "datapoints.csv", "table.md", "amortized.csv", "local.csv")
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """End-to-end runs of tiny models: one torch thread (two threads that wait for each other on a
+    shared 2-core machine make them 5 to 10 times slower). Module-wide, so every run agrees."""
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +150,43 @@ def test_ctrl_c_exits_130_and_the_same_command_resumes(whole_run, tmp_path, caps
     assert main(["run", str(DIGITS), "--out", str(out), *ARGS]) == 0
     assert "[amortized] skipped" in capsys.readouterr().err
     assert_same_results(out, whole_run)
+
+
+@pytest.mark.parametrize("override, kept, redone", [
+    ("eval.num_samples=300", ["train"], ["amortized", "local", "report"]),
+    ("refine.max_steps=150", ["train", "amortized"], ["local", "report"]),
+    ('name="renamed"', ["train", "amortized", "local"], ["report"]),
+    ("train.epochs=4", [], ["train", "amortized", "local", "report"]),
+])
+def test_force_redoes_only_the_stages_a_change_affects(whole_run, tmp_path, capsys, override, kept, redone):
+    run = tmp_path / "run"
+    shutil.copytree(whole_run, run)
+    before = json.loads((run / "stages.json").read_text())
+    assert main(["run", str(DIGITS), "--out", str(run), *ARGS, "--set", override]) == 2
+    assert f"redo the {redone[0]}" in capsys.readouterr().err
+    assert main(["run", str(DIGITS), "--out", str(run), *ARGS, "--set", override, "--force"]) == 0
+    err = capsys.readouterr().err
+    after = json.loads((run / "stages.json").read_text())
+    for stage in kept:
+        assert f"[{stage}] skipped" in err and after[stage] == before[stage]
+    for stage in redone:
+        assert f"[{stage}] skipped" not in err and after[stage]["config_sha256"] != before[stage]["config_sha256"]
+    # the result is what a fresh run with the new config gives
+    fresh = tmp_path / "fresh"
+    assert main(["run", str(DIGITS), "--out", str(fresh), *ARGS, "--set", override]) == 0
+    assert (run / "summary.json").read_text() == (fresh / "summary.json").read_text()
+
+
+def test_a_run_folder_from_before_config_hashes_is_resumed_not_redone(whole_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(whole_run, run)
+    stages = json.loads((run / "stages.json").read_text())
+    (run / "stages.json").write_text(json.dumps({k: {"seconds": v["seconds"], "finished_at": v["finished_at"]}
+                                                 for k, v in stages.items() if k != "report"}))
+    local = pd.read_csv(run / "local.csv")
+    local.drop(columns="refine_diverged").to_csv(run / "local.csv", index=False)
+    assert main(["run", str(DIGITS), "--out", str(run), *ARGS]) == 0
+    err = capsys.readouterr().err
+    assert "[train] skipped" in err and "[amortized] skipped" in err and "[local] skipped" in err
+    assert json.loads((run / "stages.json").read_text())["train"] == stages["train"]
+    assert (run / "summary.json").read_text() == (whole_run / "summary.json").read_text()
