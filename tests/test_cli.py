@@ -109,4 +109,3 @@ def test_output_folder_that_is_a_file(tmp_path, capsys):
     blocker.write_text("x")
     assert main(["run", str(DIGITS), "--out", str(blocker / "run"), *QUICK]) == 2
     assert "cannot write" in capsys.readouterr().err
-
