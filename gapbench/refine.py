@@ -62,7 +62,7 @@ class ActiveSet(NamedTuple):
     anchor: dict[str, torch.Tensor]  # parameters at the last confirmed improvement (paired test)
     param_sum: dict[str, torch.Tensor]  # sum of the iterates since the last check (paired test)
     candidate: dict[str, torch.Tensor]  # the last window's average iterate (paired test)
-    last_finite: dict[str, torch.Tensor]  # the last parameters whose ELBO estimate was finite
+    last_finite: dict[str, torch.Tensor]  # the parameters of the last step's ELBO estimate, which was finite
 
 
 class RefineResult(NamedTuple):
@@ -132,20 +132,16 @@ def refine_step(model, family: LocalFamily, x: torch.Tensor, state: ActiveSet, *
         new_params[name] = value.detach() - update
         new_m[name], new_v[name] = m, v
     param_sum = {k: state.param_sum[k] + new_params[k] for k in new_params}
-    is_finite = torch.isfinite(estimate)  # (A,)
-    last_finite = {k: torch.where(is_finite.view(-1, *([1] * (v.ndim - 1))), v.detach(), state.last_finite[k])
-                   for k, v in state.params.items()}  # the parameters the estimate was taken at
+    # the parameters the estimate was taken at (the driver stops a datapoint whose estimate is not finite)
+    last_finite = {k: v.detach() for k, v in state.params.items()}
     state = state._replace(params=new_params, exp_avg=new_m, exp_avg_sq=new_v, param_sum=param_sum,
                            window_sum=state.window_sum + estimate.to(torch.float64), last_finite=last_finite)
     return state, estimate
 
 
-def is_diverged(state: ActiveSet, estimate: torch.Tensor) -> torch.Tensor:
-    """(A,) True where the last ELBO estimate or any new parameter is NaN or infinite."""
-    bad = ~torch.isfinite(estimate)
-    for value in state.params.values():
-        bad = bad | ~torch.isfinite(value.flatten(1)).all(1)
-    return bad
+def rows_finite(params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """(A,) True where every parameter of the row is finite."""
+    return torch.stack([torch.isfinite(v.flatten(1)).all(1) for v in params.values()]).all(0)
 
 
 def _record_check(state: ActiveSet, improved: torch.Tensor, *, lr_decay: float) -> ActiveSet:
@@ -273,12 +269,16 @@ def refine(model, x: torch.Tensor, *, family: LocalFamily, init_params: Mapping[
     step = 0
     while state.positions.numel() > 0 and step < max_steps:
         step += 1
+        before = state.last_finite
         state, estimate = refine_step(model, family, x_active, state, step=step, num_samples=num_samples,
                                       gradient=gradient, generator=generator)
-        bad = is_diverged(state, estimate)  # (A,)
-        if bool(bad.any()):  # stop these datapoints now, at their last finite point, before a check sees them
+        # Non-finite parameters make the next estimate non-finite (z = mean + std * eps), so the
+        # estimate alone detects divergence, one step later at most; checked every step so that no
+        # convergence test sees it.
+        bad = ~torch.isfinite(estimate)  # (A,)
+        if bool(bad.any()):  # stop these datapoints now, at their last finite point
             done = state.positions[bad]
-            for name, tensor in state.last_finite.items():
+            for name, tensor in before.items():  # the parameters of the last finite estimate
                 out_params[name][done] = tensor[bad]
             num_steps[done] = step
             diverged[done] = True
@@ -306,11 +306,14 @@ def refine(model, x: torch.Tensor, *, family: LocalFamily, init_params: Mapping[
             stop = torch.ones_like(state.positions, dtype=torch.bool)
         if stop is not None and bool(stop.any()):
             done = state.positions[stop]
-            final = state.candidate if convergence == "paired" else state.params
+            final = {k: v[stop] for k, v in (state.candidate if convergence == "paired" else state.params).items()}
+            is_finite = rows_finite(final)  # (S,) False only if the very last step diverged
             for name, tensor in final.items():
-                out_params[name][done] = tensor[stop]
+                keep = is_finite.view(-1, *([1] * (tensor.ndim - 1)))
+                out_params[name][done] = torch.where(keep, tensor, state.last_finite[name][stop])
             num_steps[done] = step
-            is_converged[done] = state.num_bad_checks[stop] >= patience
+            diverged[done] = ~is_finite
+            is_converged[done] = (state.num_bad_checks[stop] >= patience) & is_finite
             final_lr[done] = state.learning_rate[stop]
             state = _select(state, ~stop)
             x_active = x[state.positions]
