@@ -6,7 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-EXIT_USAGE = 2
+EXIT_MOVED = 1  # gapbench check: a number moved beyond chance
+EXIT_USAGE = 2  # bad input: the message names the problem and the fix
+EXIT_INTERRUPTED = 130  # Ctrl-C
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -26,6 +28,45 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check(args: argparse.Namespace) -> int:
+    import json
+
+    from . import io
+    from .check import CheckError, compare, format_table, make_baseline, read_summary, z_threshold
+
+    z_threshold(args.alpha, 1)  # refuse a bad --alpha before reading anything
+    run = read_summary(args.run_dir)
+    baseline_path = Path(args.baseline)
+    if args.update:
+        config_path = Path(args.run_dir) / "config.json"
+        config = json.loads(config_path.read_text()) if config_path.is_file() else None
+        try:
+            io.write_json(baseline_path, make_baseline(run, config=config))
+        except OSError as error:
+            raise CheckError(f"cannot write the baseline {baseline_path}: {error.strerror}; "
+                             "choose a writable path") from None
+        print(f"baseline written: {baseline_path} (from {args.run_dir})")
+        return 0
+    if not baseline_path.exists():
+        raise CheckError(f"the baseline {baseline_path} does not exist; make it from a run you trust with "
+                         f"gapbench check RUN_DIR --baseline {baseline_path} --update")
+    result = compare(run, read_summary(baseline_path), alpha=args.alpha, min_difference=args.min_difference)
+    print(f"{args.run_dir} against {baseline_path}: two-sided z-test of each difference on both runs' "
+          f"Monte Carlo standard errors; with Bonferroni over {len(result.rows)} quantities at "
+          f"alpha = {result.alpha:g}, |z| > {result.z_threshold:.2f} counts as moved"
+          + (f" (and |difference| > {args.min_difference:g} nats)" if args.min_difference else "") + "\n")
+    print(format_table(result))
+    for note in result.notes:
+        print(f"note: {note}")
+    moved = [row.quantity for row in result.rows if row.is_moved]
+    if result.is_moved:
+        print(f"FAIL: {', '.join(moved) or 'see the notes'} moved beyond chance; if the change is intended, "
+              f"regenerate the baseline with --update")
+        return EXIT_MOVED
+    print("PASS: nothing moved beyond chance")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gapbench",
@@ -40,22 +81,37 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="redo every stage, even in a folder with another config")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=_run)
+    check = sub.add_parser("check", help="compare a run's bounds and gaps with a baseline; exit 1 when one "
+                                         "moved beyond chance")
+    check.add_argument("run_dir", help="a finished run folder (or its summary.json)")
+    check.add_argument("--baseline", required=True, help="baseline JSON, e.g. results/baselines/ci_quick.json")
+    check.add_argument("--update", action="store_true", help="write the run's numbers as the new baseline")
+    check.add_argument("--alpha", type=float, default=0.01,
+                       help="family-wise false-alarm rate of the test (default 0.01)")
+    check.add_argument("--min-difference", type=float, default=0.0, metavar="NATS",
+                       help="never flag a difference of at most this many nats (default 0)")
+    check.set_defaults(func=_check)
     from .bench import add_bench_parser
     add_bench_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .check import CheckError
     from .config import ConfigError
     from .data import DataError
-    from .experiment import RunError
+    from .rundir import RunError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, RunError) as error:
+    except (ConfigError, DataError, RunError, CheckError) as error:
         print(f"gapbench: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("gapbench: interrupted; finished stages and the last saved training epoch are kept, "
+              "so the same command resumes", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

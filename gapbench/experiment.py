@@ -1,27 +1,30 @@
 """The staged runner: train -> amortized -> local -> report, one folder per run.
 
-Each stage writes its outputs atomically and is skipped on rerun when they exist, so an interrupted
-run resumes where it stopped. The folder records the resolved config; a rerun with a different config
-is refused unless ``force`` is given.
+Each stage writes its outputs atomically and is recorded in stages.json when they are complete;
+a rerun skips recorded stages, and training continues from its last saved epoch (train_state.pt), so a
+run killed at any moment resumes where it stopped and ends with the same numbers. A folder holding
+a run with another config is refused unless ``force``, which redoes only the stages the change
+affects (see ``gapbench.rundir``).
 
 Files of a run folder:
     config.json        the resolved configuration (every default filled in)
     checkpoint.pt      best decoder and encoder weights, with the config (torch.load(weights_only=True))
     train_history.csv  one row per epoch
+    train_state.pt     while training: a recent epoch's weights, Adam state, random stream and history
     amortized.csv      per datapoint: L[q] and IWAE under q, with standard errors and ESS
-    local.csv, local.pt   per datapoint: L[q*], IWAE under q*, refinement steps; the q* parameters
-    datapoints.csv     everything per datapoint, with log p_hat(x) and the three gaps
-    summary.json       means with standard errors, and every setting that changes a number
+    local.csv, local.pt   per datapoint: L[q*], IWAE under q*, refinement steps and flags; the q* parameters
+    datapoints.csv     everything per datapoint, with log p_hat(x), the three gaps and numerical faults
+    summary.json       means with standard errors, fault counts, and every setting that changes a number
     table.md           the gap table
-    stages.json        which stages finished, when, and how long they took
+    stages.json        which stages finished, with which config (sha256), when, and how long they took
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import platform
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -30,23 +33,25 @@ import pandas as pd
 import torch
 
 from . import io
+from .checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint, load_train_state,
+                          load_weights)
 from .config import ConfigError, ExperimentConfig
-from .data import Dataset, binarize, load_dataset
-from .gaps import best_bound, decompose, estimate_columns, summarize, summarize_column
+from .data import Dataset, binarize, check_binary, check_values, load_dataset
+from .gaps import NO_FAULT, best_bound, decompose, estimate_columns, find_faults, summarize, summarize_column
 from .measure import bounds_of, local_posterior
 from .models import Decoder
 from .posteriors import GaussianEncoder, get_family
 from .report import gap_table_markdown
-from .train import train
+from .rundir import STAGES, TRAIN_STATE, RunError, RunFolder, open_run_folder
+from .train import ResumeError, train
 
-CHECKPOINT_FORMAT = "gapbench-checkpoint"
-CHECKPOINT_VERSION = 1
-STAGES = ("train", "amortized", "local", "report")
+__all__ = ["CHECKPOINT_FORMAT", "Run", "RunError", "build_networks", "evaluation_data", "load_checkpoint",
+           "open_run", "run_experiment", "stage_generator"]
+
 LOG_PX_CANDIDATES = ("iwae_q", "iwae_q_star")
-
-
-class RunError(RuntimeError):
-    """A run that cannot go on as asked (folder clash, unusable checkpoint); the message says why."""
+# Training saves train_state.pt at most this often: a save costs 20 ms (digits) to 100 ms (the
+# paper's Fashion-MNIST model), so this keeps it under 1% of training time; a kill loses at most this.
+TRAIN_STATE_SECONDS = 10.0
 
 
 def stage_generator(seed: int, stage: str) -> torch.Generator:
@@ -74,9 +79,13 @@ def evaluation_data(config: ExperimentConfig, dataset: Dataset) -> torch.Tensor:
             f"eval.num_datapoints = {n}, but the {dataset.name} {config.eval.split} split has only "
             f"{split.shape[0]} datapoints; lower eval.num_datapoints or choose another eval.split"
         )
+    what = f"{dataset.name} {config.eval.split} split"
+    check_values(split[:n], what)  # grey levels in [0, 1], no NaN or infinity
     generator = torch.Generator().manual_seed(config.seed)
-    return binarize(split[:n], mode=config.data.binarization, threshold=config.data.threshold,
-                    generator=generator)
+    x = binarize(split[:n], mode=config.data.binarization, threshold=config.data.threshold,
+                 generator=generator)
+    check_binary(x, f"binarised {what}")  # what the Bernoulli likelihood is a density of
+    return x
 
 
 def versions() -> dict[str, str]:
@@ -86,7 +95,7 @@ def versions() -> dict[str, str]:
 
 
 class Run:
-    """One run folder and the stages that fill it."""
+    """One run folder and the stages that fill it (see ``gapbench.rundir`` for the bookkeeping)."""
 
     def __init__(self, config: ExperimentConfig, out_dir: str | Path, *, force: bool = False,
                  progress: bool = True, log: Callable[[str], None] = print):
@@ -95,75 +104,67 @@ class Run:
         self.force = force
         self.progress = progress
         self.log = log
-        self.stages: dict[str, dict] = {}
-
-    # --- folder bookkeeping -------------------------------------------------------------------
-    def prepare(self) -> None:
-        """Create the folder (or check the config of an existing one) and record the config."""
-        resolved = self.config.model_dump(mode="json")
-        config_path = self.dir / "config.json"
-        if config_path.exists() and not self.force:
-            import json
-            previous = json.loads(config_path.read_text())
-            if previous != resolved:
-                changed = sorted(_diff_keys(previous, resolved))
-                raise RunError(
-                    f"{self.dir} holds a run with a different config (changed: {', '.join(changed)}); "
-                    "choose another --out, or pass --force to redo the run with the new config"
-                )
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            io.write_json(config_path, resolved)
-        except OSError as error:
-            raise RunError(f"cannot write the run folder {self.dir}: {error.strerror}; choose a writable --out") from None
-        stages_path = self.dir / "stages.json"
-        if stages_path.exists() and not self.force:
-            import json
-            self.stages = json.loads(stages_path.read_text())
-        if self.force:
-            for name in ("checkpoint.pt", "amortized.csv", "local.csv", "local.pt", "stages.json"):
-                (self.dir / name).unlink(missing_ok=True)
-            self.stages = {}
-
-    def finish_stage(self, name: str, seconds: float) -> None:
-        self.stages[name] = {"seconds": round(seconds, 3),
-                             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        io.write_json(self.dir / "stages.json", self.stages)
+        self.folder: RunFolder | None = None
 
     # --- stages -------------------------------------------------------------------------------
     def train_stage(self, dataset: Dataset) -> tuple[Decoder, GaussianEncoder, dict]:
         path = self.dir / "checkpoint.pt"
         decoder, encoder = build_networks(self.config, dataset.data_size)
-        if path.exists():
-            self.log(f"[train] skipped: {path} exists")
+        if self.folder.is_finished("train"):
             checkpoint = load_checkpoint(path, self.config, dataset.data_size)
+            load_weights(path, checkpoint, decoder, encoder)
+            (self.dir / TRAIN_STATE).unlink(missing_ok=True)  # left if killed right after the record
+            self.log(f"[train] skipped: finished ({path})")
         else:
-            t = self.config.train
-            start = time.perf_counter()
+            checkpoint = self._train(decoder, encoder, dataset)
+            load_weights(path, checkpoint, decoder, encoder)
+        info = {k: checkpoint[k] for k in ("best_epoch", "best_valid_elbo", "epochs_run")}
+        info["stop_reason"] = checkpoint.get("stop_reason", "epochs")
+        return decoder, encoder, info
+
+    def _train(self, decoder: Decoder, encoder: GaussianEncoder, dataset: Dataset) -> dict:
+        """Train (continuing from train_state.pt where it fits), write the checkpoint, record the stage."""
+        state_path = self.dir / TRAIN_STATE
+        config_sha256 = self.folder.stage_hash("train")
+        resume = load_train_state(state_path, config_sha256) if state_path.exists() else None
+        if resume is None and state_path.exists():
+            self.log(f"[train] {state_path} is from another config; starting from scratch")
+        self.folder.start("train")
+        if resume is not None:
+            self.log(f"[train] resuming after epoch {resume['epoch']} ({state_path})")
+        t = self.config.train
+        try:
             result = train(
                 decoder, encoder, dataset.train, dataset.valid, epochs=t.epochs, batch_size=t.batch_size,
                 learning_rate=t.learning_rate, adam_eps=t.adam_eps, warmup_epochs=t.warmup_epochs, schedule=t.schedule,
                 binarization=self.config.data.binarization, threshold=self.config.data.threshold,
                 valid_every=t.valid_every, valid_num_samples=t.valid_num_samples,
                 early_stopping_patience=t.early_stopping_patience,
-                generator=stage_generator(self.config.seed, "train"), progress=self.progress,
+                generator=stage_generator(self.config.seed, "train"), resume_from=resume,
+                on_checkpoint=lambda state: io.save_torch(state_path, {**state, "config_sha256": config_sha256}),
+                checkpoint_seconds=TRAIN_STATE_SECONDS, progress=self.progress,
             )
-            checkpoint = {
-                "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
-                "config": self.config.model_dump(mode="json"), "data_size": dataset.data_size,
-                "decoder": result.decoder_state, "encoder": result.encoder_state,
-                "best_epoch": result.best_epoch, "best_valid_elbo": result.best_valid_elbo,
-                "epochs_run": len(result.history),
-            }
-            io.write_csv(self.dir / "train_history.csv", pd.DataFrame([r._asdict() for r in result.history]))
-            io.save_torch(path, checkpoint)
-            self.finish_stage("train", time.perf_counter() - start)
-            self.log(f"[train] best validation ELBO {result.best_valid_elbo:.3f} at epoch {result.best_epoch}")
-        decoder.load_state_dict(checkpoint["decoder"])
-        encoder.load_state_dict(checkpoint["encoder"])
-        decoder.eval(), encoder.eval()
-        info = {k: checkpoint[k] for k in ("best_epoch", "best_valid_elbo", "epochs_run")}
-        return decoder, encoder, info
+        except ResumeError as error:
+            raise RunError(f"{state_path} does not fit this run ({error}); delete it to start training "
+                           "from scratch") from None
+        except FloatingPointError as error:
+            raise RunError(str(error)) from None
+        checkpoint = {
+            "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
+            "config": self.config.model_dump(mode="json"), "data_size": dataset.data_size,
+            "decoder": result.decoder_state, "encoder": result.encoder_state,
+            "best_epoch": result.best_epoch, "best_valid_elbo": result.best_valid_elbo,
+            "epochs_run": len(result.history), "stop_reason": result.stop_reason,
+        }
+        io.write_csv(self.dir / "train_history.csv", pd.DataFrame([r._asdict() for r in result.history]))
+        io.save_torch(self.dir / "checkpoint.pt", checkpoint)
+        self.folder.finish("train", sum(r.seconds for r in result.history))
+        state_path.unlink(missing_ok=True)  # after the record: until then it is the way back in
+        stopped = {"epochs": "", "early_stopping": " (stopped early)",
+                   "diverged": f" (stopped: the training ELBO diverged at epoch {len(result.history)})"}
+        self.log(f"[train] best validation ELBO {result.best_valid_elbo:.3f} at epoch {result.best_epoch}"
+                 f"{stopped[result.stop_reason]}")
+        return checkpoint
 
     def _batches(self, x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
         size = self.config.eval.batch_size
@@ -171,9 +172,10 @@ class Run:
 
     def amortized_stage(self, decoder, encoder, x: torch.Tensor) -> pd.DataFrame:
         path = self.dir / "amortized.csv"
-        if path.exists():
-            self.log(f"[amortized] skipped: {path} exists")
+        if self.folder.is_finished("amortized"):
+            self.log(f"[amortized] skipped: finished ({path})")
             return io.read_csv(path)
+        self.folder.start("amortized")
         from tqdm.auto import tqdm
         e = self.config.eval
         start = time.perf_counter()
@@ -188,14 +190,15 @@ class Run:
                                         **estimate_columns("iwae_q", pair.iwae)}))
         frame = pd.concat(frames, ignore_index=True)
         io.write_csv(path, frame)
-        self.finish_stage("amortized", time.perf_counter() - start)
+        self.folder.finish("amortized", time.perf_counter() - start)
         return frame
 
     def local_stage(self, decoder, encoder, x: torch.Tensor) -> pd.DataFrame:
         path = self.dir / "local.csv"
-        if path.exists() and (self.dir / "local.pt").exists():
-            self.log(f"[local] skipped: {path} exists")
+        if self.folder.is_finished("local"):
+            self.log(f"[local] skipped: finished ({path})")
             return io.read_csv(path)
+        self.folder.start("local")
         from tqdm.auto import tqdm
         e, r = self.config.eval, self.config.refine
         procedure = r.resolved()
@@ -216,36 +219,51 @@ class Run:
             frames.append(pd.DataFrame({
                 **estimate_columns("elbo_q_star", pair.elbo), **estimate_columns("iwae_q_star", pair.iwae),
                 "refine_steps": result.num_steps.numpy(), "refine_converged": result.is_converged.numpy(),
+                "refine_diverged": result.is_diverged.numpy(),
             }))
             params.append(result.params)
         frame = pd.concat(frames, ignore_index=True)
         io.save_torch(self.dir / "local.pt", {k: torch.cat([p[k] for p in params]) for k in params[0]})
         io.write_csv(path, frame)
-        self.finish_stage("local", time.perf_counter() - start)
+        self.folder.finish("local", time.perf_counter() - start)
         return frame
 
     def report_stage(self, x: torch.Tensor, amortized: pd.DataFrame, local: pd.DataFrame,
                      dataset: Dataset, training: dict) -> dict:
+        if self.folder.is_finished("report"):
+            self.log(f"[report] skipped: finished ({self.dir / 'summary.json'})")
+            return json.loads((self.dir / "summary.json").read_text())
+        self.folder.start("report")
         frame = pd.concat([amortized, local], axis=1)
+        if "refine_diverged" not in frame:  # local.csv from before refinement flagged divergence
+            frame["refine_diverged"] = False
         frame = decompose(pd.concat([frame, best_bound(frame, LOG_PX_CANDIDATES)], axis=1))
+        frame["fault"] = find_faults(frame, ("elbo_q", "elbo_q_star", *LOG_PX_CANDIDATES), flags=("refine_diverged",))
         frame.insert(0, "index", np.arange(len(frame)))
         io.write_csv(self.dir / "datapoints.csv", frame)
         summary = self.summary(frame, x, dataset, training)
         io.write_json(self.dir / "summary.json", summary)
         io.write_text(self.dir / "table.md", gap_table_markdown(summary))
-        self.finish_stage("report", 0.0)
+        self.folder.finish("report", 0.0)
+        faults = summary["faults"]
+        if faults["num_faulty"]:
+            self.log(f"[report] {faults['num_faulty']} of {faults['num_datapoints']} datapoints had numerical "
+                     f"faults ({', '.join(f'{k}: {v}' for k, v in faults['counts'].items())}); they are left "
+                     "out of the means and flagged in datapoints.csv, column fault")
         return summary
 
     def summary(self, frame: pd.DataFrame, x: torch.Tensor, dataset: Dataset, training: dict) -> dict:
         c = self.config
         summary = summarize(frame)
-        summary["other_bounds"] = {name: summarize_column(frame[name], frame[f"{name}_stderr"])
+        usable = frame[frame["fault"] == NO_FAULT]
+        summary["other_bounds"] = {name: summarize_column(usable[name], usable[f"{name}_stderr"])
                                    for name in LOG_PX_CANDIDATES}
-        summary["log_px_source_counts"] = {k: int(v) for k, v in frame["log_px_source"].value_counts().items()}
+        summary["log_px_source_counts"] = {k: int(v) for k, v in usable["log_px_source"].value_counts().items()}
         summary["refinement"] = {
             "mean_steps": float(frame["refine_steps"].mean()),
             "max_steps_taken": int(frame["refine_steps"].max()),
             "converged_fraction": float(frame["refine_converged"].mean()),
+            "diverged_count": int(frame["refine_diverged"].sum()),
         }
         summary["settings"] = {
             "name": c.name,
@@ -275,55 +293,27 @@ class Run:
         """Run every stage that has not finished yet; returns the summary."""
         dataset = load_dataset(self.config.data.dataset, data_dir=self.config.data.data_dir,
                                download=self.config.data.download)
-        x = evaluation_data(self.config, dataset)  # checked before anything is written
-        self.prepare()
-        with torch.random.fork_rng(devices=[]):
-            decoder, encoder, training = self.train_stage(dataset)
-            amortized = self.amortized_stage(decoder, encoder, x)
-            local = self.local_stage(decoder, encoder, x)
-            return self.report_stage(x, amortized, local, dataset, training)
-
-
-def load_checkpoint(path: str | Path, config: ExperimentConfig | None = None,
-                    data_size: int | None = None) -> dict:
-    """Load a gapbench checkpoint safely (weights_only) and check it fits the config and data."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # unpickling refused, truncated file, not a torch file
-        raise RunError(f"{path} is not a readable gapbench checkpoint ({type(error).__name__}); "
-                       "delete it to retrain, or point to the right run folder") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise RunError(f"{path} is not a gapbench checkpoint; delete it to retrain")
-    if data_size is not None and checkpoint["data_size"] != data_size:
-        raise RunError(f"{path} was trained on data of size {checkpoint['data_size']}, not {data_size}; "
-                       "use a new --out folder for this dataset")
-    if config is not None:
-        saved = checkpoint["config"]
-        current = config.model_dump(mode="json")
-        for key in ("model", "data", "train", "seed"):
-            if saved.get(key) != current[key]:
-                raise RunError(f"{path} was trained with a different [{key}] config; "
-                               "use a new --out folder or --force to retrain")
-    return checkpoint
-
-
-def _diff_keys(a: dict, b: dict, prefix: str = "") -> set[str]:
-    keys = set()
-    for k in set(a) | set(b):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            keys |= _diff_keys(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            keys.add(prefix + k)
-    return keys
+        for split in ("train", "valid"):  # checked before anything is written
+            check_values(dataset.split(split), f"{dataset.name} {split} split")
+        x = evaluation_data(self.config, dataset)
+        with open_run_folder(self.dir, self.config.model_dump(mode="json"), force=self.force,
+                             log=self.log) as self.folder:
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    decoder, encoder, training = self.train_stage(dataset)
+                    amortized = self.amortized_stage(decoder, encoder, x)
+                    local = self.local_stage(decoder, encoder, x)
+                    return self.report_stage(x, amortized, local, dataset, training)
+            except OSError as error:  # a full disk, a folder made read-only under a running process
+                where = error.filename or self.dir
+                raise RunError(f"cannot write {where}: {error.strerror or error}; make room or fix the "
+                               "permissions, then rerun the same command to resume") from None
 
 
 def run_experiment(config: ExperimentConfig, out_dir: str | Path, *, force: bool = False,
                    progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """Run (or resume) an experiment into ``out_dir``; returns the summary dict."""
     return Run(config, out_dir, force=force, progress=progress, log=log).execute()
-
-
 
 
 def open_run(run_dir: str | Path, *, num_datapoints: int | None = None
@@ -342,9 +332,7 @@ def open_run(run_dir: str | Path, *, num_datapoints: int | None = None
     dataset = load_dataset(config.data.dataset, data_dir=config.data.data_dir, download=config.data.download)
     checkpoint = load_checkpoint(run_dir / "checkpoint.pt", config, dataset.data_size)
     decoder, encoder = build_networks(config, dataset.data_size)
-    decoder.load_state_dict(checkpoint["decoder"])
-    encoder.load_state_dict(checkpoint["encoder"])
-    decoder.eval(), encoder.eval()
+    load_weights(run_dir / "checkpoint.pt", checkpoint, decoder, encoder)
     if num_datapoints is not None:
         config = config.model_copy(update={"eval": config.eval.model_copy(update={"num_datapoints": num_datapoints})})
     return config, decoder, encoder, evaluation_data(config, dataset)

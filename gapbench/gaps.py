@@ -23,6 +23,7 @@ from .estimators import Estimate
 
 BOUND_NAMES = ("elbo_q", "elbo_q_star", "log_px")
 GAP_NAMES = ("approximation", "amortization", "inference")
+NO_FAULT = "ok"
 
 
 def estimate_columns(name: str, estimate: Estimate) -> dict[str, np.ndarray]:
@@ -86,11 +87,49 @@ def summarize_column(values: pd.Series, mc_stderrs: pd.Series | None = None) -> 
     return summary
 
 
+def find_faults(frame: pd.DataFrame, bounds: tuple[str, ...], flags: tuple[str, ...] = ()) -> pd.Series:
+    """Numerical faults per datapoint: ``"ok"``, or the faults joined by ``";"``.
+
+    A fault is a bound column of ``bounds`` that is NaN or infinite (``"<bound>_not_finite"``; the
+    gaps are differences of bounds, so they are covered), or a boolean column of ``flags`` that is
+    True (named after the column, e.g. ``"refine_diverged"``).
+    """
+    faults = [[] for _ in range(len(frame))]
+    for name in bounds:
+        for i in np.flatnonzero(~np.isfinite(frame[name].to_numpy(dtype=np.float64))):
+            faults[i].append(f"{name}_not_finite")
+    for name in flags:
+        for i in np.flatnonzero(frame[name].to_numpy(dtype=bool)):
+            faults[i].append(name)
+    return pd.Series([";".join(f) if f else NO_FAULT for f in faults], index=frame.index, name="fault")
+
+
+def fault_counts(frame: pd.DataFrame) -> dict[str, Any]:
+    """``{"num_datapoints", "num_faulty", "counts": {fault: datapoints}}`` from a ``fault`` column."""
+    counts: dict[str, int] = {}
+    for faults in frame["fault"]:
+        if faults != NO_FAULT:
+            for fault in faults.split(";"):
+                counts[fault] = counts.get(fault, 0) + 1
+    return {"num_datapoints": len(frame), "num_faulty": int((frame["fault"] != NO_FAULT).sum()),
+            "counts": dict(sorted(counts.items()))}
+
+
 def summarize(frame: pd.DataFrame) -> dict[str, Any]:
-    """``{"bounds": {name: {mean, stderr, mc_stderr, num_datapoints}}, "gaps": {...}}``."""
+    """``{"bounds": {name: {mean, stderr, mc_stderr, num_datapoints}}, "gaps": {...}}``.
+
+    With a ``fault`` column (:func:`find_faults`), the means cover the datapoints without faults
+    only, the same datapoints for every bound and gap (so the gaps of the means are the means of
+    the gaps), and ``"faults"`` (:func:`fault_counts`) says how many were left out and why.
+    """
+    usable = frame[frame["fault"] == NO_FAULT] if "fault" in frame else frame
+
     def block(names: tuple[str, ...]) -> dict[str, dict[str, float]]:
-        return {n: summarize_column(frame[n], frame.get(f"{n}_stderr")) for n in names}
-    return {"bounds": block(BOUND_NAMES), "gaps": block(GAP_NAMES)}
+        return {n: summarize_column(usable[n], usable.get(f"{n}_stderr")) for n in names}
+    summary = {"bounds": block(BOUND_NAMES), "gaps": block(GAP_NAMES)}
+    if "fault" in frame:
+        summary["faults"] = fault_counts(frame)
+    return summary
 
 
 def to_numpy(t: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -99,7 +138,8 @@ def to_numpy(t: torch.Tensor | np.ndarray) -> np.ndarray:
 
 def gap_frame(bounds: Mapping[str, Estimate], *, log_px_candidates: tuple[str, ...],
               extra: Mapping[str, torch.Tensor | np.ndarray] | None = None) -> pd.DataFrame:
-    """The per-datapoint frame: every bound's columns, extra columns, log p_hat(x) and the gaps.
+    """The per-datapoint frame: every bound's columns, extra columns, log p_hat(x), the gaps and
+    ``fault`` (:func:`find_faults` over the bounds and the boolean ``*_diverged`` extra columns).
 
     ``bounds`` must hold at least ``elbo_q`` and ``elbo_q_star``.
     """
@@ -110,4 +150,7 @@ def gap_frame(bounds: Mapping[str, Estimate], *, log_px_candidates: tuple[str, .
         columns[name] = to_numpy(value)
     frame = pd.DataFrame(columns)
     frame = pd.concat([frame, best_bound(frame, log_px_candidates)], axis=1)
-    return decompose(frame)
+    frame = decompose(frame)
+    flags = tuple(name for name in columns if name.endswith("_diverged"))
+    frame["fault"] = find_faults(frame, tuple(bounds), flags)
+    return frame

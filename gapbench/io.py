@@ -1,7 +1,8 @@
-"""Atomic file writes: write to a temporary name in the same folder, then rename.
+"""Atomic file writes: write to a temporary name in the same folder, flush it to disk, then rename.
 
 A reader (or a resumed run) sees either the old file or the complete new one, never half a file,
-even if the process is killed mid-write.
+even if the process is killed mid-write (SIGKILL included). A kill leaves at most a temporary file
+``.<name>.<random>.tmp``, which the run folder removes when it is next opened.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ def _atomic_path(path: Path) -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
     try:
         yield Path(tmp)
+        with open(tmp, "rb+") as written:  # the bytes reach the disk before the name does
+            os.fsync(written.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -59,5 +62,5 @@ def read_csv(path: str | Path) -> pd.DataFrame:
 
 
 def save_torch(path: str | Path, obj: Any) -> None:
-    with _atomic_path(Path(path)) as tmp:
-        torch.save(obj, tmp)
+    with _atomic_path(Path(path)) as tmp, open(tmp, "wb") as file:
+        torch.save(obj, file)  # to a file object: the archive is named "archive", not after tmp

@@ -14,6 +14,7 @@ from typing import Any, Callable, NamedTuple
 import pandas as pd
 import torch
 
+from .data import check_finite
 from .estimators import Estimate, elbo_from_stats, iwae_from_stats, weight_stats
 from .gaps import gap_frame, summarize
 from .posteriors import DiagonalGaussian, as_posterior, get_family
@@ -66,6 +67,15 @@ def bounds_of(model, posterior, x: torch.Tensor, *, num_samples: int, chunk_size
     stats = weight_stats(model, posterior, x, num_samples=num_samples, chunk_size=chunk_size,
                          generator=generator)
     return BoundPair(elbo_from_stats(stats), iwae_from_stats(stats))
+
+
+def check_data(model, x: torch.Tensor, name: str = "x") -> None:
+    """DataError unless x holds no NaN or infinity and, where the model has ``check_data(x, name)``
+    (a gapbench Decoder does: its Bernoulli likelihood needs 0s and 1s), the model accepts it."""
+    check_finite(x, name)
+    model_check = getattr(model, "check_data", None)
+    if callable(model_check):
+        model_check(x, name)
 
 
 def amortized_posterior(encoder: Callable, x: torch.Tensor):
@@ -122,7 +132,8 @@ def measure_gaps(model, encoder: Callable, x: torch.Tensor, *, family: str = "ff
     ----------
     model : ``log_prior(z) -> (K, B)``, ``log_likelihood(x, z) -> (K, B)``
     encoder : x (B, D) -> Distribution (batch (B,), event (Z,)) or gapbench Posterior
-    x : (B, D)
+    x : (B, D), finite; 0s and 1s for a model with a Bernoulli likelihood (DataError otherwise, see
+        :func:`check_data`)
     family : local variational family for q* ("ffg")
     init : where refinement starts, "prior" (the paper) or "encoder"
     num_samples : samples for every final ELBO and IWAE (paper: 5000)
@@ -134,9 +145,12 @@ def measure_gaps(model, encoder: Callable, x: torch.Tensor, *, family: str = "ff
     -------
     frame : one row per datapoint: elbo_q, elbo_q_star, iwae_q, iwae_q_star (each with _stderr and
         _ess), log_px (the per-datapoint max of the IWAE bounds) with its source, the three gaps,
-        refine_steps and refine_converged
-    summary : {"bounds": ..., "gaps": ...}, each entry {mean, stderr, mc_stderr, num_datapoints}
+        refine_steps, refine_converged, refine_diverged, and fault ("ok", or the numerical faults:
+        a bound that is NaN or infinite, a refinement that diverged)
+    summary : {"bounds": ..., "gaps": ..., "faults": ...}, each bound and gap {mean, stderr, mc_stderr,
+        num_datapoints} over the datapoints without faults; faults {num_datapoints, num_faulty, counts}
     """
+    check_data(model, x)
     if generator is None:
         generator = torch.Generator(device=x.device).manual_seed(0)
     q = amortized_posterior(encoder, x)
@@ -149,6 +163,7 @@ def measure_gaps(model, encoder: Callable, x: torch.Tensor, *, family: str = "ff
         {"elbo_q": amortized.elbo, "elbo_q_star": local.elbo, "iwae_q": amortized.iwae,
          "iwae_q_star": local.iwae},
         log_px_candidates=("iwae_q", "iwae_q_star"),
-        extra={"refine_steps": result.num_steps, "refine_converged": result.is_converged},
+        extra={"refine_steps": result.num_steps, "refine_converged": result.is_converged,
+               "refine_diverged": result.is_diverged},
     )
     return frame, summarize(frame)

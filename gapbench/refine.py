@@ -5,7 +5,9 @@ with respect to phi_b is the gradient of ELBO_b alone, and Adam updates each ele
 moments, so this is B independent optimisations run in one batch. Every datapoint carries its own
 learning rate, its own convergence test and its own step count; nothing couples datapoints (no
 global clipping, no shared scheduler). Datapoints that stop are removed from the batch, so the cost
-of a step falls as datapoints converge.
+of a step falls as datapoints converge. A datapoint whose ELBO estimate or parameters stop being finite
+stops at once, keeps its last parameters with a finite estimate and is flagged (``is_diverged``); the
+others go on, independently as always.
 
 The procedure, per datapoint:
   * each step draws ``num_samples`` z ~ q and takes an Adam step on the ELBO estimate; the gradient
@@ -60,6 +62,7 @@ class ActiveSet(NamedTuple):
     anchor: dict[str, torch.Tensor]  # parameters at the last confirmed improvement (paired test)
     param_sum: dict[str, torch.Tensor]  # sum of the iterates since the last check (paired test)
     candidate: dict[str, torch.Tensor]  # the last window's average iterate (paired test)
+    last_finite: dict[str, torch.Tensor]  # the parameters of the last step's ELBO estimate, which was finite
 
 
 class RefineResult(NamedTuple):
@@ -70,6 +73,8 @@ class RefineResult(NamedTuple):
     is_converged : (B,) True where the convergence test stopped it, False where max_steps did
     final_learning_rate : (B,)
     history : (num_checks, B) float64 window-mean ELBO at each check; NaN after a datapoint stopped
+    is_diverged : (B,) True where the ELBO estimate or the parameters stopped being finite; such a
+        datapoint stops at once and keeps its last parameters with a finite ELBO estimate
     """
 
     params: dict[str, torch.Tensor]
@@ -77,6 +82,7 @@ class RefineResult(NamedTuple):
     is_converged: torch.Tensor
     final_learning_rate: torch.Tensor
     history: torch.Tensor
+    is_diverged: torch.Tensor
 
 
 def _objective(model, family: LocalFamily, params: Mapping[str, torch.Tensor], x: torch.Tensor, *,
@@ -126,9 +132,16 @@ def refine_step(model, family: LocalFamily, x: torch.Tensor, state: ActiveSet, *
         new_params[name] = value.detach() - update
         new_m[name], new_v[name] = m, v
     param_sum = {k: state.param_sum[k] + new_params[k] for k in new_params}
+    # the parameters the estimate was taken at (the driver stops a datapoint whose estimate is not finite)
+    last_finite = {k: v.detach() for k, v in state.params.items()}
     state = state._replace(params=new_params, exp_avg=new_m, exp_avg_sq=new_v, param_sum=param_sum,
-                           window_sum=state.window_sum + estimate.to(torch.float64))
+                           window_sum=state.window_sum + estimate.to(torch.float64), last_finite=last_finite)
     return state, estimate
+
+
+def rows_finite(params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """(A,) True where every parameter of the row is finite."""
+    return torch.stack([torch.isfinite(v.flatten(1)).all(1) for v in params.values()]).all(0)
 
 
 def _record_check(state: ActiveSet, improved: torch.Tensor, *, lr_decay: float) -> ActiveSet:
@@ -182,7 +195,7 @@ def _select(state: ActiveSet, keep: torch.Tensor) -> ActiveSet:
     return ActiveSet(state.positions[keep], rows(state.params), rows(state.exp_avg), rows(state.exp_avg_sq),
                      state.learning_rate[keep], state.window_sum[keep], state.best[keep],
                      state.num_bad_checks[keep], rows(state.anchor), rows(state.param_sum),
-                     rows(state.candidate))
+                     rows(state.candidate), rows(state.last_finite))
 
 
 def refine(model, x: torch.Tensor, *, family: LocalFamily, init_params: Mapping[str, torch.Tensor],
@@ -234,6 +247,7 @@ def refine(model, x: torch.Tensor, *, family: LocalFamily, init_params: Mapping[
     num_steps = torch.zeros(num_datapoints, dtype=torch.long, device=device)
     is_converged = torch.zeros(num_datapoints, dtype=torch.bool, device=device)
     final_lr = torch.full((num_datapoints,), float(learning_rate), device=device)
+    diverged = torch.zeros(num_datapoints, dtype=torch.bool, device=device)
     history: list[torch.Tensor] = []
 
     zeros64 = torch.zeros(num_datapoints, dtype=torch.float64, device=device)
@@ -249,13 +263,32 @@ def refine(model, x: torch.Tensor, *, family: LocalFamily, init_params: Mapping[
         anchor={k: v.clone() for k, v in out_params.items()},
         param_sum={k: torch.zeros_like(v) for k, v in out_params.items()},
         candidate={k: v.clone() for k, v in out_params.items()},
+        last_finite={k: v.clone() for k, v in out_params.items()},
     )
     x_active = x
     step = 0
     while state.positions.numel() > 0 and step < max_steps:
         step += 1
-        state, _ = refine_step(model, family, x_active, state, step=step, num_samples=num_samples,
-                               gradient=gradient, generator=generator)
+        before = state.last_finite
+        state, estimate = refine_step(model, family, x_active, state, step=step, num_samples=num_samples,
+                                      gradient=gradient, generator=generator)
+        # Non-finite parameters make the next estimate non-finite (z = mean + std * eps), so the
+        # estimate alone detects divergence, one step later at most; checked every step so that no
+        # convergence test sees it.
+        bad = ~torch.isfinite(estimate)  # (A,)
+        if bool(bad.any()):  # stop these datapoints now, at their last finite point
+            done = state.positions[bad]
+            for name, tensor in before.items():  # the parameters of the last finite estimate
+                out_params[name][done] = tensor[bad]
+            num_steps[done] = step
+            diverged[done] = True
+            final_lr[done] = state.learning_rate[bad]
+            state = _select(state, ~bad)
+            x_active = x[state.positions]
+            if state.positions.numel() == 0:
+                if callback is not None:
+                    callback(step, 0)
+                break
         is_check = step % check_every == 0
         if is_check:
             if convergence == "paired":
@@ -273,11 +306,14 @@ def refine(model, x: torch.Tensor, *, family: LocalFamily, init_params: Mapping[
             stop = torch.ones_like(state.positions, dtype=torch.bool)
         if stop is not None and bool(stop.any()):
             done = state.positions[stop]
-            final = state.candidate if convergence == "paired" else state.params
+            final = {k: v[stop] for k, v in (state.candidate if convergence == "paired" else state.params).items()}
+            is_finite = rows_finite(final)  # (S,) False only if the very last step diverged
             for name, tensor in final.items():
-                out_params[name][done] = tensor[stop]
+                keep = is_finite.view(-1, *([1] * (tensor.ndim - 1)))
+                out_params[name][done] = torch.where(keep, tensor, state.last_finite[name][stop])
             num_steps[done] = step
-            is_converged[done] = state.num_bad_checks[stop] >= patience
+            diverged[done] = ~is_finite
+            is_converged[done] = (state.num_bad_checks[stop] >= patience) & is_finite
             final_lr[done] = state.learning_rate[stop]
             state = _select(state, ~stop)
             x_active = x[state.positions]
@@ -285,4 +321,4 @@ def refine(model, x: torch.Tensor, *, family: LocalFamily, init_params: Mapping[
             callback(step, int(state.positions.numel()))
     history_tensor = (torch.stack(history) if history
                       else torch.empty(0, num_datapoints, dtype=torch.float64, device=device))
-    return RefineResult(out_params, num_steps, is_converged, final_lr, history_tensor)
+    return RefineResult(out_params, num_steps, is_converged, final_lr, history_tensor, diverged)

@@ -16,7 +16,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
-from .data import binarize
+from .data import binarize, check_values
 from .estimators import elbo
 from .posteriors import as_posterior
 
@@ -46,12 +46,17 @@ class EpochRecord(NamedTuple):
     seconds: float
 
 
+STOP_REASONS = ("epochs", "early_stopping", "diverged")
+TRAIN_STATE_FORMAT = "gapbench-train-state"
+
+
 class TrainResult(NamedTuple):
     best_epoch: int
     best_valid_elbo: float
     decoder_state: dict  # state_dict of the best decoder
     encoder_state: dict
     history: list[EpochRecord]
+    stop_reason: str  # "epochs" (all run), "early_stopping" or "diverged" (a non-finite training ELBO)
 
 
 def negative_elbo(decoder, encoder, x: torch.Tensor, *, beta: float,
@@ -79,12 +84,67 @@ def validation_elbo(decoder, encoder, x: torch.Tensor, *, num_samples: int, batc
     return total / x.shape[0]
 
 
+class ResumeError(ValueError):
+    """A ``resume_from`` snapshot that does not fit the networks or optimiser it is loaded into."""
+
+
+class _Progress(NamedTuple):
+    """Everything besides weights, optimiser and generator that the loop carries between epochs."""
+
+    epoch: int  # epochs finished
+    step: int  # optimiser steps taken (drives the warm-up)
+    best_elbo: float
+    best_epoch: int
+    bad_checks: int  # validation checks since the last improvement
+    best_state: tuple[dict, dict] | None  # (decoder, encoder) state_dicts of the best epoch
+    history: list[EpochRecord]
+    stop_reason: str | None  # None while training goes on
+
+
+def train_state(decoder: nn.Module, encoder: nn.Module, optimizer: torch.optim.Optimizer,
+                generator: torch.Generator, progress: _Progress) -> dict:
+    """A snapshot from which :func:`train` continues exactly: weights, Adam moments, the random
+    stream, the best weights so far and the history. Plain tensors, numbers and lists, so it saves
+    and loads with ``torch.load(weights_only=True)``; copied, so later steps do not change it."""
+    best = progress.best_state
+    return copy.deepcopy({
+        "format": TRAIN_STATE_FORMAT,
+        "epoch": progress.epoch, "step": progress.step,
+        "decoder": decoder.state_dict(), "encoder": encoder.state_dict(),
+        "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+        "best_elbo": progress.best_elbo, "best_epoch": progress.best_epoch, "bad_checks": progress.bad_checks,
+        "best_decoder": best[0] if best else None, "best_encoder": best[1] if best else None,
+        "history": [list(r) for r in progress.history],
+        "stop_reason": progress.stop_reason,
+    })
+
+
+def _restore(state: dict, decoder: nn.Module, encoder: nn.Module, optimizer: torch.optim.Optimizer,
+             generator: torch.Generator) -> _Progress:
+    """Load a :func:`train_state` snapshot into the networks, optimiser and generator."""
+    if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
+        raise ResumeError("not a gapbench training state")
+    try:
+        decoder.load_state_dict(state["decoder"])
+        encoder.load_state_dict(state["encoder"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        best = (state["best_decoder"], state["best_encoder"]) if state["best_decoder"] is not None else None
+        return _Progress(int(state["epoch"]), int(state["step"]), float(state["best_elbo"]),
+                         int(state["best_epoch"]), int(state["bad_checks"]), best,
+                         [EpochRecord(*r) for r in state["history"]], state["stop_reason"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        message = str(error).strip().splitlines()
+        raise ResumeError(f"{type(error).__name__}: {message[-1].strip() if message else ''}") from None
+
+
 def train(decoder: nn.Module, encoder: nn.Module, train_x: torch.Tensor, valid_x: torch.Tensor, *,
           epochs: int, batch_size: int, learning_rate: float, adam_eps: float, warmup_epochs: float, schedule: str,
           binarization: str, threshold: float, valid_every: int, valid_num_samples: int,
           early_stopping_patience: int, generator: torch.Generator,
           on_epoch: Callable[[EpochRecord, bool], None] | None = None,
-          progress: bool = True) -> TrainResult:
+          resume_from: dict | None = None, on_checkpoint: Callable[[dict], None] | None = None,
+          checkpoint_seconds: float = 0.0, progress: bool = True) -> TrainResult:
     """Train ``decoder`` and ``encoder`` in place; return the best (validation-ELBO) weights.
 
     Parameters
@@ -97,25 +157,44 @@ def train(decoder: nn.Module, encoder: nn.Module, train_x: torch.Tensor, valid_x
     schedule : "constant" or "paper" (Burda et al., 2016)
     valid_every : evaluate the validation ELBO every this many epochs (and at the last epoch)
     early_stopping_patience : stop after this many validation checks without improvement (0: never)
-    generator : every random draw (shuffling, binarisation, z samples) comes from it
-    on_epoch : called with each EpochRecord and whether it is the best so far (e.g. to checkpoint)
+    generator : every random draw (shuffling, binarisation, z samples) comes from it; pass a fresh
+        generator seeded as for the first call also when resuming
+    on_epoch : called with each EpochRecord and whether it is the best so far
+    resume_from : a snapshot passed to ``on_checkpoint`` by an earlier call with the same arguments;
+        training continues after its epoch and ends exactly as an uninterrupted call would
+    on_checkpoint : called with a snapshot (see :func:`train_state`) at the end of an epoch when
+        ``checkpoint_seconds`` have passed since the last one (0: every epoch), and when training
+        stops; e.g. to save it atomically for resuming. Which epochs get a snapshot depends on the
+        clock, the result of a resumed training does not.
     progress : show a tqdm bar with the current ELBO
+
+    Training stops early when an epoch's training ELBO is not finite (``stop_reason="diverged"``);
+    the best weights from before are returned. It raises FloatingPointError when no validation ELBO
+    was ever finite.
     """
     from tqdm.auto import tqdm
 
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose one of {SCHEDULES}")
+    if not checkpoint_seconds >= 0:
+        raise ValueError(f"checkpoint_seconds must be at least 0, got {checkpoint_seconds}")
+    check_values(train_x, "training data")
+    check_values(valid_x, "validation data")
     params = list(decoder.parameters()) + list(encoder.parameters())
     optimizer = torch.optim.Adam(params, lr=learning_rate, eps=adam_eps)
     valid_bin = binarize(valid_x, mode=binarization, threshold=threshold, generator=generator)
     static_train = binarize(train_x, mode="static", threshold=threshold) if binarization == "static" else None
     num_batches = math.ceil(train_x.shape[0] / batch_size)
     warmup_steps = round(warmup_epochs * num_batches)
-    best_state: tuple[dict, dict] | None = None
-    best_elbo, best_epoch, bad_checks, step = -math.inf, 0, 0, 0
-    history: list[EpochRecord] = []
-    bar = tqdm(range(1, epochs + 1), desc="train", unit="epoch", disable=not progress)
+    state = _Progress(0, 0, -math.inf, 0, 0, None, [], None)
+    if resume_from is not None:  # after the validation draw above, exactly as the first call made it
+        state = _restore(resume_from, decoder, encoder, optimizer, generator)
+    last_checkpoint = time.perf_counter()
+    bar = tqdm(range(state.epoch + 1, epochs + 1), desc="train", unit="epoch", initial=state.epoch,
+               total=epochs, disable=not progress or state.stop_reason is not None)
     for epoch in bar:
+        if state.stop_reason is not None:
+            break
         start_time = time.perf_counter()
         lr = paper_learning_rate(epoch - 1, learning_rate) if schedule == "paper" else learning_rate
         for group in optimizer.param_groups:
@@ -124,7 +203,7 @@ def train(decoder: nn.Module, encoder: nn.Module, train_x: torch.Tensor, valid_x
             train_x, mode="dynamic", generator=generator)
         order = torch.randperm(data.shape[0], generator=generator)
         decoder.train(), encoder.train()
-        total = 0.0
+        total, step = 0.0, state.step
         for b in range(num_batches):
             batch = data[order[b * batch_size:(b + 1) * batch_size]]
             step += 1
@@ -135,9 +214,14 @@ def train(decoder: nn.Module, encoder: nn.Module, train_x: torch.Tensor, valid_x
             optimizer.step()
             total += float(batch_elbo.sum())
         decoder.eval(), encoder.eval()
+        best_elbo, best_epoch, bad_checks = state.best_elbo, state.best_epoch, state.bad_checks
+        best_state = state.best_state
         valid = math.nan
         is_best = False
-        if epoch % valid_every == 0 or epoch == epochs:
+        stop_reason = None
+        if not math.isfinite(total):
+            stop_reason = "diverged"  # the weights are no longer finite: nothing more to learn
+        elif epoch % valid_every == 0 or epoch == epochs:
             valid = validation_elbo(decoder, encoder, valid_bin, num_samples=valid_num_samples,
                                     batch_size=1000, seed=0)
             if valid > best_elbo:
@@ -146,14 +230,22 @@ def train(decoder: nn.Module, encoder: nn.Module, train_x: torch.Tensor, valid_x
             else:
                 bad_checks += 1
         record = EpochRecord(epoch, total / data.shape[0], valid, lr, beta, time.perf_counter() - start_time)
-        history.append(record)
+        if stop_reason is None and early_stopping_patience and bad_checks >= early_stopping_patience:
+            stop_reason = "early_stopping"
+        if stop_reason is None and epoch == epochs:
+            stop_reason = "epochs"
+        state = _Progress(epoch, step, best_elbo, best_epoch, bad_checks, best_state, [*state.history, record],
+                          stop_reason)
         bar.set_postfix(elbo=f"{record.train_elbo:.2f}", valid=f"{best_elbo:.2f}", beta=f"{beta:.2f}")
         if on_epoch is not None:
             on_epoch(record, is_best)
-        if early_stopping_patience and bad_checks >= early_stopping_patience:
-            break
+        if on_checkpoint is not None and (stop_reason is not None
+                                          or time.perf_counter() - last_checkpoint >= checkpoint_seconds):
+            on_checkpoint(train_state(decoder, encoder, optimizer, generator, state))
+            last_checkpoint = time.perf_counter()
     bar.close()
-    if best_state is None:  # every validation ELBO was NaN
+    if state.best_state is None:  # every validation ELBO was NaN
         raise FloatingPointError("training diverged: the validation ELBO was never finite; "
                                  "lower train.learning_rate or check the data")
-    return TrainResult(best_epoch, best_elbo, best_state[0], best_state[1], history)
+    return TrainResult(state.best_epoch, state.best_elbo, state.best_state[0], state.best_state[1], state.history,
+                       state.stop_reason or "epochs")

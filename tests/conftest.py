@@ -1,3 +1,5 @@
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -21,3 +23,14 @@ def make_linear_gaussian(data_size: int = 12, latent_size: int = 3, *, sigma: fl
 @pytest.fixture
 def linear_gaussian():
     return make_linear_gaussian()
+
+
+@contextmanager
+def torch_threads(num_threads: int):
+    """Run the block with ``num_threads`` torch threads, then restore the number."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -15,6 +15,8 @@ from gapbench.data import (
     DataError,
     Dataset,
     binarize,
+    check_binary,
+    check_finite,
     check_values,
     load_dataset,
     read_idx,
@@ -230,3 +232,14 @@ def test_binarize_rejects_bad_arguments():
     for threshold in (0.0, 1.0, -0.5, 2.0):
         with pytest.raises(ValueError, match="threshold must be strictly between 0 and 1"):
             binarize(x, mode="static", threshold=threshold)
+
+
+def test_check_binary_and_check_finite():
+    check_binary(torch.tensor([[0.0, 1.0], [1.0, 1.0]]), "fine")
+    with pytest.raises(DataError, match=r"my data: 1 of 3 values are neither 0 nor 1.*Bernoulli.*binarise"):
+        check_binary(torch.tensor([0.0, 0.5, 1.0]), "my data")
+    with pytest.raises(DataError, match=r"my data: 1 of 2 values are NaN or infinite"):
+        check_binary(torch.tensor([float("nan"), 1.0]), "my data")
+    check_finite(torch.tensor([-3.0, 7.0]), "fine")
+    with pytest.raises(DataError, match=r"x: 1 of 2 values are NaN or infinite"):
+        check_finite(torch.tensor([float("-inf"), 7.0]), "x")

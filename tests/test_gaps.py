@@ -68,3 +68,24 @@ def test_table_holds_the_summary_numbers():
     assert "| approximation gap | 0.750 |" in table
     assert "| amortization gap | 1.000 |" in table
     assert "| inference gap | 1.750 |" in table
+
+
+def test_faults_are_flagged_counted_and_left_out_of_every_mean():
+    frame = gap_frame(
+        {"elbo_q": est([-10.0, np.nan, -30.0, -40.0], [0.1] * 4),
+         "elbo_q_star": est([-9.0, -18.0, -29.5, -39.0], [0.2] * 4),
+         "iwae_q": est([-8.0, -17.5, np.inf, -38.0], [0.3] * 4),
+         "iwae_q_star": est([-8.5, -17.0, -28.0, -38.5], [0.4] * 4)},
+        log_px_candidates=("iwae_q", "iwae_q_star"),
+        extra={"refine_diverged": torch.tensor([False, False, False, True])},
+    )
+    assert list(frame["fault"]) == ["ok", "elbo_q_not_finite", "iwae_q_not_finite", "refine_diverged"]
+    summary = summarize(frame)
+    assert summary["faults"] == {"num_datapoints": 4, "num_faulty": 3,
+                                 "counts": {"elbo_q_not_finite": 1, "iwae_q_not_finite": 1, "refine_diverged": 1}}
+    # the means cover the same (fault-free) datapoints, so the gaps of the means are the means of the gaps
+    for block in ("bounds", "gaps"):
+        assert all(entry["num_datapoints"] == 1 for entry in summary[block].values())
+    assert summary["bounds"]["elbo_q"]["mean"] == -10.0 and summary["gaps"]["amortization"]["mean"] == 1.0
+    table = gap_table_markdown(summary)
+    assert "3 of 4 datapoints had numerical faults" in table

@@ -1,10 +1,12 @@
 """The Python API on models gapbench has never seen."""
 
+import pytest
 import torch
 from torch import nn
 from torch.distributions import Independent, Normal
 
 import gapbench
+from gapbench.data import DataError
 from gapbench.models import gaussian_log_prob, standard_normal_log_prob
 
 from conftest import make_linear_gaussian
@@ -79,3 +81,21 @@ def test_gaps_on_linear_gaussian_match_closed_forms():
         assert abs(entry["mean"] - value) < 4 * entry["mc_stderr"] + 0.02, (gap, entry, value)
     assert summary["gaps"]["approximation"]["mean"] > 0 and summary["gaps"]["amortization"]["mean"] > 0
     assert n == summary["bounds"]["log_px"]["num_datapoints"]
+
+
+@pytest.mark.parametrize("value, message", [
+    (float("nan"), "NaN or infinite"), (float("inf"), "NaN or infinite"), (0.5, "neither 0 nor 1"),
+])
+def test_data_the_likelihood_does_not_accept_is_refused(value, message):
+    torch.manual_seed(0)
+    decoder, encoder = gapbench.Decoder(6, 2, (8,)), gapbench.GaussianEncoder(6, 2, (8,))
+    x = torch.zeros(3, 6)
+    x[1, 2] = value
+    with pytest.raises(DataError, match=message):
+        gapbench.measure_gaps(decoder, encoder, x, num_samples=10)
+    with pytest.raises(DataError, match=r"shape \(3, 5\).*6 pixels"):
+        gapbench.measure_gaps(decoder, encoder, torch.zeros(3, 5), num_samples=10)
+    # a model without check_data gets the finiteness check only
+    model, _ = make_linear_gaussian(data_size=6)
+    with pytest.raises(DataError, match="NaN or infinite"):
+        gapbench.measure_gaps(model, lambda x: model.posterior_distribution(x), torch.full((2, 6), torch.nan))

@@ -1,7 +1,11 @@
 """Batched local refinement against the analytic optimal diagonal Gaussian."""
 
+import math
+
 import pytest
 import torch
+
+import gapbench
 
 from gapbench.estimators import elbo
 from gapbench.measure import RefineProcedure, local_posterior
@@ -110,7 +114,7 @@ def test_paired_check_replays_the_same_noise():
         positions=torch.arange(5), params=params, exp_avg={}, exp_avg_sq={},
         learning_rate=torch.full((5,), 0.1, dtype=x.dtype), window_sum=zeros, best=zeros - torch.inf,
         num_bad_checks=torch.zeros(5, dtype=torch.long), anchor=dict(params),
-        param_sum={k: 10 * v for k, v in params.items()}, candidate=dict(params),
+        param_sum={k: 10 * v for k, v in params.items()}, candidate=dict(params), last_finite=dict(params),
     )
     new, _ = paired_check(model, family, x, state, check_every=10, check_samples=50, min_improvement=0.0,
                           lr_decay=0.5, generator=torch.Generator().manual_seed(0))
@@ -132,3 +136,56 @@ def test_ffg_steps_are_scaled_by_the_standard_deviation():
     scale = family.step_scale(params)
     torch.testing.assert_close(scale["mean"], torch.tensor([[0.1, 1.0, 2.0]] * 2))
     assert "log_var" not in scale
+
+
+class PoisonedModel:
+    """A linear-Gaussian model whose likelihood turns NaN for the datapoints in ``poisoned`` once
+    their mean drifts past ``limit`` (a stand-in for a decoder that overflows far from the data)."""
+
+    def __init__(self, model, x, poisoned, limit):
+        self.model, self.limit = model, limit
+        self.is_poisoned = {tuple(x[b].tolist()) for b in poisoned}
+
+    def log_prior(self, z):
+        return self.model.log_prior(z)
+
+    def log_likelihood(self, x, z):
+        value = self.model.log_likelihood(x, z)  # (K, B)
+        rows = torch.tensor([tuple(row.tolist()) in self.is_poisoned for row in x])  # (B,)
+        far = z.abs().amax(-1) > self.limit  # (K, B)
+        return torch.where(rows & far, torch.nan, value)
+
+
+def test_a_datapoint_whose_elbo_turns_nan_stops_flagged_and_alone():
+    model, x = make_linear_gaussian(data_size=20, latent_size=4, num_datapoints=12, seed=3)
+    mean_opt, var_opt = model.optimal_diagonal(x)
+    poisoned = [2, 7]
+    family = DiagonalGaussianFamily()
+    init = family.init_params(12, model.latent_size, like=x)  # from the prior: means start at 0
+    result = refine(PoisonedModel(model, x, poisoned, limit=0.5), x, family=family, init_params=init,
+                    **RefineProcedure()._asdict(), generator=torch.Generator().manual_seed(0))
+    assert result.is_diverged.tolist() == [b in poisoned for b in range(12)]
+    assert not result.is_converged[poisoned].any()
+    assert torch.all(result.num_steps[poisoned] < 50)  # stopped when the first NaN appeared
+    for value in result.params.values():
+        assert torch.isfinite(value).all()  # the last parameters with a finite ELBO estimate
+    # every other datapoint reached its optimum as if nothing had happened
+    healthy = [b for b in range(12) if b not in poisoned]
+    assert result.is_converged[healthy].all()
+    best = model.elbo_diagonal(x, mean_opt, var_opt)[healthy]
+    got = model.elbo_diagonal(x[healthy], result.params["mean"][healthy], result.params["log_var"][healthy].exp())
+    assert torch.all(best - got < 0.01)
+
+
+def test_measure_gaps_flags_the_faulty_datapoints():
+    model, x = make_linear_gaussian(data_size=20, latent_size=4, num_datapoints=10, seed=3)
+    frame, summary = gapbench.measure_gaps(PoisonedModel(model, x, [4], limit=0.5), exact_encoder(model), x,
+                                           num_samples=500, init="prior",
+                                           generator=torch.Generator().manual_seed(0))
+    assert frame["refine_diverged"].tolist() == [b == 4 for b in range(10)]
+    assert frame["fault"][4].startswith("elbo_q_not_finite") and "refine_diverged" in frame["fault"][4]
+    assert (frame["fault"].drop(index=4) == "ok").all()
+    assert summary["faults"]["num_faulty"] == 1 and summary["faults"]["counts"]["refine_diverged"] == 1
+    for block in ("bounds", "gaps"):
+        for entry in summary[block].values():
+            assert entry["num_datapoints"] == 9 and math.isfinite(entry["mean"])

@@ -47,6 +47,34 @@ def check_values(x: torch.Tensor, name: str) -> None:
     )
 
 
+def check_finite(x: torch.Tensor, name: str) -> None:
+    """Check that ``x`` (any shape) holds no NaN or infinite value; DataError naming ``name`` if it does."""
+    num_bad = int((~torch.isfinite(x)).sum()) if x.is_floating_point() else 0
+    if num_bad:
+        raise DataError(
+            f"{name}: {num_bad} of {x.numel()} values are NaN or infinite. Fix: the data are "
+            f"corrupt or were transformed wrongly; reload them from the original files."
+        )
+
+
+def check_binary(x: torch.Tensor, name: str) -> None:
+    """Check that ``x`` (any shape) holds only 0 and 1, what a Bernoulli likelihood is a density of.
+
+    Raises
+    ------
+    DataError
+        If ``x`` has NaN, infinite or any value other than 0 and 1.
+    """
+    check_finite(x, name)
+    num_bad = int(((x != 0) & (x != 1)).sum())
+    if num_bad:
+        raise DataError(
+            f"{name}: {num_bad} of {x.numel()} values are neither 0 nor 1, but the Bernoulli "
+            f"likelihood is a density of binary data only. Fix: binarise grey levels in [0, 1] "
+            f"first (gapbench.data.binarize, mode 'static' or 'dynamic')."
+        )
+
+
 def array_record(array: np.ndarray) -> dict:
     """Shape and sha256 of the raw bytes of a decoded uint8 array, for provenance."""
     return {

@@ -10,6 +10,7 @@ import gzip
 import math
 import os
 import struct
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -119,4 +120,15 @@ def write_idx(path: str | os.PathLike[str], array: np.ndarray) -> None:
     data = header + np.ascontiguousarray(array).tobytes()
     if str(path).endswith(".gz"):
         data = gzip.compress(data, mtime=0)
-    Path(path).write_bytes(data)
+    path = Path(path)  # written to a temporary name and renamed, so never seen half-written
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..data import DataError, check_binary
 from .likelihoods import bernoulli_log_prob, standard_normal_log_prob
 from .mlp import mlp
 
@@ -42,3 +43,10 @@ class Decoder(nn.Module):
     def log_likelihood(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """log p(x|z) for x (B, D) and z (K, B, Z); returns (K, B)."""
         return bernoulli_log_prob(self.logits(z), x)
+
+    def check_data(self, x: torch.Tensor, name: str = "data") -> None:
+        """DataError unless x (B, D) has D = data_size columns of 0s and 1s (Bernoulli data)."""
+        if x.ndim != 2 or x.shape[1] != self.data_size:
+            raise DataError(f"{name}: shape {tuple(x.shape)}, but the decoder models {self.data_size} "
+                            f"pixels per datapoint. Fix: pass x of shape (B, {self.data_size}).")
+        check_binary(x, name)

@@ -1,0 +1,240 @@
+"""Run folders: one process at a time, a record of finished stages, and config changes.
+
+A run folder holds ``config.json`` (the resolved config), the outputs of the stages and
+``stages.json``, which records each finished stage with the sha256 of the config sections it
+depends on:
+
+    stage      config sections it depends on        outputs
+    train      seed, data, model, train              checkpoint.pt, train_history.csv
+    amortized  seed, data, model, train, eval        amortized.csv
+    local      ... and refine                        local.pt, local.csv
+    report     all of them and name                  datapoints.csv, summary.json, table.md
+
+A stage counts as finished when ``stages.json`` records it with the hash of the current config, its
+outputs exist, and no stage it reads was redone in this process. Every output is written
+atomically (``gapbench.io``: a temporary name, then a rename) before the stage is recorded, so a
+process killed at any moment leaves whole files and a true record, and the next process with the
+same command redoes only the stages that were not recorded. Training also saves
+``train_state.pt`` at the end of an epoch (at most every ``experiment.TRAIN_STATE_SECONDS``), so an
+interrupted training stage continues from its last saved epoch.
+
+A folder holding a run with another config is refused unless ``force``: then the stages whose
+config sections changed (and the stages that read them) are redone and the others are kept, so a
+change in ``eval`` or ``refine`` keeps the trained model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterator
+
+from . import io
+
+STAGES = ("train", "amortized", "local", "report")
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {  # config sections whose values a stage's output depends on
+    "train": ("seed", "data", "model", "train"),
+    "amortized": ("seed", "data", "model", "train", "eval"),
+    "local": ("seed", "data", "model", "train", "eval", "refine"),
+    "report": ("name", "seed", "data", "model", "train", "eval", "refine"),
+}
+STAGE_READS: dict[str, tuple[str, ...]] = {  # the stages whose outputs a stage reads
+    "train": (), "amortized": ("train",), "local": ("train",), "report": ("train", "amortized", "local"),
+}
+STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "train": ("checkpoint.pt", "train_history.csv"),
+    "amortized": ("amortized.csv",),
+    "local": ("local.pt", "local.csv"),
+    "report": ("datapoints.csv", "summary.json", "table.md"),
+}
+TRAIN_STATE = "train_state.pt"  # training's resume point, while the train stage is unfinished
+LOCK = ".lock"
+
+
+class RunError(RuntimeError):
+    """A run that cannot go on as asked (folder clash, unusable checkpoint); the message says why."""
+
+
+def section_hash(resolved: dict, stage: str) -> str:
+    """sha256 of the config sections ``stage`` depends on (canonical JSON)."""
+    sections = {key: resolved.get(key) for key in STAGE_SECTIONS[stage]}
+    return hashlib.sha256(json.dumps(sections, sort_keys=True).encode()).hexdigest()
+
+
+def diff_keys(a: dict, b: dict, prefix: str = "") -> set[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    keys = set()
+    for k in set(a) | set(b):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            keys |= diff_keys(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            keys.add(prefix + k)
+    return keys
+
+
+def affected_stages(changed_keys: set[str]) -> list[str]:
+    """The stages to redo after a config change: those depending on a changed section, and every
+    stage that reads one of them."""
+    sections = {key.split(".")[0] for key in changed_keys}
+    affected: list[str] = []
+    for stage in STAGES:  # in order, so a stage's readers come after it
+        if sections & set(STAGE_SECTIONS[stage]) or set(STAGE_READS[stage]) & set(affected):
+            affected.append(stage)
+    return affected
+
+
+def _is_ours(name: str) -> bool:
+    """Files gapbench leaves in a folder that holds no run yet: the lock and temporary files."""
+    return name == LOCK or (name.startswith(".") and name.endswith(".tmp"))
+
+
+class RunFolder:
+    """An open run folder: the lock is held, the config recorded, the stage records loaded."""
+
+    def __init__(self, path: Path, resolved: dict, records: dict[str, dict]):
+        self.path = path
+        self.resolved = resolved
+        self.records = records
+        self.redone: set[str] = set()
+
+    def stage_hash(self, stage: str) -> str:
+        return section_hash(self.resolved, stage)
+
+    def is_finished(self, stage: str) -> bool:
+        """Recorded with the current config, outputs present, and nothing it reads redone."""
+        record = self.records.get(stage)
+        return (isinstance(record, dict) and record.get("config_sha256") == self.stage_hash(stage)
+                and all((self.path / name).is_file() for name in STAGE_OUTPUTS[stage])
+                and not set(STAGE_READS[stage]) & self.redone)
+
+    def start(self, stage: str) -> None:
+        """Mark ``stage`` as being redone (its readers must be redone too) and drop its record."""
+        self.redone.add(stage)
+        if self.records.pop(stage, None) is not None:
+            io.write_json(self.path / "stages.json", self.records)
+
+    def finish(self, stage: str, seconds: float) -> None:
+        """Record ``stage`` as finished (after its outputs are written)."""
+        self.records[stage] = {
+            "config_sha256": self.stage_hash(stage),
+            "seconds": round(seconds, 3),
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        io.write_json(self.path / "stages.json", {s: self.records[s] for s in STAGES if s in self.records})
+
+
+@contextmanager
+def open_run_folder(path: str | Path, resolved: dict, *, force: bool,
+                    log: Callable[[str], None]) -> Iterator[RunFolder]:
+    """Create or reopen the run folder ``path`` for the config ``resolved`` (JSON form).
+
+    Refuses (RunError) a path that is not a writable folder, a non-empty folder that holds no
+    gapbench run, a folder another gapbench process is using, and a run with another config unless
+    ``force``. Holds an exclusive lock (released when the process ends, even by SIGKILL) while open.
+    """
+    path = Path(path)
+    config_path = path / "config.json"
+    if path.exists() and not path.is_dir():
+        raise RunError(f"cannot write the run folder {path}: it is a file; choose another --out")
+    if path.is_dir() and not config_path.exists():
+        foreign = sorted(p.name for p in path.iterdir() if not _is_ours(p.name))
+        if foreign:
+            raise RunError(f"{path} is not empty ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}) "
+                           "and holds no gapbench run; choose a new or empty folder as --out")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        lock_fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise RunError(f"cannot write the run folder {path}: {error.strerror}; choose a writable --out") from None
+    try:
+        _lock(lock_fd, path)
+        for tmp in path.glob(".*.tmp"):  # left by a process killed mid-write; never read
+            tmp.unlink(missing_ok=True)
+        records = _read_records(path)
+        try:
+            previous = None
+            if config_path.exists():
+                previous = _read_json(config_path, "delete the folder to start the run again")
+            if previous is not None and previous != resolved:
+                _change_config(path, previous, resolved, records, force=force, log=log)
+            if previous != resolved:
+                io.write_json(config_path, resolved)
+            _adopt_legacy_records(path, resolved, records)
+        except OSError as error:
+            raise RunError(f"cannot write the run folder {path}: {error.strerror}; "
+                           "choose a writable --out") from None
+        yield RunFolder(path, resolved, records)
+    finally:
+        os.close(lock_fd)  # releases the lock
+
+
+def _lock(fd: int, path: Path) -> None:
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise RunError(f"another gapbench process is running in {path}; wait for it to finish, "
+                       "or choose another --out") from None
+
+
+def _adopt_legacy_records(path: Path, resolved: dict, records: dict[str, dict]) -> None:
+    """Records written before stages.json held config hashes belong to config.json (that gapbench
+    redid every stage on a config change), which now equals ``resolved``: give them its hashes."""
+    legacy = [stage for stage, record in records.items() if "config_sha256" not in record]
+    for stage in legacy:
+        records[stage] = {"config_sha256": section_hash(resolved, stage), **records[stage]}
+    if legacy:
+        io.write_json(path / "stages.json", records)
+
+
+def _stages_phrase(stages: list[str]) -> str:
+    """"the report stage", "the local and report stages", "the amortized, local and report stages"."""
+    names = stages[0] if len(stages) == 1 else f"{', '.join(stages[:-1])} and {stages[-1]}"
+    return f"the {names} stage{'s' if len(stages) > 1 else ''}"
+
+
+def _read_json(file: Path, fix: str) -> dict:
+    try:
+        value = json.loads(file.read_text())
+    except (OSError, ValueError) as error:
+        raise RunError(f"{file} cannot be read ({error}); {fix}") from None
+    if not isinstance(value, dict):
+        raise RunError(f"{file} does not hold a JSON object; {fix}")
+    return value
+
+
+def _read_records(path: Path) -> dict[str, dict]:
+    file = path / "stages.json"
+    if not file.exists():
+        return {}
+    records = _read_json(file, "delete it to redo every stage (training resumes from train_state.pt if present)")
+    return {stage: record for stage, record in records.items() if stage in STAGES and isinstance(record, dict)}
+
+
+def _change_config(path: Path, previous: dict, resolved: dict, records: dict[str, dict], *,
+                   force: bool, log: Callable[[str], None]) -> None:
+    """Refuse a config change, or (force) forget the stages it affects and delete their outputs."""
+    changed = sorted(diff_keys(previous, resolved))
+    redo = affected_stages(set(changed))
+    kept = [s for s in STAGES if s not in redo]
+    if not force:
+        keeps = f"keeps {_stages_phrase(kept)}" if kept else "keeps nothing"
+        raise RunError(
+            f"{path} holds a run with a different config (changed: {', '.join(changed)}); "
+            f"choose another --out, or pass --force to redo {_stages_phrase(redo)} with the new config ({keeps})"
+        )
+    log(f"[run] config changed ({', '.join(changed)}): redoing {', '.join(redo)}")
+    for stage in redo:  # records first: an output without a record is never trusted
+        records.pop(stage, None)
+    io.write_json(path / "stages.json", records)
+    for stage in redo:
+        for name in STAGE_OUTPUTS[stage] + ((TRAIN_STATE,) if stage == "train" else ()):
+            (path / name).unlink(missing_ok=True)
