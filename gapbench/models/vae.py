@@ -42,3 +42,8 @@ class Decoder(nn.Module):
     def log_likelihood(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """log p(x|z) for x (B, D) and z (K, B, Z); returns (K, B)."""
         return bernoulli_log_prob(self.logits(z), x)
+
+    @torch.no_grad()
+    def sample_x(self, z: torch.Tensor, *, generator: torch.Generator | None) -> torch.Tensor:
+        """x ~ p(x|z): binary draws x_d ~ Bernoulli(sigmoid(f(z)_d)); (..., Z) -> (..., D)."""
+        return torch.bernoulli(torch.sigmoid(self.logits(z)), generator=generator)
