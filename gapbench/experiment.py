@@ -1,4 +1,4 @@
-"""The staged runner: train -> amortized -> local -> report, one folder per run.
+"""The staged runner: train -> amortized -> local -> ais -> report, one folder per run.
 
 Each stage writes its outputs atomically and is skipped on rerun when they exist, so an interrupted
 run resumes where it stopped. The folder records the resolved config; a rerun with a different config
@@ -10,6 +10,7 @@ Files of a run folder:
     train_history.csv  one row per epoch
     amortized.csv      per datapoint: L[q] and IWAE under q, with standard errors and ESS
     local.csv, local.pt   per datapoint: L[q*], IWAE under q*, refinement steps; the q* parameters
+    ais.csv            per datapoint: AIS estimate of log p(x) with standard error, ESS and HMC diagnostics
     datapoints.csv     everything per datapoint, with log p_hat(x) and the three gaps
     summary.json       means with standard errors, and every setting that changes a number
     table.md           the gap table
@@ -33,7 +34,7 @@ from . import io
 from .config import ConfigError, ExperimentConfig
 from .data import Dataset, binarize, load_dataset
 from .gaps import best_bound, decompose, estimate_columns, summarize, summarize_column
-from .measure import bounds_of, local_posterior
+from .measure import ais_diagnostics, ais_of, bounds_of, local_posterior
 from .models import Decoder
 from .posteriors import GaussianEncoder, get_family
 from .report import gap_table_markdown
@@ -41,8 +42,9 @@ from .train import train
 
 CHECKPOINT_FORMAT = "gapbench-checkpoint"
 CHECKPOINT_VERSION = 1
-STAGES = ("train", "amortized", "local", "report")
+STAGES = ("train", "amortized", "local", "ais", "report")
 LOG_PX_CANDIDATES = ("iwae_q", "iwae_q_star")
+STAGE_STREAMS = {"train": 1, "amortized": 2, "local": 3, "report": 4, "ais": 5}  # fixed: adding a stage changes no stream
 
 
 class RunError(RuntimeError):
@@ -51,7 +53,7 @@ class RunError(RuntimeError):
 
 def stage_generator(seed: int, stage: str) -> torch.Generator:
     """An independent random stream per (seed, stage), so a resumed stage repeats exactly."""
-    state = np.random.SeedSequence([seed, STAGES.index(stage) + 1]).generate_state(1, dtype=np.uint64)
+    state = np.random.SeedSequence([seed, STAGE_STREAMS[stage]]).generate_state(1, dtype=np.uint64)
     return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
 
 
@@ -103,8 +105,7 @@ class Run:
         resolved = self.config.model_dump(mode="json")
         config_path = self.dir / "config.json"
         if config_path.exists() and not self.force:
-            import json
-            previous = json.loads(config_path.read_text())
+            previous = _comparable_previous(config_path, resolved)
             if previous != resolved:
                 changed = sorted(_diff_keys(previous, resolved))
                 raise RunError(
@@ -121,7 +122,7 @@ class Run:
             import json
             self.stages = json.loads(stages_path.read_text())
         if self.force:
-            for name in ("checkpoint.pt", "amortized.csv", "local.csv", "local.pt", "stages.json"):
+            for name in ("checkpoint.pt", "amortized.csv", "local.csv", "local.pt", "ais.csv", "stages.json"):
                 (self.dir / name).unlink(missing_ok=True)
             self.stages = {}
 
@@ -224,10 +225,40 @@ class Run:
         self.finish_stage("local", time.perf_counter() - start)
         return frame
 
+    def ais_stage(self, decoder, encoder, x: torch.Tensor) -> pd.DataFrame | None:
+        """AIS from the configured start for every datapoint; None when ``ais.enabled`` is false."""
+        a = self.config.ais
+        if not a.enabled:
+            return None
+        path = self.dir / "ais.csv"
+        if path.exists():
+            self.log(f"[ais] skipped: {path} exists")
+            return io.read_csv(path)
+        from tqdm.auto import tqdm
+        family = get_family(self.config.refine.family)
+        q_star_params = torch.load(self.dir / "local.pt", weights_only=True) if a.init == "q_star" else None
+        start = time.perf_counter()
+        generator = stage_generator(self.config.seed, "ais")
+        frames = []
+        for offset, batch in self._batches(x):
+            q_star = None
+            if q_star_params is not None:
+                q_star = family.posterior({k: v[offset:offset + batch.shape[0]] for k, v in q_star_params.items()})
+            with tqdm(total=a.num_steps, desc=f"AIS [{offset}:{offset + batch.shape[0]}]", unit="step",
+                      disable=not self.progress) as bar:
+                estimate = ais_of(decoder, batch, init=a.init, encoder=encoder, q_star=q_star,
+                                  procedure=a.procedure(), generator=generator, callback=lambda t: bar.update(1))
+            frames.append(pd.DataFrame({**estimate_columns("ais", estimate),
+                                        **{k: v.numpy() for k, v in ais_diagnostics(estimate).items()}}))
+        frame = pd.concat(frames, ignore_index=True)
+        io.write_csv(path, frame)
+        self.finish_stage("ais", time.perf_counter() - start)
+        return frame
+
     def report_stage(self, x: torch.Tensor, amortized: pd.DataFrame, local: pd.DataFrame,
-                     dataset: Dataset, training: dict) -> dict:
-        frame = pd.concat([amortized, local], axis=1)
-        frame = decompose(pd.concat([frame, best_bound(frame, LOG_PX_CANDIDATES)], axis=1))
+                     ais: pd.DataFrame | None, dataset: Dataset, training: dict) -> dict:
+        frame = pd.concat([amortized, local] + ([ais] if ais is not None else []), axis=1)
+        frame = decompose(pd.concat([frame, best_bound(frame, self.log_px_candidates)], axis=1))
         frame.insert(0, "index", np.arange(len(frame)))
         io.write_csv(self.dir / "datapoints.csv", frame)
         summary = self.summary(frame, x, dataset, training)
@@ -236,17 +267,29 @@ class Run:
         self.finish_stage("report", 0.0)
         return summary
 
+    @property
+    def log_px_candidates(self) -> tuple[str, ...]:
+        return LOG_PX_CANDIDATES + (("ais",) if self.config.ais.enabled else ())
+
     def summary(self, frame: pd.DataFrame, x: torch.Tensor, dataset: Dataset, training: dict) -> dict:
         c = self.config
         summary = summarize(frame)
         summary["other_bounds"] = {name: summarize_column(frame[name], frame[f"{name}_stderr"])
-                                   for name in LOG_PX_CANDIDATES}
+                                   for name in self.log_px_candidates}
         summary["log_px_source_counts"] = {k: int(v) for k, v in frame["log_px_source"].value_counts().items()}
         summary["refinement"] = {
             "mean_steps": float(frame["refine_steps"].mean()),
             "max_steps_taken": int(frame["refine_steps"].max()),
             "converged_fraction": float(frame["refine_converged"].mean()),
         }
+        if c.ais.enabled:
+            summary["ais"] = {
+                "mean_acceptance_rate": float(frame["ais_acceptance_rate"].mean()),
+                "mean_step_size": float(frame["ais_step_size"].mean()),
+                "mean_divergence_rate": float(frame["ais_divergence_rate"].mean()),
+                "mean_ess": float(frame["ais_ess"].mean()),
+                "min_ess": float(frame["ais_ess"].min()),
+            }
         summary["settings"] = {
             "name": c.name,
             "seed": c.seed,
@@ -260,9 +303,10 @@ class Run:
             "num_samples": {"elbo": c.eval.num_samples, "iwae_k": c.eval.num_samples,
                             "elbo_and_iwae_share_samples": True},
             "chunk_size": c.eval.chunk_size,
-            "log_px": "per-datapoint max of " + ", ".join(LOG_PX_CANDIDATES),
+            "log_px": "per-datapoint max of " + ", ".join(self.log_px_candidates),
             "refinement": {"family": c.refine.family, "init": c.refine.init,
                            "preset": c.refine.procedure, **c.refine.resolved()._asdict()},
+            "ais": c.ais.model_dump(mode="json"),
             "model": c.model.model_dump(mode="json"),
             "train": c.train.model_dump(mode="json"),
         }
@@ -281,7 +325,8 @@ class Run:
             decoder, encoder, training = self.train_stage(dataset)
             amortized = self.amortized_stage(decoder, encoder, x)
             local = self.local_stage(decoder, encoder, x)
-            return self.report_stage(x, amortized, local, dataset, training)
+            ais = self.ais_stage(decoder, encoder, x)
+            return self.report_stage(x, amortized, local, ais, dataset, training)
 
 
 def load_checkpoint(path: str | Path, config: ExperimentConfig | None = None,
@@ -307,6 +352,25 @@ def load_checkpoint(path: str | Path, config: ExperimentConfig | None = None,
     return checkpoint
 
 
+def _comparable_previous(config_path: Path, current: dict) -> dict:
+    """The config recorded in a run folder, made comparable with ``current``: keys it lacks take this
+    version's defaults, and a whole section it lacks (one added since, such as ``[ais]``) takes the
+    current value, since nothing in that folder depends on it: an older folder resumes and only the
+    new stage runs."""
+    import json
+
+    from .config import parse_config
+    raw = json.loads(config_path.read_text())
+    try:
+        previous = parse_config(raw, source=str(config_path)).model_dump(mode="json")
+    except ConfigError:
+        return raw
+    for section, value in current.items():
+        if section not in raw:
+            previous[section] = value
+    return previous
+
+
 def _diff_keys(a: dict, b: dict, prefix: str = "") -> set[str]:
     keys = set()
     for k in set(a) | set(b):
@@ -326,19 +390,26 @@ def run_experiment(config: ExperimentConfig, out_dir: str | Path, *, force: bool
 
 
 
-def open_run(run_dir: str | Path, *, num_datapoints: int | None = None
-             ) -> tuple[ExperimentConfig, Decoder, GaussianEncoder, torch.Tensor]:
-    """A trained run's config, networks (eval mode) and evaluation datapoints (N, D).
-
-    ``num_datapoints`` replaces the run's ``eval.num_datapoints`` (same split, same binarisation).
-    """
+def open_run_config(run_dir: str | Path) -> ExperimentConfig:
+    """A trained run's config; keys this version does not know are ignored with a warning, and
+    sections it lacks take their defaults, so folders written by other versions load."""
     from .config import load_config
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file() or not (run_dir / "checkpoint.pt").is_file():
         raise RunError(f"{run_dir} is not a trained gapbench run (no config.json and checkpoint.pt); "
                        "train one with `gapbench run EXPERIMENT.toml --out DIR` first")
-    config = load_config(run_dir / "config.json")
+    return load_config(run_dir / "config.json", ignore_unknown=True)
+
+
+def open_run(run_dir: str | Path, *, num_datapoints: int | None = None
+             ) -> tuple[ExperimentConfig, Decoder, GaussianEncoder, torch.Tensor]:
+    """A trained run's config, networks (eval mode) and evaluation datapoints (N, D).
+
+    ``num_datapoints`` replaces the run's ``eval.num_datapoints`` (same split, same binarisation).
+    """
+    run_dir = Path(run_dir)
+    config = open_run_config(run_dir)
     dataset = load_dataset(config.data.dataset, data_dir=config.data.data_dir, download=config.data.download)
     checkpoint = load_checkpoint(run_dir / "checkpoint.pt", config, dataset.data_size)
     decoder, encoder = build_networks(config, dataset.data_size)
