@@ -16,9 +16,9 @@ a stochastic lower bound. Run from an exact posterior sample with the schedule r
 1 to 0), the same weights estimate 1 / p(x), so -log (1/C) sum_c w_c is a stochastic upper bound
 (reverse AIS; Grosse, Ghahramani & Adams, 2015, "Sandwiching the marginal likelihood using
 bidirectional Monte Carlo"; Grosse et al., 2016). Wu, Burda, Salakhutdinov & Grosse (2017), "On the
-quantitative analysis of decoder-based generative models", use AIS with HMC this way for VAEs:
-the prior as initial distribution, 16 to 100 chains, thousands of intermediate distributions, 10
-leapfrog steps and a step size adapted toward an acceptance rate of 0.65.
+quantitative analysis of decoder-based generative models", use AIS with HMC this way for VAEs and
+validate it with BDMC: the prior as initial distribution, thousands of intermediate distributions,
+HMC with 10 leapfrog steps and a step size adapted toward an acceptance rate of 0.65.
 
 Implementation: all datapoints x chains move together as one (C, B, Z) batch; log-weights are
 accumulated in float64; no autograd graph outlives a step (``hmc.value_and_grad`` differentiates a
