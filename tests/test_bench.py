@@ -54,7 +54,7 @@ def test_bench_refine_reports_figures(tiny_run):
 def test_bench_ais_reports_figures(tiny_run):
     lines = []
     figures = bench_ais(str(tiny_run), num_datapoints=10, num_chains=3, num_steps=4, num_leapfrog=2,
-                        memory_steps=20, memory_datapoints=5, log=lines.append)
+                        memory_steps=20, memory_datapoints=5, matmul_size=256, log=lines.append)
     assert figures["num_transitions"] == 3 and figures["gradient_evaluations"] == 4 + 3 * 2
     assert figures["transitions_per_second"] == pytest.approx(10 * 3 * 3 / figures["seconds"])
     assert figures["fraction_of_matmul"] == pytest.approx(figures["gflops"] / figures["matmul_gflops"])

@@ -69,7 +69,7 @@ def add_bench_parser(sub) -> None:
     a.add_argument("--num-steps", type=int, default=21, help="annealing steps timed (transitions: one fewer)")
     a.add_argument("--num-leapfrog", type=int, default=10)
     a.add_argument("--memory-steps", type=int, default=200, help="steps of the memory trace (fresh process)")
-    a.add_argument("--memory-datapoints", type=int, default=1000)
+    a.add_argument("--memory-datapoints", type=int, default=100)
     a.add_argument("--out", help="also write the figures as JSON here")
     a.set_defaults(func=_ais)
 

@@ -19,27 +19,29 @@ from typing import Callable
 import torch
 
 from ..estimators import AISProcedure, ais
+from ..estimators.ais import chains_per_chunk
 from ..estimators.hmc import value_and_grad
 from ..experiment import open_run
 from ..measure import frozen
 from .iwae import _status_kib, decoder_flops_per_row, matmul_gflops
 
 
-def gradient_gflops(decoder, x: torch.Tensor, *, num_chains: int, repeats: int = 3) -> tuple[float, float]:
+def gradient_gflops(decoder, x: torch.Tensor, *, num_chains: int, chunk_size: int | None,
+                    repeats: int = 3) -> tuple[float, float]:
     """Best-of-``repeats`` seconds and GFLOP/s of one gradient evaluation of the tempered density
-    for (C, B, Z) chains, the unit of work of HMC."""
-    z = torch.randn(num_chains, x.shape[0], decoder.latent_size)  # (C, B, Z)
+    for (C, B, Z) chains, the unit of work of HMC, ``chunk_size`` chains at a time."""
+    z = torch.randn(num_chains, x.shape[0], decoder.latent_size, generator=torch.Generator().manual_seed(0))
 
     def logdensity_fn(v: torch.Tensor) -> torch.Tensor:
         return decoder.log_prior(v) + 0.5 * decoder.log_likelihood(x, v)  # (C, B)
 
     flops = 2 * decoder_flops_per_row(decoder) * num_chains * x.shape[0]
     with frozen(decoder):
-        value_and_grad(logdensity_fn, z)  # warm-up
+        value_and_grad(logdensity_fn, z, chunk_size=chunk_size)  # warm-up
         best = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()
-            value_and_grad(logdensity_fn, z)
+            value_and_grad(logdensity_fn, z, chunk_size=chunk_size)
             best = min(best, time.perf_counter() - start)
     return best, flops / best / 1e9
 
@@ -75,11 +77,22 @@ def memory_trace(run_dir: str, *, num_datapoints: int, num_chains: int, num_step
             "rss_by_step_mib": [(t, kib / 1024) for t, kib in trace]}
 
 
+def _reset_peak() -> bool:
+    """Reset this process's peak resident size (VmHWM) to the current one (Linux); False if impossible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def bench_ais(run_dir: str, *, num_datapoints: int = 1000, num_chains: int = 16, num_steps: int = 21,
-              num_leapfrog: int = 10, memory_steps: int = 200, memory_datapoints: int = 1000,
-              log: Callable[[str], None] = print) -> dict:
-    """Time ``num_steps - 1`` AIS transitions on ``num_datapoints`` x ``num_chains`` chains and trace
-    memory over ``memory_steps`` steps in a fresh process."""
+              num_leapfrog: int = 10, memory_steps: int = 200, memory_datapoints: int = 100,
+              matmul_size: int = 4096, log: Callable[[str], None] = print) -> dict:
+    """Time ``num_steps - 1`` AIS transitions on ``num_datapoints`` x ``num_chains`` chains (with the
+    peak resident memory they add), and trace resident memory over ``memory_steps`` steps of
+    ``memory_datapoints`` x ``num_chains`` chains in a fresh process."""
     config, decoder, encoder, x = open_run(run_dir, num_datapoints=num_datapoints)
     rows = num_chains * x.shape[0]
     log(f"run {run_dir}: {config.data.dataset}, {x.shape[0]} datapoints x {num_chains} chains, D = {x.shape[1]}, "
@@ -88,15 +101,21 @@ def bench_ais(run_dir: str, *, num_datapoints: int = 1000, num_chains: int = 16,
     with frozen(decoder):
         ais(decoder, x[:10], **procedure._replace(num_steps=3)._asdict(),
             generator=torch.Generator().manual_seed(0))  # warm-up
+        gc.collect()
+        is_reset = _reset_peak()
+        rss_before = _status_kib("VmRSS")
         start = time.perf_counter()
         estimate = ais(decoder, x, **procedure._asdict(), generator=torch.Generator().manual_seed(0))
         seconds = time.perf_counter() - start
+        peak = _status_kib("VmHWM")
     num_transitions = num_steps - 1
     num_gradients = num_steps + num_transitions * num_leapfrog  # one per step, L per transition
     flops = 2 * decoder_flops_per_row(decoder) * rows * num_gradients
     achieved = flops / seconds / 1e9
-    grad_seconds, grad_gflops = gradient_gflops(decoder, x, num_chains=num_chains)
-    reference = matmul_gflops()
+    chunk = chains_per_chunk(x.shape[0])
+    grad_seconds, grad_gflops = gradient_gflops(decoder, x, num_chains=num_chains, chunk_size=chunk)
+    whole_seconds, whole_gflops = gradient_gflops(decoder, x, num_chains=num_chains, chunk_size=None)
+    reference = matmul_gflops(matmul_size)
     memory = memory_trace(run_dir, num_datapoints=memory_datapoints, num_chains=num_chains, num_steps=memory_steps,
                           record_every=max(1, memory_steps // 10))
     rss = [m for _, m in memory["rss_by_step_mib"]]
@@ -105,25 +124,32 @@ def bench_ais(run_dir: str, *, num_datapoints: int = 1000, num_chains: int = 16,
         "num_transitions": num_transitions, "num_leapfrog": num_leapfrog, "threads": torch.get_num_threads(),
         "seconds": seconds, "transitions_per_second": rows * num_transitions / seconds,
         "gradient_evaluations": num_gradients, "decoder_gflop": flops / 1e9, "gflops": achieved,
-        "gradient_seconds": grad_seconds, "gradient_gflops": grad_gflops, "matmul_gflops": reference,
+        "chains_per_chunk": chunk, "gradient_seconds": grad_seconds, "gradient_gflops": grad_gflops,
+        "unchunked_gradient_gflops": whole_gflops, "matmul_gflops": reference,
         "fraction_of_matmul": achieved / reference, "gradient_fraction_of_matmul": grad_gflops / reference,
         "mean_acceptance_rate": float(estimate.acceptance_rate.mean()),
-        "memory": memory, "memory_datapoints": memory_datapoints, "memory_steps": memory_steps,
-        "memory_growth_after_first_record_mib": max(rss) - rss[0] if rss else float("nan"),
+        "rss_before_mib": rss_before / 1024, "peak_mib": peak / 1024, "peak_growth_mib": (peak - rss_before) / 1024,
+        "peak_reset": is_reset, "memory": memory, "memory_datapoints": memory_datapoints, "memory_steps": memory_steps,
+        "memory_last_minus_first_record_mib": rss[-1] - rss[0] if rss else float("nan"),
+        "memory_range_of_records_mib": max(rss) - min(rss) if rss else float("nan"),
     }
     log("")
     log(f"AIS, {x.shape[0]} datapoints x {num_chains} chains, {num_transitions} HMC transitions of "
         f"{num_leapfrog} leapfrog steps: {seconds:.1f} s, "
         f"{figures['transitions_per_second']:.0f} datapoint-chain-transitions/s")
     log(f"decoder matmuls: {flops / 1e9:.0f} GFLOP in {num_gradients} gradient evaluations, {achieved:.1f} GFLOP/s "
-        f"= {achieved / reference:.0%} of a 4096^2 matmul's {reference:.1f} GFLOP/s")
-    log(f"one gradient evaluation alone ({rows} rows): {grad_seconds * 1e3:.0f} ms, {grad_gflops:.1f} GFLOP/s "
-        f"= {grad_gflops / reference:.0%} of the matmul")
+        f"= {achieved / reference:.0%} of a {matmul_size}^2 matmul's {reference:.1f} GFLOP/s")
+    log(f"one gradient evaluation alone ({rows} rows, {chunk} chains per chunk as in AIS): {grad_seconds * 1e3:.0f} ms, "
+        f"{grad_gflops:.1f} GFLOP/s = {grad_gflops / reference:.0%} of the matmul; in one piece: {whole_gflops:.1f} "
+        f"GFLOP/s = {whole_gflops / reference:.0%}")
+    log(f"resident memory during the timed run: {rss_before / 1024:.0f} MiB before, peak {peak / 1024:.0f} MiB "
+        f"(+{(peak - rss_before) / 1024:.0f} MiB{'' if is_reset else '; peak not resettable, includes loading'})")
     log(f"resident memory of a fresh process, {memory_datapoints} datapoints x {num_chains} chains, "
         f"{memory_steps} steps: {memory['rss_before_mib']:.0f} MiB before, peak {memory['peak_mib']:.0f} MiB")
     log("| step | resident (MiB) |")
     log("|---:|---:|")
     for t, mib in memory["rss_by_step_mib"]:
         log(f"| {t} | {mib:.0f} |")
-    log(f"growth from the first record to the largest: {figures['memory_growth_after_first_record_mib']:.1f} MiB")
+    log(f"last record minus first: {figures['memory_last_minus_first_record_mib']:+.1f} MiB; range of the records: "
+        f"{figures['memory_range_of_records_mib']:.1f} MiB")
     return figures

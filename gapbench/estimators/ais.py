@@ -138,9 +138,11 @@ def _evaluate(path: _Path, z: torch.Tensor, beta: float, chunk_size: int) -> tup
 
 
 def chains_per_chunk(num_datapoints: int, chunk_size: int | None = None) -> int:
-    """Chains evaluated together: ``chunk_size``, or about 4096 (chain, datapoint) rows. On 2 CPU
-    cores with the paper's decoder a gradient evaluation of 16 chains x 1000 datapoints ran at 33
-    GFLOP/s in one piece and at 44 in chunks of 4 chains (one thread; see ``gapbench bench ais``)."""
+    """Chains evaluated together: ``chunk_size``, or about 4096 (chain, datapoint) rows. With the
+    paper's decoder (50-200-200-784) one gradient evaluation of 16 chains x 1000 datapoints ran at
+    43 GFLOP/s in one piece and at 60 in chunks of 4 chains (one thread of a shared 2-core machine
+    whose 4096^2 matmul ran at 91 GFLOP/s; ``gapbench bench ais``).
+    """
     if chunk_size is not None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive number of chains, got {chunk_size}")
