@@ -16,6 +16,7 @@ import torch
 
 from . import estimators
 from .estimators import AISEstimate, AISProcedure, Estimate, elbo_from_stats, iwae_from_stats, weight_stats
+from .estimators.ais import DEFAULT_AIS
 from .gaps import gap_frame, summarize
 from .posteriors import DiagonalGaussian, as_posterior, get_family
 from .refine import RefineResult, refine
@@ -100,7 +101,7 @@ def local_posterior(model, encoder: Callable, x: torch.Tensor, *, family: str = 
 
 
 def ais_of(model, x: torch.Tensor, *, init: str = "encoder", encoder: Callable | None = None,
-           q_star=None, procedure: AISProcedure = AISProcedure(), generator: torch.Generator | None,
+           q_star=None, procedure: AISProcedure = DEFAULT_AIS, generator: torch.Generator | None,
            callback: Callable[[int], None] | None = None) -> AISEstimate:
     """Forward AIS for every datapoint of x (B, D), started from the prior, the encoder's posterior
     or the refined q* (``init`` = "prior", "encoder", "q_star"), with the model's parameters frozen."""

@@ -17,11 +17,12 @@ import pandas as pd
 import torch
 
 from .estimators import AISProcedure, bdmc, simulate
+from .estimators.ais import DEFAULT_AIS
 from .experiment import open_run
-from .measure import AIS_INITS, frozen, amortized_posterior
+from .measure import AIS_INITS, amortized_posterior, frozen
 
 
-def bdmc_run(run_dir: str | Path, *, num_datapoints: int = 100, procedure: AISProcedure = AISProcedure(),
+def bdmc_run(run_dir: str | Path, *, num_datapoints: int = 100, procedure: AISProcedure = DEFAULT_AIS,
              init: str = "prior", seed: int = 0, progress: bool = False) -> tuple[pd.DataFrame, dict]:
     """Simulate ``num_datapoints`` datapoints from a trained run's model and run BDMC on them.
 
@@ -74,9 +75,9 @@ def bdmc_table(summary: dict) -> str:
     """The BDMC result as a Markdown table (nats)."""
     s = summary["settings"]
     lines = [
-        f"BDMC on {s['num_datapoints']} datapoints simulated from the model ({s['dataset']}); AIS from the "
-        f"{s['init']}: {s['num_chains']} chains, {s['num_steps']} {s['schedule']} steps, "
-        f"{s['num_leapfrog']} leapfrog steps, mean acceptance {summary['acceptance_rate']:.2f}",
+        (f"BDMC on {s['num_datapoints']} datapoints simulated from the model ({s['dataset']}); AIS from the "
+         f"{s['init']}: {s['num_chains']} chains, {s['num_steps']} {s['schedule']} steps, "
+         f"{s['num_leapfrog']} leapfrog steps, mean acceptance {summary['acceptance_rate']:.2f}"),
         "",
         "| quantity | mean (nats) | ± stderr |",
         "|---|---:|---:|",

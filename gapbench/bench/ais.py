@@ -49,7 +49,7 @@ def gradient_gflops(decoder, x: torch.Tensor, *, num_chains: int, chunk_size: in
 def _rss_worker(run_dir: str, num_datapoints: int, num_chains: int, num_steps: int, record_every: int,
                 queue) -> None:
     """In a fresh process: resident memory (KiB) before AIS and at every ``record_every`` steps."""
-    _, decoder, encoder, x = open_run(run_dir, num_datapoints=num_datapoints)
+    _, decoder, _, x = open_run(run_dir, num_datapoints=num_datapoints)
     gc.collect()
     before = _status_kib("VmRSS")
     trace: list[tuple[int, int]] = []
@@ -93,7 +93,7 @@ def bench_ais(run_dir: str, *, num_datapoints: int = 1000, num_chains: int = 16,
     """Time ``num_steps - 1`` AIS transitions on ``num_datapoints`` x ``num_chains`` chains (with the
     peak resident memory they add), and trace resident memory over ``memory_steps`` steps of
     ``memory_datapoints`` x ``num_chains`` chains in a fresh process."""
-    config, decoder, encoder, x = open_run(run_dir, num_datapoints=num_datapoints)
+    config, decoder, _, x = open_run(run_dir, num_datapoints=num_datapoints)
     rows = num_chains * x.shape[0]
     log(f"run {run_dir}: {config.data.dataset}, {x.shape[0]} datapoints x {num_chains} chains, D = {x.shape[1]}, "
         f"Z = {decoder.latent_size}, decoder hidden {config.model.decoder_hidden}; {torch.get_num_threads()} threads")
@@ -114,7 +114,7 @@ def bench_ais(run_dir: str, *, num_datapoints: int = 1000, num_chains: int = 16,
     achieved = flops / seconds / 1e9
     chunk = chains_per_chunk(x.shape[0])
     grad_seconds, grad_gflops = gradient_gflops(decoder, x, num_chains=num_chains, chunk_size=chunk)
-    whole_seconds, whole_gflops = gradient_gflops(decoder, x, num_chains=num_chains, chunk_size=None)
+    _, whole_gflops = gradient_gflops(decoder, x, num_chains=num_chains, chunk_size=None)
     reference = matmul_gflops(matmul_size)
     memory = memory_trace(run_dir, num_datapoints=memory_datapoints, num_chains=num_chains, num_steps=memory_steps,
                           record_every=max(1, memory_steps // 10))

@@ -44,8 +44,8 @@ from torch.distributions import Distribution
 
 from ..posteriors import DiagonalGaussian, DistributionPosterior, Posterior, as_posterior
 from .hmc import HMCState, hmc_step
-from .log_weights import DEFAULT_ROWS_PER_CHUNK, empty_stats
 from .iwae import iwae_from_stats
+from .log_weights import DEFAULT_ROWS_PER_CHUNK, empty_stats
 
 SCHEDULES = ("linear", "sigmoid")
 SIGMOID_RADIUS = 4.0  # delta of the sigmoid schedule (Grosse, Ghahramani & Adams, 2015)
