@@ -3,7 +3,7 @@
 Cremer, Li & Duvenaud (2018), "Inference Suboptimality in Variational Autoencoders".
 """
 
-from .estimators import Estimate, elbo, iwae
+from .estimators import AISEstimate, AISProcedure, BDMCEstimate, Estimate, ais, bdmc, elbo, iwae, reverse_ais, simulate
 from .gaps import decompose, summarize
 from .measure import RefineProcedure, measure_gaps
 from .models import Decoder, LinearGaussian, Model
@@ -13,7 +13,7 @@ from .refine import RefineResult, refine
 __version__ = "0.1.0"
 
 __all__ = [
-    "Decoder", "DiagonalGaussian", "Estimate", "GaussianEncoder", "LinearGaussian", "Model",
-    "RefineProcedure", "RefineResult", "__version__", "as_posterior", "decompose", "elbo", "iwae",
-    "measure_gaps", "refine", "summarize",
+    "AISEstimate", "AISProcedure", "BDMCEstimate", "Decoder", "DiagonalGaussian", "Estimate", "GaussianEncoder",
+    "LinearGaussian", "Model", "RefineProcedure", "RefineResult", "__version__", "ais", "as_posterior", "bdmc", "decompose", "elbo",
+    "iwae", "measure_gaps", "refine", "reverse_ais", "simulate", "summarize",
 ]

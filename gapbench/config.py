@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import tomllib
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .estimators import AISProcedure
 from .measure import RefineProcedure
 
 
@@ -89,6 +91,32 @@ class RefineConfig(Section):
         return preset._replace(**overrides)
 
 
+class AISConfig(Section):
+    enabled: bool = True  # run the AIS stage; log p_hat(x) then also takes AIS into its max
+    num_chains: int = Field(16, ge=1)  # C, chains per datapoint (paper: 100)
+    num_steps: int = Field(500, ge=1)  # T, annealing steps; T - 1 intermediate distributions (paper: 5000-10000)
+    schedule: Literal["linear", "sigmoid"] = "sigmoid"  # spacing of the inverse temperatures
+    init: Literal["prior", "encoder", "q_star"] = "encoder"  # initial distribution of the chains
+    num_leapfrog: int = Field(10, ge=1)  # leapfrog steps per HMC transition
+    target_acceptance: float = Field(0.65, gt=0.0, lt=1.0)  # acceptance probability the step sizes adapt toward
+    step_size: float = Field(0.05, gt=0.0)  # initial HMC step size
+    adaptation: Literal["datapoint", "chain"] = "datapoint"  # who shares a step size: a datapoint's chains, or none
+    adaptation_rate: float = Field(0.1, ge=0.0)  # log step-size change per unit of acceptance error (0: fixed)
+    min_step_size: float = Field(1e-4, gt=0.0)  # clamp of the adapted step sizes
+    max_step_size: float = Field(0.5, gt=0.0)
+
+    @model_validator(mode="after")
+    def _step_size_within_clamp(self) -> "AISConfig":
+        if not self.min_step_size <= self.step_size <= self.max_step_size:
+            raise ValueError(f"need min_step_size <= step_size <= max_step_size, got {self.min_step_size}, "
+                             f"{self.step_size}, {self.max_step_size}")
+        return self
+
+    def procedure(self) -> AISProcedure:
+        """The keyword arguments of ``gapbench.ais`` (everything here but ``enabled`` and ``init``)."""
+        return AISProcedure(**{k: getattr(self, k) for k in AISProcedure._fields})
+
+
 class ExperimentConfig(Section):
     name: str = Field(min_length=1)  # run name; the default output folder is runs/<name>
     seed: int = Field(0, ge=0)  # every random stream of the run derives from it
@@ -97,6 +125,7 @@ class ExperimentConfig(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     refine: RefineConfig = RefineConfig()
+    ais: AISConfig = AISConfig()
 
 
 def _parse_value(text: str) -> Any:
@@ -139,16 +168,35 @@ def _format_error(error: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def parse_config(raw: dict[str, Any], *, source: str = "config") -> ExperimentConfig:
-    """Validate a raw dict; ConfigError with every problem listed."""
+def parse_config(raw: dict[str, Any], *, source: str = "config", ignore_unknown: bool = False) -> ExperimentConfig:
+    """Validate a raw dict; ConfigError with every problem listed.
+
+    ``ignore_unknown`` drops keys this version does not know (with a warning) instead of refusing
+    them: for reading a run folder written by another gapbench version.
+    """
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(_format_error(error, source)) from None
+        unknown = [e["loc"] for e in error.errors() if e["type"] == "extra_forbidden"]
+        if not ignore_unknown or not unknown or len(unknown) != len(error.errors()):
+            raise ConfigError(_format_error(error, source)) from None
+    pruned = json.loads(json.dumps(raw))
+    for loc in unknown:
+        node = pruned
+        for part in loc[:-1]:
+            node = node[part]
+        del node[loc[-1]]
+    warnings.warn(f"{source}: ignoring keys this gapbench version does not know: "
+                  + ", ".join(".".join(str(p) for p in loc) for loc in unknown), stacklevel=2)
+    return parse_config(pruned, source=source)
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read a TOML (or a run's resolved JSON) experiment file, apply --set overrides, validate."""
+def load_config(path: str | Path, overrides: list[str] | None = None, *,
+                ignore_unknown: bool = False) -> ExperimentConfig:
+    """Read a TOML (or a run's resolved JSON) experiment file, apply --set overrides, validate.
+
+    ``ignore_unknown``: see :func:`parse_config`.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"experiment file {path} does not exist; pass a TOML file such as experiments/digits.toml")
@@ -157,4 +205,4 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
         raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
         raise ConfigError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {error}") from None
-    return parse_config(apply_overrides(raw, overrides or []), source=str(path))
+    return parse_config(apply_overrides(raw, overrides or []), source=str(path), ignore_unknown=ignore_unknown)

@@ -1,4 +1,4 @@
-"""The staged runner: train -> amortized -> local -> report, one folder per run.
+"""The staged runner: train -> amortized -> local -> ais -> report, one folder per run.
 
 Each stage writes its outputs atomically and is recorded in stages.json when they are complete;
 a rerun skips recorded stages, and training continues from its last saved epoch (train_state.pt), so a
@@ -13,6 +13,7 @@ Files of a run folder:
     train_state.pt     while training: a recent epoch's weights, Adam state, random stream and history
     amortized.csv      per datapoint: L[q] and IWAE under q, with standard errors and ESS
     local.csv, local.pt   per datapoint: L[q*], IWAE under q*, refinement steps and flags; the q* parameters
+    ais.csv            per datapoint: AIS estimate of log p(x) with standard error, ESS and HMC diagnostics
     datapoints.csv     everything per datapoint, with log p_hat(x), the three gaps and numerical faults
     summary.json       means with standard errors, fault counts, and every setting that changes a number
     table.md           the gap table
@@ -38,17 +39,19 @@ from .checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint
 from .config import ConfigError, ExperimentConfig
 from .data import Dataset, binarize, check_binary, check_values, load_dataset
 from .gaps import NO_FAULT, best_bound, decompose, estimate_columns, find_faults, summarize, summarize_column
-from .measure import bounds_of, local_posterior
+from .measure import ais_diagnostics, ais_of, bounds_of, local_posterior
 from .models import Decoder
 from .posteriors import GaussianEncoder, get_family
 from .report import gap_table_markdown
-from .rundir import STAGES, TRAIN_STATE, RunError, RunFolder, open_run_folder
+from .rundir import TRAIN_STATE, RunError, RunFolder, open_run_folder
 from .train import ResumeError, train
 
 __all__ = ["CHECKPOINT_FORMAT", "Run", "RunError", "build_networks", "evaluation_data", "load_checkpoint",
-           "open_run", "run_experiment", "stage_generator"]
+           "open_run", "open_run_config", "run_experiment", "stage_generator"]
 
-LOG_PX_CANDIDATES = ("iwae_q", "iwae_q_star")
+LOG_PX_CANDIDATES = ("iwae_q", "iwae_q_star")  # and "ais" when the AIS stage runs
+# The random stream of each stage, fixed by name: adding a stage changes no other stage's numbers.
+STAGE_STREAMS = {"train": 1, "amortized": 2, "local": 3, "report": 4, "ais": 5}
 # Training saves train_state.pt at most this often: a save costs 20 ms (digits) to 100 ms (the
 # paper's Fashion-MNIST model), so this keeps it under 1% of training time; a kill loses at most this.
 TRAIN_STATE_SECONDS = 10.0
@@ -56,7 +59,7 @@ TRAIN_STATE_SECONDS = 10.0
 
 def stage_generator(seed: int, stage: str) -> torch.Generator:
     """An independent random stream per (seed, stage), so a resumed stage repeats exactly."""
-    state = np.random.SeedSequence([seed, STAGES.index(stage) + 1]).generate_state(1, dtype=np.uint64)
+    state = np.random.SeedSequence([seed, STAGE_STREAMS[stage]]).generate_state(1, dtype=np.uint64)
     return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
 
 
@@ -228,17 +231,53 @@ class Run:
         self.folder.finish("local", time.perf_counter() - start)
         return frame
 
+    def ais_stage(self, decoder, encoder, x: torch.Tensor) -> pd.DataFrame | None:
+        """AIS from the configured start for every datapoint; None when ``ais.enabled`` is false."""
+        a = self.config.ais
+        if not a.enabled:
+            return None
+        path = self.dir / "ais.csv"
+        if self.folder.is_finished("ais"):
+            self.log(f"[ais] skipped: finished ({path})")
+            return io.read_csv(path)
+        self.folder.start("ais")
+        from tqdm.auto import tqdm
+        family = get_family(self.config.refine.family)
+        q_star_params = torch.load(self.dir / "local.pt", weights_only=True) if a.init == "q_star" else None
+        start = time.perf_counter()
+        generator = stage_generator(self.config.seed, "ais")
+        frames = []
+        for offset, batch in self._batches(x):
+            q_star = None
+            if q_star_params is not None:
+                q_star = family.posterior({k: v[offset:offset + batch.shape[0]] for k, v in q_star_params.items()})
+            with tqdm(total=a.num_steps, desc=f"AIS [{offset}:{offset + batch.shape[0]}]", unit="step",
+                      disable=not self.progress) as bar:
+                estimate = ais_of(decoder, batch, init=a.init, encoder=encoder, q_star=q_star,
+                                  procedure=a.procedure(), generator=generator, callback=lambda t: bar.update(1))
+            frames.append(pd.DataFrame({**estimate_columns("ais", estimate),
+                                        **{k: v.numpy() for k, v in ais_diagnostics(estimate).items()}}))
+        frame = pd.concat(frames, ignore_index=True)
+        io.write_csv(path, frame)
+        self.folder.finish("ais", time.perf_counter() - start)
+        return frame
+
+    @property
+    def log_px_candidates(self) -> tuple[str, ...]:
+        return LOG_PX_CANDIDATES + (("ais",) if self.config.ais.enabled else ())
+
     def report_stage(self, x: torch.Tensor, amortized: pd.DataFrame, local: pd.DataFrame,
-                     dataset: Dataset, training: dict) -> dict:
+                     ais: pd.DataFrame | None, dataset: Dataset, training: dict) -> dict:
         if self.folder.is_finished("report"):
             self.log(f"[report] skipped: finished ({self.dir / 'summary.json'})")
             return json.loads((self.dir / "summary.json").read_text())
         self.folder.start("report")
-        frame = pd.concat([amortized, local], axis=1)
+        frame = pd.concat([amortized, local] + ([ais] if ais is not None else []), axis=1)
         if "refine_diverged" not in frame:  # local.csv from before refinement flagged divergence
             frame["refine_diverged"] = False
-        frame = decompose(pd.concat([frame, best_bound(frame, LOG_PX_CANDIDATES)], axis=1))
-        frame["fault"] = find_faults(frame, ("elbo_q", "elbo_q_star", *LOG_PX_CANDIDATES), flags=("refine_diverged",))
+        candidates = self.log_px_candidates
+        frame = decompose(pd.concat([frame, best_bound(frame, candidates)], axis=1))
+        frame["fault"] = find_faults(frame, ("elbo_q", "elbo_q_star", *candidates), flags=("refine_diverged",))
         frame.insert(0, "index", np.arange(len(frame)))
         io.write_csv(self.dir / "datapoints.csv", frame)
         summary = self.summary(frame, x, dataset, training)
@@ -257,7 +296,7 @@ class Run:
         summary = summarize(frame)
         usable = frame[frame["fault"] == NO_FAULT]
         summary["other_bounds"] = {name: summarize_column(usable[name], usable[f"{name}_stderr"])
-                                   for name in LOG_PX_CANDIDATES}
+                                   for name in self.log_px_candidates}
         summary["log_px_source_counts"] = {k: int(v) for k, v in usable["log_px_source"].value_counts().items()}
         summary["refinement"] = {
             "mean_steps": float(frame["refine_steps"].mean()),
@@ -265,6 +304,14 @@ class Run:
             "converged_fraction": float(frame["refine_converged"].mean()),
             "diverged_count": int(frame["refine_diverged"].sum()),
         }
+        if c.ais.enabled:
+            summary["ais"] = {
+                "mean_acceptance_rate": float(frame["ais_acceptance_rate"].mean()),
+                "mean_step_size": float(frame["ais_step_size"].mean()),
+                "mean_divergence_rate": float(frame["ais_divergence_rate"].mean()),
+                "mean_ess": float(frame["ais_ess"].mean()),
+                "min_ess": float(frame["ais_ess"].min()),
+            }
         summary["settings"] = {
             "name": c.name,
             "seed": c.seed,
@@ -278,9 +325,10 @@ class Run:
             "num_samples": {"elbo": c.eval.num_samples, "iwae_k": c.eval.num_samples,
                             "elbo_and_iwae_share_samples": True},
             "chunk_size": c.eval.chunk_size,
-            "log_px": "per-datapoint max of " + ", ".join(LOG_PX_CANDIDATES),
+            "log_px": "per-datapoint max of " + ", ".join(self.log_px_candidates),
             "refinement": {"family": c.refine.family, "init": c.refine.init,
                            "preset": c.refine.procedure, **c.refine.resolved()._asdict()},
+            "ais": c.ais.model_dump(mode="json"),
             "model": c.model.model_dump(mode="json"),
             "train": c.train.model_dump(mode="json"),
         }
@@ -296,18 +344,37 @@ class Run:
         for split in ("train", "valid"):  # checked before anything is written
             check_values(dataset.split(split), f"{dataset.name} {split} split")
         x = evaluation_data(self.config, dataset)
-        with open_run_folder(self.dir, self.config.model_dump(mode="json"), force=self.force,
-                             log=self.log) as self.folder:
+        resolved = self.config.model_dump(mode="json")
+        with open_run_folder(self.dir, resolved, force=self.force, log=self.log,
+                             normalize=lambda previous: comparable_config(previous, resolved)) as self.folder:
             try:
                 with torch.random.fork_rng(devices=[]):
                     decoder, encoder, training = self.train_stage(dataset)
                     amortized = self.amortized_stage(decoder, encoder, x)
                     local = self.local_stage(decoder, encoder, x)
-                    return self.report_stage(x, amortized, local, dataset, training)
+                    ais = self.ais_stage(decoder, encoder, x)
+                    return self.report_stage(x, amortized, local, ais, dataset, training)
             except OSError as error:  # a full disk, a folder made read-only under a running process
                 where = error.filename or self.dir
                 raise RunError(f"cannot write {where}: {error.strerror or error}; make room or fix the "
                                "permissions, then rerun the same command to resume") from None
+
+
+def comparable_config(previous: dict, current: dict) -> dict:
+    """A config recorded by an older version, in this version's form: keys it lacks take their
+    defaults, and a section it lacks (one added since, such as ``[ais]``) takes the current value,
+    since nothing in that folder depends on it, so the folder resumes and only the new stage runs.
+    A config that does not validate is returned as it is (and then differs)."""
+    from .config import parse_config
+
+    try:
+        normalized = parse_config(previous, source="config.json", ignore_unknown=True).model_dump(mode="json")
+    except ConfigError:
+        return previous
+    for section, value in current.items():
+        if section not in previous:
+            normalized[section] = value
+    return normalized
 
 
 def run_experiment(config: ExperimentConfig, out_dir: str | Path, *, force: bool = False,
@@ -316,19 +383,26 @@ def run_experiment(config: ExperimentConfig, out_dir: str | Path, *, force: bool
     return Run(config, out_dir, force=force, progress=progress, log=log).execute()
 
 
-def open_run(run_dir: str | Path, *, num_datapoints: int | None = None
-             ) -> tuple[ExperimentConfig, Decoder, GaussianEncoder, torch.Tensor]:
-    """A trained run's config, networks (eval mode) and evaluation datapoints (N, D).
-
-    ``num_datapoints`` replaces the run's ``eval.num_datapoints`` (same split, same binarisation).
-    """
+def open_run_config(run_dir: str | Path) -> ExperimentConfig:
+    """A trained run's config; keys this version does not know are ignored with a warning, and
+    sections it lacks take their defaults, so folders written by other versions load."""
     from .config import load_config
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file() or not (run_dir / "checkpoint.pt").is_file():
         raise RunError(f"{run_dir} is not a trained gapbench run (no config.json and checkpoint.pt); "
                        "train one with `gapbench run EXPERIMENT.toml --out DIR` first")
-    config = load_config(run_dir / "config.json")
+    return load_config(run_dir / "config.json", ignore_unknown=True)
+
+
+def open_run(run_dir: str | Path, *, num_datapoints: int | None = None
+             ) -> tuple[ExperimentConfig, Decoder, GaussianEncoder, torch.Tensor]:
+    """A trained run's config, networks (eval mode) and evaluation datapoints (N, D).
+
+    ``num_datapoints`` replaces the run's ``eval.num_datapoints`` (same split, same binarisation).
+    """
+    run_dir = Path(run_dir)
+    config = open_run_config(run_dir)
     dataset = load_dataset(config.data.dataset, data_dir=config.data.data_dir, download=config.data.download)
     checkpoint = load_checkpoint(run_dir / "checkpoint.pt", config, dataset.data_size)
     decoder, encoder = build_networks(config, dataset.data_size)

@@ -14,13 +14,16 @@ from typing import Any, Callable, NamedTuple
 import pandas as pd
 import torch
 
+from . import estimators
 from .data import check_finite
-from .estimators import Estimate, elbo_from_stats, iwae_from_stats, weight_stats
+from .estimators import AISEstimate, AISProcedure, Estimate, elbo_from_stats, iwae_from_stats, weight_stats
+from .estimators.ais import DEFAULT_AIS
 from .gaps import gap_frame, summarize
 from .posteriors import DiagonalGaussian, as_posterior, get_family
 from .refine import RefineResult, refine
 
 INITS = ("prior", "encoder")
+AIS_INITS = ("prior", "encoder", "q_star")
 
 
 class RefineProcedure(NamedTuple):
@@ -102,12 +105,39 @@ def local_posterior(model, encoder: Callable, x: torch.Tensor, *, family: str = 
     z, _ = q.rsample_and_log_prob(1, generator=torch.Generator().manual_seed(0))  # (1, B, Z), shape probe
     init_params = local.init_params(x.shape[0], z.shape[-1], like=z,
                                     init_from=q if init == "encoder" else None)
-    with _frozen(model):
+    with frozen(model):
         return refine(model, x, family=local, init_params=init_params, **procedure._asdict(),
                       generator=generator, callback=callback)
 
 
-class _frozen:
+def ais_of(model, x: torch.Tensor, *, init: str = "encoder", encoder: Callable | None = None,
+           q_star=None, procedure: AISProcedure = DEFAULT_AIS, generator: torch.Generator | None,
+           callback: Callable[[int], None] | None = None) -> AISEstimate:
+    """Forward AIS for every datapoint of x (B, D), started from the prior, the encoder's posterior
+    or the refined q* (``init`` = "prior", "encoder", "q_star"), with the model's parameters frozen."""
+    if init not in AIS_INITS:
+        raise ValueError(f"unknown AIS init {init!r}; choose one of {AIS_INITS}")
+    if init == "encoder":
+        if encoder is None:
+            raise ValueError("AIS init='encoder' needs the encoder")
+        q = amortized_posterior(encoder, x)
+    elif init == "q_star":
+        if q_star is None:
+            raise ValueError("AIS init='q_star' needs the refined posterior q_star")
+        q = q_star
+    else:
+        q = None
+    with frozen(model):
+        return estimators.ais(model, x, init=q, **procedure._asdict(), generator=generator, callback=callback)
+
+
+def ais_diagnostics(estimate: AISEstimate) -> dict[str, torch.Tensor]:
+    """The per-datapoint AIS diagnostics as columns: acceptance rate, final step size, divergences."""
+    return {"ais_acceptance_rate": estimate.acceptance_rate, "ais_step_size": estimate.step_size,
+            "ais_divergence_rate": estimate.divergence_rate}
+
+
+class frozen:
     """Context manager: stop a torch model's parameters from collecting gradients."""
 
     def __init__(self, model: Any):
@@ -124,7 +154,8 @@ class _frozen:
 
 def measure_gaps(model, encoder: Callable, x: torch.Tensor, *, family: str = "ffg", init: str = "prior",
                  num_samples: int = 5000, chunk_size: int | None = None,
-                 procedure: RefineProcedure = DEFAULT_PROCEDURE,
+                 procedure: RefineProcedure = DEFAULT_PROCEDURE, ais: AISProcedure | None = None,
+                 ais_init: str = "encoder",
                  generator: torch.Generator | None = None) -> tuple[pd.DataFrame, dict]:
     """Estimate L[q], L[q*], log p_hat(x) and the gaps for every datapoint of x.
 
@@ -139,12 +170,15 @@ def measure_gaps(model, encoder: Callable, x: torch.Tensor, *, family: str = "ff
     num_samples : samples for every final ELBO and IWAE (paper: 5000)
     chunk_size : samples per chunk in the estimators (None: automatic)
     procedure : refinement settings
+    ais : AIS settings (e.g. ``gapbench.AISProcedure()``); None (the default) runs no AIS
+    ais_init : where the AIS chains start: "prior", "encoder" or "q_star" (the refined posterior)
     generator : random stream; None makes a fresh one seeded with 0
 
     Returns
     -------
-    frame : one row per datapoint: elbo_q, elbo_q_star, iwae_q, iwae_q_star (each with _stderr and
-        _ess), log_px (the per-datapoint max of the IWAE bounds) with its source, the three gaps,
+    frame : one row per datapoint: elbo_q, elbo_q_star, iwae_q, iwae_q_star and, with ``ais``, ais
+        (each with _stderr and _ess; AIS also with _acceptance_rate, _step_size, _divergence_rate),
+        log_px (the per-datapoint max of the IWAE bounds and AIS) with its source, the three gaps,
         refine_steps, refine_converged, refine_diverged, and fault ("ok", or the numerical faults:
         a bound that is NaN or infinite, a refinement that diverged)
     summary : {"bounds": ..., "gaps": ..., "faults": ...}, each bound and gap {mean, stderr, mc_stderr,
@@ -159,11 +193,15 @@ def measure_gaps(model, encoder: Callable, x: torch.Tensor, *, family: str = "ff
                              generator=generator)
     q_star = get_family(family).posterior(result.params)
     local = bounds_of(model, q_star, x, num_samples=num_samples, chunk_size=chunk_size, generator=generator)
-    frame = gap_frame(
-        {"elbo_q": amortized.elbo, "elbo_q_star": local.elbo, "iwae_q": amortized.iwae,
-         "iwae_q_star": local.iwae},
-        log_px_candidates=("iwae_q", "iwae_q_star"),
-        extra={"refine_steps": result.num_steps, "refine_converged": result.is_converged,
-               "refine_diverged": result.is_diverged},
-    )
+    bounds = {"elbo_q": amortized.elbo, "elbo_q_star": local.elbo, "iwae_q": amortized.iwae,
+              "iwae_q_star": local.iwae}
+    extra: dict = {"refine_steps": result.num_steps, "refine_converged": result.is_converged,
+                   "refine_diverged": result.is_diverged}
+    if ais is not None:
+        estimate = ais_of(model, x, init=ais_init, encoder=encoder, q_star=q_star, procedure=ais,
+                          generator=generator)
+        bounds["ais"] = estimate
+        extra.update(ais_diagnostics(estimate))
+    frame = gap_frame(bounds, log_px_candidates=tuple(n for n in bounds if n.startswith(("iwae", "ais"))),
+                      extra=extra)
     return frame, summarize(frame)

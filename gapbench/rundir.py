@@ -8,6 +8,7 @@ depends on:
     train      seed, data, model, train              checkpoint.pt, train_history.csv
     amortized  seed, data, model, train, eval        amortized.csv
     local      ... and refine                        local.pt, local.csv
+    ais        ... and ais (it may start from q*)    ais.csv
     report     all of them and name                  datapoints.csv, summary.json, table.md
 
 A stage counts as finished when ``stages.json`` records it with the hash of the current config, its
@@ -35,20 +36,23 @@ from typing import Callable, Iterator
 
 from . import io
 
-STAGES = ("train", "amortized", "local", "report")
+STAGES = ("train", "amortized", "local", "ais", "report")
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {  # config sections whose values a stage's output depends on
     "train": ("seed", "data", "model", "train"),
     "amortized": ("seed", "data", "model", "train", "eval"),
     "local": ("seed", "data", "model", "train", "eval", "refine"),
-    "report": ("name", "seed", "data", "model", "train", "eval", "refine"),
+    "ais": ("seed", "data", "model", "train", "eval", "refine", "ais"),
+    "report": ("name", "seed", "data", "model", "train", "eval", "refine", "ais"),
 }
 STAGE_READS: dict[str, tuple[str, ...]] = {  # the stages whose outputs a stage reads
-    "train": (), "amortized": ("train",), "local": ("train",), "report": ("train", "amortized", "local"),
+    "train": (), "amortized": ("train",), "local": ("train",), "ais": ("train", "local"),
+    "report": ("train", "amortized", "local", "ais"),
 }
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "train": ("checkpoint.pt", "train_history.csv"),
     "amortized": ("amortized.csv",),
     "local": ("local.pt", "local.csv"),
+    "ais": ("ais.csv",),
     "report": ("datapoints.csv", "summary.json", "table.md"),
 }
 TRAIN_STATE = "train_state.pt"  # training's resume point, while the train stage is unfinished
@@ -129,9 +133,12 @@ class RunFolder:
 
 
 @contextmanager
-def open_run_folder(path: str | Path, resolved: dict, *, force: bool,
-                    log: Callable[[str], None]) -> Iterator[RunFolder]:
+def open_run_folder(path: str | Path, resolved: dict, *, force: bool, log: Callable[[str], None],
+                    normalize: Callable[[dict], dict] | None = None) -> Iterator[RunFolder]:
     """Create or reopen the run folder ``path`` for the config ``resolved`` (JSON form).
+
+    ``normalize`` maps the config recorded in the folder to this version's form before comparing
+    (defaults for keys and sections added since), so a folder written by an older version resumes.
 
     Refuses (RunError) a path that is not a writable folder, a non-empty folder that holds no
     gapbench run, a folder another gapbench process is using, and a run with another config unless
@@ -160,6 +167,8 @@ def open_run_folder(path: str | Path, resolved: dict, *, force: bool,
             previous = None
             if config_path.exists():
                 previous = _read_json(config_path, "delete the folder to start the run again")
+                if normalize is not None:
+                    previous = normalize(previous)
             if previous is not None and previous != resolved:
                 _change_config(path, previous, resolved, records, force=force, log=log)
             if previous != resolved:

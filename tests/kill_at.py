@@ -7,6 +7,7 @@ POINT is where the process kills itself, with no chance to clean up (SIGKILL can
     trained    just after the train stage is recorded, before train_state.pt is removed
     amortized  in the amortized stage, before its second batch of datapoints
     local      in refinement of the second batch of datapoints, at step 10
+    ais        in the AIS stage, in the second batch of datapoints, at annealing step 5
     report     halfway through writing summary.json
     none       nowhere (the test kills it from outside)
 """
@@ -81,6 +82,18 @@ def install(point: str) -> None:
                 callback(step, num_active)
             return local_posterior(*args, callback=deadly, **kwargs)
         experiment.local_posterior = patched
+    elif point == "ais":
+        ais_of = experiment.ais_of
+
+        def patched(*args, callback=None, **kwargs):
+            calls["n"] += 1
+
+            def deadly(step):
+                if calls["n"] == 2 and step == 5:
+                    die()
+                callback(step)
+            return ais_of(*args, callback=deadly, **kwargs)
+        experiment.ais_of = patched
     elif point == "report":
         write_json = io.write_json
 

@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from gapbench.bench.ais import bench_ais
 from gapbench.bench.iwae import bench_iwae, decoder_flops_per_row
 from gapbench.bench.refine import bench_refine
 from gapbench.cli import main
@@ -47,4 +48,16 @@ def test_bench_refine_reports_figures(tiny_run):
     assert figures["elbo_difference_subset"] == pytest.approx(
         g["mean_elbo_q_star_subset"] - r["mean_elbo_q_star_subset"])
     assert any("speed-up" in line for line in lines)
+    json.dumps(figures)
+
+
+def test_bench_ais_reports_figures(tiny_run):
+    lines = []
+    figures = bench_ais(str(tiny_run), num_datapoints=10, num_chains=3, num_steps=4, num_leapfrog=2,
+                        memory_steps=20, memory_datapoints=5, matmul_size=256, log=lines.append)
+    assert figures["num_transitions"] == 3 and figures["gradient_evaluations"] == 4 + 3 * 2
+    assert figures["transitions_per_second"] == pytest.approx(10 * 3 * 3 / figures["seconds"])
+    assert figures["fraction_of_matmul"] == pytest.approx(figures["gflops"] / figures["matmul_gflops"])
+    assert [t for t, _ in figures["memory"]["rss_by_step_mib"]] == list(range(2, 21, 2))
+    assert any("datapoint-chain-transitions/s" in line for line in lines)
     json.dumps(figures)

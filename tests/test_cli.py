@@ -2,16 +2,21 @@
 
 import json
 import os
+import shutil
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from gapbench.cli import main
+from gapbench.experiment import open_run
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "experiments" / "digits.toml"
 QUICK = ["--set", "train.epochs=3", "--set", "train.warmup_epochs=1", "--set", "eval.num_datapoints=24",
-         "--set", "eval.num_samples=200", "--set", "refine.max_steps=100", "--quiet"]
+         "--set", "eval.num_samples=200", "--set", "refine.max_steps=100", "--set", "ais.num_steps=20",
+         "--set", "ais.num_chains=4", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +28,7 @@ def quick_run(tmp_path_factory):
 
 def test_run_writes_every_file(quick_run, capsys):
     for name in ("config.json", "checkpoint.pt", "train_history.csv", "amortized.csv", "local.csv",
-                 "local.pt", "datapoints.csv", "summary.json", "table.md", "stages.json"):
+                 "local.pt", "ais.csv", "datapoints.csv", "summary.json", "table.md", "stages.json"):
         assert (quick_run / name).is_file(), name
     assert not [p for p in quick_run.iterdir() if p.name.endswith(".tmp")]
     summary = json.loads((quick_run / "summary.json").read_text())
@@ -36,6 +41,13 @@ def test_run_writes_every_file(quick_run, capsys):
     assert settings["num_samples"]["iwae_k"] == 200
     assert settings["binarization"]["mode"] == "dynamic"
     assert settings["refinement"]["max_steps"] == 100 and settings["refinement"]["init"] == "encoder"
+    assert settings["ais"] == {"enabled": True, "num_chains": 4, "num_steps": 20, "schedule": "sigmoid",
+                               "init": "encoder", "num_leapfrog": 10, "target_acceptance": 0.65, "step_size": 0.05,
+                               "adaptation": "datapoint", "adaptation_rate": 0.1, "min_step_size": 1e-4,
+                               "max_step_size": 0.5}
+    assert settings["log_px"] == "per-datapoint max of iwae_q, iwae_q_star, ais"
+    assert set(summary["other_bounds"]) == {"iwae_q", "iwae_q_star", "ais"}
+    assert 0 < summary["ais"]["mean_acceptance_rate"] < 1
     assert {"torch", "numpy", "gapbench", "python"} <= set(summary["versions"])
     assert summary["data"]["split"]["sizes"]["train"] == 1197
     # the table holds the numbers of the summary
@@ -49,8 +61,9 @@ def test_rerun_skips_finished_stages(quick_run, capsys):
     assert main(["run", str(DIGITS), "--out", str(quick_run), *QUICK]) == 0
     err = capsys.readouterr().err
     assert "[train] skipped" in err and "[amortized] skipped" in err and "[local] skipped" in err
+    assert "[ais] skipped" in err
     after = json.loads((quick_run / "stages.json").read_text())
-    assert after["train"] == before["train"] and after["local"] == before["local"]
+    assert after["train"] == before["train"] and after["local"] == before["local"] and after["ais"] == before["ais"]
     assert (quick_run / "checkpoint.pt").stat().st_mtime_ns == mtime
 
 
@@ -59,6 +72,75 @@ def test_same_config_gives_same_summary(quick_run, tmp_path):
     assert main(["run", str(DIGITS), "--out", str(out), *QUICK]) == 0
     # the whole file, byte for byte: timings live in stages.json, not in the summary
     assert (quick_run / "summary.json").read_text() == (out / "summary.json").read_text()
+
+
+def test_log_px_is_the_max_of_iwae_and_ais_per_datapoint(quick_run):
+    frame = pd.read_csv(quick_run / "datapoints.csv")
+    candidates = frame[["iwae_q", "iwae_q_star", "ais"]]
+    assert np.array_equal(frame["log_px"].to_numpy(), candidates.max(axis=1).to_numpy())
+    assert np.array_equal(frame["log_px_source"].to_numpy(), candidates.idxmax(axis=1).to_numpy())
+    for column in ("ais_stderr", "ais_ess", "ais_acceptance_rate", "ais_step_size", "ais_divergence_rate"):
+        assert column in frame and frame[column].notna().all()
+
+
+def test_only_a_missing_ais_stage_is_redone(quick_run, tmp_path, capsys):
+    """A folder written before the AIS stage existed (no [ais] in config.json, no ais.csv) resumes:
+    the finished stages are kept and only AIS runs."""
+    old = tmp_path / "old"
+    shutil.copytree(quick_run, old)
+    config = json.loads((old / "config.json").read_text())
+    del config["ais"]
+    (old / "config.json").write_text(json.dumps(config))
+    (old / "ais.csv").unlink()
+    assert main(["run", str(DIGITS), "--out", str(old), *QUICK]) == 0
+    err = capsys.readouterr().err
+    assert "[local] skipped" in err and "[ais] skipped" not in err
+    assert (old / "ais.csv").read_text() == (quick_run / "ais.csv").read_text()
+
+
+def test_ais_stage_can_be_disabled(tmp_path):
+    out = tmp_path / "no_ais"
+    assert main(["run", str(DIGITS), "--out", str(out), *QUICK, "--set", "ais.enabled=false"]) == 0
+    assert not (out / "ais.csv").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["log_px"] == "per-datapoint max of iwae_q, iwae_q_star" and "ais" not in summary
+    assert "ais" not in pd.read_csv(out / "datapoints.csv")
+
+
+def test_ais_from_the_refined_posterior(tmp_path):
+    out = tmp_path / "q_star"
+    assert main(["run", str(DIGITS), "--out", str(out), *QUICK, "--set", "ais.init=\"q_star\""]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["ais"]["init"] == "q_star"
+    frame = pd.read_csv(out / "datapoints.csv")
+    assert np.isfinite(frame["ais"]).all() and frame["ais_ess"].between(1, 4).all()
+    # annealing from q* toward the posterior improves on q*'s own ELBO
+    difference = frame["ais"] - frame["elbo_q_star"]
+    assert difference.mean() > 0
+
+
+def test_bdmc_command_prints_the_sandwich(quick_run, tmp_path, capsys):
+    out = tmp_path / "bdmc.csv"
+    assert main(["bdmc", str(quick_run), "--num-datapoints", "6", "--num-steps", "15", "--quiet",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "BDMC gap" in printed and "4 chains, 15 sigmoid steps" in printed and "from the encoder" in printed
+    frame = pd.read_csv(out)
+    assert len(frame) == 6
+    np.testing.assert_allclose(frame["gap"], frame["upper"] - frame["lower"])
+
+
+def test_open_run_tolerates_keys_of_other_versions(quick_run, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(quick_run, other)
+    config = json.loads((other / "config.json").read_text())
+    config["flows"] = {"num_layers": 4}
+    config["refine"]["newer_option"] = 1
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="ignoring keys") as record:
+        loaded, _, _, x = open_run(other, num_datapoints=3)
+    assert "flows" in str(record[0].message) and "refine.newer_option" in str(record[0].message)
+    assert loaded.name == "digits" and x.shape == (3, 64)
 
 
 def test_different_config_in_same_folder_is_refused(quick_run, capsys):
@@ -75,6 +157,10 @@ def test_different_config_in_same_folder_is_refused(quick_run, capsys):
     ("train.epochs=\"many\"", "train.epochs"),
     ("eval.num_samples=0", "eval.num_samples"),
     ("refine.max_steps=-5", "refine.max_steps"),
+    ("ais.num_chains=0", "ais.num_chains"),
+    ("ais.schedule=\"cosine\"", "ais.schedule"),
+    ("ais.init=\"posterior\"", "ais.init"),
+    ("ais.step_size=2.0", "step_size <= max_step_size"),
     ("data.dataset=\"cifar\"", "data.dataset"),
     ("eval.num_datapoints=5000", "has only 1197 datapoints"),
     ("notakeyvalue", "KEY=VALUE"),

@@ -99,3 +99,23 @@ def test_data_the_likelihood_does_not_accept_is_refused(value, message):
     model, _ = make_linear_gaussian(data_size=6)
     with pytest.raises(DataError, match="NaN or infinite"):
         gapbench.measure_gaps(model, lambda x: model.posterior_distribution(x), torch.full((2, 6), torch.nan))
+def test_ais_joins_log_px_through_the_api():
+    """With ais=..., AIS from the encoder's posterior is one more candidate for log p_hat(x); on a
+    linear-Gaussian model it lands on the exact log p(x) within its Monte Carlo error."""
+    model, x = make_linear_gaussian(data_size=16, latent_size=3, num_datapoints=20, seed=7)
+
+    def encoder(x):
+        m, v = model.optimal_diagonal(x)
+        return Independent(Normal(m + 0.4, (1.5 * v).sqrt()), 1)
+
+    frame, summary = gapbench.measure_gaps(
+        model, encoder, x, num_samples=500, init="encoder", procedure=gapbench.RefineProcedure(max_steps=200),
+        ais=gapbench.AISProcedure(num_chains=8, num_steps=50), ais_init="encoder",
+        generator=torch.Generator().manual_seed(0))
+    for column in ("ais", "ais_stderr", "ais_ess", "ais_acceptance_rate", "ais_step_size", "ais_divergence_rate"):
+        assert column in frame
+    candidates = frame[["iwae_q", "iwae_q_star", "ais"]]
+    assert (frame["log_px"] == candidates.max(axis=1)).all()
+    error = torch.tensor(frame["ais"].to_numpy()) - model.log_marginal(x)
+    assert abs(error.mean()) < 4 * error.std() / len(error) ** 0.5 + 0.02
+    assert summary["bounds"]["log_px"]["num_datapoints"] == 20

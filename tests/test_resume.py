@@ -24,7 +24,7 @@ KILL_AT = Path(__file__).with_name("kill_at.py")
 # two batches of 12 datapoints, so the evaluation stages can be killed between batches
 ARGS = ["--set", "train.epochs=5", "--set", "train.warmup_epochs=1", "--set", "eval.num_datapoints=24",
         "--set", "eval.batch_size=12", "--set", "eval.num_samples=200", "--set", "refine.max_steps=100", "--quiet"]
-RESULTS = ("summary.json", "datapoints.csv", "table.md", "amortized.csv", "local.csv")
+RESULTS = ("summary.json", "datapoints.csv", "table.md", "amortized.csv", "local.csv", "ais.csv")
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +81,9 @@ POINTS = {
     "trained": (["train"], {"train": "skipped"}),
     "amortized": (["train"], {"train": "skipped"}),
     "local": (["train", "amortized"], {"train": "skipped", "amortized": "skipped"}),
-    "report": (["train", "amortized", "local"], {"train": "skipped", "amortized": "skipped", "local": "skipped"}),
+    "ais": (["train", "amortized", "local"], {"train": "skipped", "amortized": "skipped", "local": "skipped"}),
+    "report": (["train", "amortized", "local", "ais"],
+               {"train": "skipped", "amortized": "skipped", "local": "skipped", "ais": "skipped"}),
 }
 
 

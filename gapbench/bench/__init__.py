@@ -31,6 +31,15 @@ def _iwae(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ais(args: argparse.Namespace) -> int:
+    from .ais import bench_ais
+    figures = bench_ais(args.run_dir, num_datapoints=args.num_datapoints, num_chains=args.num_chains,
+                        num_steps=args.num_steps, num_leapfrog=args.num_leapfrog, memory_steps=args.memory_steps,
+                        memory_datapoints=args.memory_datapoints)
+    _write(figures, args.out)
+    return 0
+
+
 def add_bench_parser(sub) -> None:
     bench = sub.add_parser("bench", help="speed and memory benchmarks on a trained run (prints figures)")
     kinds = bench.add_subparsers(dest="benchmark", required=True)
@@ -52,6 +61,17 @@ def add_bench_parser(sub) -> None:
     iw.add_argument("--memory-k", type=int, nargs="+", default=[500, 5000, 50000])
     iw.add_argument("--out", help="also write the figures as JSON here")
     iw.set_defaults(func=_iwae)
+    a = kinds.add_parser("ais", help="AIS throughput (datapoint-chain-transitions/s), share of matmul GFLOP/s, "
+                                     "memory against steps")
+    a.add_argument("run_dir")
+    a.add_argument("--num-datapoints", type=int, default=1000)
+    a.add_argument("--num-chains", type=int, default=16)
+    a.add_argument("--num-steps", type=int, default=21, help="annealing steps timed (transitions: one fewer)")
+    a.add_argument("--num-leapfrog", type=int, default=10)
+    a.add_argument("--memory-steps", type=int, default=200, help="steps of the memory trace (fresh process)")
+    a.add_argument("--memory-datapoints", type=int, default=100)
+    a.add_argument("--out", help="also write the figures as JSON here")
+    a.set_defaults(func=_ais)
 
 
 __all__ = ["add_bench_parser"]

@@ -57,6 +57,11 @@ class LinearGaussian:
         mean = z @ self.weight.T + self.bias  # (K, B, D)
         return gaussian_log_prob(mean, 2.0 * math.log(self.sigma), x)
 
+    def sample_x(self, z: torch.Tensor, *, generator: torch.Generator | None) -> torch.Tensor:
+        """x ~ p(x|z) = N(W z + b, sigma^2 I): (..., Z) -> (..., D)."""
+        mean = z @ self.weight.T + self.bias  # (..., D)
+        return mean + self.sigma * torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+
     # --- closed forms --------------------------------------------------------------------------
     def sample(self, num_datapoints: int, *, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw (x, z) from the joint: x (N, D), z (N, Z)."""

@@ -50,3 +50,7 @@ class Decoder(nn.Module):
             raise DataError(f"{name}: shape {tuple(x.shape)}, but the decoder models {self.data_size} "
                             f"pixels per datapoint. Fix: pass x of shape (B, {self.data_size}).")
         check_binary(x, name)
+    @torch.no_grad()
+    def sample_x(self, z: torch.Tensor, *, generator: torch.Generator | None) -> torch.Tensor:
+        """x ~ p(x|z): binary draws x_d ~ Bernoulli(sigmoid(f(z)_d)); (..., Z) -> (..., D)."""
+        return torch.bernoulli(torch.sigmoid(self.logits(z)), generator=generator)
