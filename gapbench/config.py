@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .estimators import AISProcedure
 from .measure import RefineProcedure
+from .semi_amortized import SemiAmortized
 
 
 class ConfigError(ValueError):
@@ -59,6 +60,15 @@ class TrainConfig(Section):
     valid_every: int = Field(1, ge=1)  # epochs between validation ELBO checks
     valid_num_samples: int = Field(10, ge=1)  # samples per validation datapoint
     early_stopping_patience: int = Field(0, ge=0)  # validation checks without improvement (0: off)
+    semi_amortized_steps: int = Field(0, ge=0)  # K SVI steps refining the encoder's output per training step (0: plain VAE)
+    semi_amortized_lr: float = Field(SemiAmortized().learning_rate, gt=0.0)  # step size of those SGD steps
+    semi_amortized_max_grad_norm: float = Field(SemiAmortized().max_grad_norm, gt=0.0)  # per-datapoint clipping
+    semi_amortized_gradient: Literal["unrolled", "stop"] = "unrolled"  # through the steps, or stop-gradient
+
+    def semi_amortized(self) -> SemiAmortized:
+        """The keyword argument ``semi_amortized`` of ``gapbench.train.train``."""
+        return SemiAmortized(self.semi_amortized_steps, self.semi_amortized_lr, self.semi_amortized_max_grad_norm,
+                             self.semi_amortized_gradient)
 
 
 class EvalConfig(Section):

@@ -142,7 +142,7 @@ class Run:
                 learning_rate=t.learning_rate, adam_eps=t.adam_eps, warmup_epochs=t.warmup_epochs, schedule=t.schedule,
                 binarization=self.config.data.binarization, threshold=self.config.data.threshold,
                 valid_every=t.valid_every, valid_num_samples=t.valid_num_samples,
-                early_stopping_patience=t.early_stopping_patience,
+                early_stopping_patience=t.early_stopping_patience, semi_amortized=t.semi_amortized(),
                 generator=stage_generator(self.config.seed, "train"), resume_from=resume,
                 on_checkpoint=lambda state: io.save_torch(state_path, {**state, "config_sha256": config_sha256}),
                 checkpoint_seconds=TRAIN_STATE_SECONDS, progress=self.progress,

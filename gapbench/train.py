@@ -4,6 +4,8 @@ Linear KL warm-up (Bowman et al., 2016; Sonderby et al., 2016): the weight beta 
 log p(z) - log q(z|x) rises linearly from 0 to 1 over the first ``warmup_epochs`` epochs.
 Optional learning-rate schedule of Burda et al. (2016), used by Cremer et al. (2018): in stage
 i = 0, 1, 2, ... the rate is lr * 10^(-i/7), and stage i lasts 3^i epochs.
+Optional semi-amortized training (Kim et al., 2018): the encoder's output refined by K SVI steps
+inside every training step (``gapbench.semi_amortized``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 from .data import binarize, check_values
 from .estimators import elbo
 from .posteriors import as_posterior
+from .semi_amortized import SemiAmortized, semi_amortized_gradients
 
 SCHEDULES = ("constant", "paper")
 
@@ -142,6 +145,7 @@ def train(decoder: nn.Module, encoder: nn.Module, train_x: torch.Tensor, valid_x
           epochs: int, batch_size: int, learning_rate: float, adam_eps: float, warmup_epochs: float, schedule: str,
           binarization: str, threshold: float, valid_every: int, valid_num_samples: int,
           early_stopping_patience: int, generator: torch.Generator,
+          semi_amortized: SemiAmortized = SemiAmortized(),
           on_epoch: Callable[[EpochRecord, bool], None] | None = None,
           resume_from: dict | None = None, on_checkpoint: Callable[[dict], None] | None = None,
           checkpoint_seconds: float = 0.0, progress: bool = True) -> TrainResult:
@@ -159,6 +163,9 @@ def train(decoder: nn.Module, encoder: nn.Module, train_x: torch.Tensor, valid_x
     early_stopping_patience : stop after this many validation checks without improvement (0: never)
     generator : every random draw (shuffling, binarisation, z samples) comes from it; pass a fresh
         generator seeded as for the first call also when resuming
+    semi_amortized : with ``num_steps`` K > 0, every training step refines the encoder's output by K
+        SVI steps and trains on the refined ELBO (Kim et al., 2018; ``gapbench.semi_amortized``); the
+        epoch's train ELBO is then the refined posterior's. K = 0: the plain VAE
     on_epoch : called with each EpochRecord and whether it is the best so far
     resume_from : a snapshot passed to ``on_checkpoint`` by an earlier call with the same arguments;
         training continues after its epoch and ends exactly as an uninterrupted call would
@@ -208,9 +215,13 @@ def train(decoder: nn.Module, encoder: nn.Module, train_x: torch.Tensor, valid_x
             batch = data[order[b * batch_size:(b + 1) * batch_size]]
             step += 1
             beta = warmup_weight(step, warmup_steps)
-            loss, batch_elbo = negative_elbo(decoder, encoder, batch, beta=beta, generator=generator)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if semi_amortized.num_steps == 0:
+                loss, batch_elbo = negative_elbo(decoder, encoder, batch, beta=beta, generator=generator)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            else:
+                batch_elbo = semi_amortized_gradients(decoder, encoder, batch, settings=semi_amortized, beta=beta,
+                                                      generator=generator)
             optimizer.step()
             total += float(batch_elbo.sum())
         decoder.eval(), encoder.eval()
