@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .curves import CurveProcedure
 from .estimators import AISProcedure
 from .measure import RefineProcedure
 from .semi_amortized import SemiAmortized
@@ -127,6 +128,26 @@ class AISConfig(Section):
         return AISProcedure(**{k: getattr(self, k) for k in AISProcedure._fields})
 
 
+class CurveConfig(Section):
+    enabled: bool = False  # run the curve stage: the ELBO after k SVI steps from the encoder's output
+    steps: list[int] = list(CurveProcedure().steps)  # the step counts k at which the ELBO is estimated
+    num_samples: int = Field(CurveProcedure().num_samples, ge=1)  # z samples per SVI step
+    learning_rate: float = Field(CurveProcedure().learning_rate, gt=0.0)  # Adam step size, constant
+    gradient: Literal["stl", "reparam"] = "stl"  # gradient estimator of the SVI steps
+    eval_samples: int = Field(CurveProcedure().eval_samples, ge=1)  # samples per ELBO estimate (same noise at every k)
+
+    @model_validator(mode="after")
+    def _valid_steps(self) -> "CurveConfig":
+        if not self.steps or min(self.steps) < 0 or len(set(self.steps)) != len(self.steps):
+            raise ValueError(f"curve.steps must list distinct step counts >= 0, e.g. [0, 1, 10, 100], got {self.steps}")
+        return self
+
+    def procedure(self) -> CurveProcedure:
+        """The keyword arguments of ``gapbench.curves.refinement_curve`` (steps in increasing order)."""
+        return CurveProcedure(tuple(sorted(self.steps)), self.num_samples, self.learning_rate, self.gradient,
+                              self.eval_samples)
+
+
 class ExperimentConfig(Section):
     name: str = Field(min_length=1)  # run name; the default output folder is runs/<name>
     seed: int = Field(0, ge=0)  # every random stream of the run derives from it
@@ -136,6 +157,7 @@ class ExperimentConfig(Section):
     eval: EvalConfig = EvalConfig()
     refine: RefineConfig = RefineConfig()
     ais: AISConfig = AISConfig()
+    curve: CurveConfig = CurveConfig()
 
 
 def _parse_value(text: str) -> Any:

@@ -1,4 +1,4 @@
-"""The staged runner: train -> amortized -> local -> ais -> report, one folder per run.
+"""The staged runner: train -> amortized -> local -> ais -> curve -> report, one folder per run.
 
 Each stage writes its outputs atomically and is recorded in stages.json when they are complete;
 a rerun skips recorded stages, and training continues from its last saved epoch (train_state.pt), so a
@@ -14,6 +14,8 @@ Files of a run folder:
     amortized.csv      per datapoint: L[q] and IWAE under q, with standard errors and ESS
     local.csv, local.pt   per datapoint: L[q*], IWAE under q*, refinement steps and flags; the q* parameters
     ais.csv            per datapoint: AIS estimate of log p(x) with standard error, ESS and HMC diagnostics
+    curve.csv          with curve.enabled, per datapoint and step count k: the ELBO after k SVI steps from
+                       the encoder's output and the fraction of the amortization gap closed
     datapoints.csv     everything per datapoint, with log p_hat(x), the three gaps and numerical faults
     summary.json       means with standard errors, fault counts, and every setting that changes a number
     table.md           the gap table
@@ -39,11 +41,12 @@ from .checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint
 from .config import ConfigError, ExperimentConfig
 from .data import Dataset, binarize, check_binary, check_values, load_dataset
 from .gaps import NO_FAULT, best_bound, decompose, estimate_columns, find_faults, summarize, summarize_column
+from .curves import curve_frame, refinement_curve, summarize_curve
 from .measure import ais_diagnostics, ais_of, bounds_of, local_posterior
 from .models import Decoder
 from .posteriors import GaussianEncoder, get_family
 from .report import gap_table_markdown
-from .rundir import TRAIN_STATE, RunError, RunFolder, open_run_folder
+from .rundir import TRAIN_STATE, RunError, RunFolder, hashed_sections, open_run_folder
 from .train import ResumeError, train
 
 __all__ = ["CHECKPOINT_FORMAT", "Run", "RunError", "build_networks", "evaluation_data", "load_checkpoint",
@@ -51,7 +54,7 @@ __all__ = ["CHECKPOINT_FORMAT", "Run", "RunError", "build_networks", "evaluation
 
 LOG_PX_CANDIDATES = ("iwae_q", "iwae_q_star")  # and "ais" when the AIS stage runs
 # The random stream of each stage, fixed by name: adding a stage changes no other stage's numbers.
-STAGE_STREAMS = {"train": 1, "amortized": 2, "local": 3, "report": 4, "ais": 5}
+STAGE_STREAMS = {"train": 1, "amortized": 2, "local": 3, "report": 4, "ais": 5, "curve": 6}
 # Training saves train_state.pt at most this often: a save costs 20 ms (digits) to 100 ms (the
 # paper's Fashion-MNIST model), so this keeps it under 1% of training time; a kill loses at most this.
 TRAIN_STATE_SECONDS = 10.0
@@ -262,12 +265,41 @@ class Run:
         self.folder.finish("ais", time.perf_counter() - start)
         return frame
 
+    def curve_stage(self, decoder, encoder, x: torch.Tensor, local: pd.DataFrame) -> pd.DataFrame | None:
+        """The refinement curve of every datapoint (``gapbench.curves``); None when ``curve.enabled`` is
+        false. The fraction of the gap closed uses L[q*] of the local stage."""
+        c = self.config.curve
+        if not c.enabled:
+            return None
+        path = self.dir / "curve.csv"
+        if self.folder.is_finished("curve"):
+            self.log(f"[curve] skipped: finished ({path})")
+            return io.read_csv(path)
+        self.folder.start("curve")
+        from tqdm.auto import tqdm
+        procedure = c.procedure()
+        elbo_q_star = local[q_star_column(local)].to_numpy()
+        start = time.perf_counter()
+        generator = stage_generator(self.config.seed, "curve")
+        frames = []
+        for offset, batch in self._batches(x):
+            with tqdm(total=procedure.steps[-1], desc=f"curve [{offset}:{offset + batch.shape[0]}]", unit="step",
+                      disable=not self.progress) as bar:
+                curve = refinement_curve(decoder, encoder, batch, **procedure._asdict(),
+                                         chunk_size=self.config.eval.chunk_size, generator=generator,
+                                         callback=lambda step: bar.update(1))
+            frames.append(curve_frame(curve, elbo_q_star[offset:offset + batch.shape[0]], offset=offset))
+        frame = pd.concat(frames, ignore_index=True)
+        io.write_csv(path, frame)
+        self.folder.finish("curve", time.perf_counter() - start)
+        return frame
+
     @property
     def log_px_candidates(self) -> tuple[str, ...]:
         return LOG_PX_CANDIDATES + (("ais",) if self.config.ais.enabled else ())
 
     def report_stage(self, x: torch.Tensor, amortized: pd.DataFrame, local: pd.DataFrame,
-                     ais: pd.DataFrame | None, dataset: Dataset, training: dict) -> dict:
+                     ais: pd.DataFrame | None, curve: pd.DataFrame | None, dataset: Dataset, training: dict) -> dict:
         if self.folder.is_finished("report"):
             self.log(f"[report] skipped: finished ({self.dir / 'summary.json'})")
             return json.loads((self.dir / "summary.json").read_text())
@@ -281,6 +313,8 @@ class Run:
         frame.insert(0, "index", np.arange(len(frame)))
         io.write_csv(self.dir / "datapoints.csv", frame)
         summary = self.summary(frame, x, dataset, training)
+        if curve is not None:
+            summary["curve"] = summarize_curve(curve, local[q_star_column(local)].to_numpy())
         io.write_json(self.dir / "summary.json", summary)
         io.write_text(self.dir / "table.md", gap_table_markdown(summary))
         self.folder.finish("report", 0.0)
@@ -329,8 +363,9 @@ class Run:
             "refinement": {"family": c.refine.family, "init": c.refine.init,
                            "preset": c.refine.procedure, **c.refine.resolved()._asdict()},
             "ais": c.ais.model_dump(mode="json"),
+            **({"curve": c.curve.model_dump(mode="json")} if c.curve.enabled else {}),
             "model": c.model.model_dump(mode="json"),
-            "train": c.train.model_dump(mode="json"),
+            "train": hashed_sections(c.model_dump(mode="json"), "train")["train"],  # semi_amortized_* only when K > 0
         }
         summary["training"] = training
         summary["data"] = dataset.provenance
@@ -353,11 +388,17 @@ class Run:
                     amortized = self.amortized_stage(decoder, encoder, x)
                     local = self.local_stage(decoder, encoder, x)
                     ais = self.ais_stage(decoder, encoder, x)
-                    return self.report_stage(x, amortized, local, ais, dataset, training)
+                    curve = self.curve_stage(decoder, encoder, x, local)
+                    return self.report_stage(x, amortized, local, ais, curve, dataset, training)
             except OSError as error:  # a full disk, a folder made read-only under a running process
                 where = error.filename or self.dir
                 raise RunError(f"cannot write {where}: {error.strerror or error}; make room or fix the "
                                "permissions, then rerun the same command to resume") from None
+
+
+def q_star_column(local: pd.DataFrame) -> str:
+    """The column of local.csv holding L[q*] of the diagonal Gaussian (the family a curve refines)."""
+    return "elbo_q_star_ffg" if "elbo_q_star_ffg" in local else "elbo_q_star"
 
 
 def comparable_config(previous: dict, current: dict) -> dict:

@@ -9,6 +9,7 @@ depends on:
     amortized  seed, data, model, train, eval        amortized.csv
     local      ... and refine                        local.pt, local.csv
     ais        ... and ais (it may start from q*)    ais.csv
+    curve      ... eval, refine (it reads L[q*]), curve  curve.csv (only with curve.enabled)
     report     all of them and name                  datapoints.csv, summary.json, table.md
 
 A stage counts as finished when ``stages.json`` records it with the hash of the current config, its
@@ -22,6 +23,11 @@ interrupted training stage continues from its last saved epoch.
 A folder holding a run with another config is refused unless ``force``: then the stages whose
 config sections changed (and the stages that read them) are redone and the others are kept, so a
 change in ``eval`` or ``refine`` keeps the trained model.
+
+Keys that change no number are left out of the hashes (:func:`hashed_sections`): the
+``train.semi_amortized_*`` settings while ``train.semi_amortized_steps = 0`` (the plain VAE), and the
+``[curve]`` section while ``curve.enabled`` is false. So a folder written before those keys existed
+keeps its finished stages, and so does a run whose config changes only such a key.
 """
 
 from __future__ import annotations
@@ -36,23 +42,25 @@ from typing import Callable, Iterator
 
 from . import io
 
-STAGES = ("train", "amortized", "local", "ais", "report")
+STAGES = ("train", "amortized", "local", "ais", "curve", "report")
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {  # config sections whose values a stage's output depends on
     "train": ("seed", "data", "model", "train"),
     "amortized": ("seed", "data", "model", "train", "eval"),
     "local": ("seed", "data", "model", "train", "eval", "refine"),
     "ais": ("seed", "data", "model", "train", "eval", "refine", "ais"),
-    "report": ("name", "seed", "data", "model", "train", "eval", "refine", "ais"),
+    "curve": ("seed", "data", "model", "train", "eval", "refine", "curve"),
+    "report": ("name", "seed", "data", "model", "train", "eval", "refine", "ais", "curve"),
 }
 STAGE_READS: dict[str, tuple[str, ...]] = {  # the stages whose outputs a stage reads
     "train": (), "amortized": ("train",), "local": ("train",), "ais": ("train", "local"),
-    "report": ("train", "amortized", "local", "ais"),
+    "curve": ("train", "local"), "report": ("train", "amortized", "local", "ais", "curve"),
 }
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "train": ("checkpoint.pt", "train_history.csv"),
     "amortized": ("amortized.csv",),
     "local": ("local.pt", "local.csv"),
     "ais": ("ais.csv",),
+    "curve": ("curve.csv",),
     "report": ("datapoints.csv", "summary.json", "table.md"),
 }
 TRAIN_STATE = "train_state.pt"  # training's resume point, while the train stage is unfinished
@@ -63,10 +71,24 @@ class RunError(RuntimeError):
     """A run that cannot go on as asked (folder clash, unusable checkpoint); the message says why."""
 
 
-def section_hash(resolved: dict, stage: str) -> str:
-    """sha256 of the config sections ``stage`` depends on (canonical JSON)."""
+def hashed_sections(resolved: dict, stage: str) -> dict:
+    """The config sections ``stage`` depends on, less the keys that change no number: the
+    ``train.semi_amortized_*`` keys while ``semi_amortized_steps`` is 0 (the plain VAE) and the
+    ``curve`` section while it is disabled. Also the form of configs from before those keys existed,
+    so their stage records still match."""
     sections = {key: resolved.get(key) for key in STAGE_SECTIONS[stage]}
-    return hashlib.sha256(json.dumps(sections, sort_keys=True).encode()).hexdigest()
+    train = sections.get("train")
+    if isinstance(train, dict) and not train.get("semi_amortized_steps"):
+        sections["train"] = {k: v for k, v in train.items() if not k.startswith("semi_amortized_")}
+    curve = sections.get("curve", {})
+    if "curve" in sections and not (isinstance(curve, dict) and curve.get("enabled")):
+        del sections["curve"]
+    return sections
+
+
+def section_hash(resolved: dict, stage: str) -> str:
+    """sha256 of the config sections ``stage`` depends on (canonical JSON, :func:`hashed_sections`)."""
+    return hashlib.sha256(json.dumps(hashed_sections(resolved, stage), sort_keys=True).encode()).hexdigest()
 
 
 def diff_keys(a: dict, b: dict, prefix: str = "") -> set[str]:

@@ -23,8 +23,9 @@ DIGITS = ROOT / "experiments" / "digits.toml"
 KILL_AT = Path(__file__).with_name("kill_at.py")
 # two batches of 12 datapoints, so the evaluation stages can be killed between batches
 ARGS = ["--set", "train.epochs=5", "--set", "train.warmup_epochs=1", "--set", "eval.num_datapoints=24",
-        "--set", "eval.batch_size=12", "--set", "eval.num_samples=200", "--set", "refine.max_steps=100", "--quiet"]
-RESULTS = ("summary.json", "datapoints.csv", "table.md", "amortized.csv", "local.csv", "ais.csv")
+        "--set", "eval.batch_size=12", "--set", "eval.num_samples=200", "--set", "refine.max_steps=100",
+        "--set", "curve.enabled=true", "--set", "curve.steps=[0,1,5,10]", "--set", "curve.eval_samples=50", "--quiet"]
+RESULTS = ("summary.json", "datapoints.csv", "table.md", "amortized.csv", "local.csv", "ais.csv", "curve.csv")
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +47,7 @@ def whole_run(tmp_path_factory):
 
 
 def gapbench_subprocess(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}  # this gapbench, not an installed one
     return subprocess.Popen([sys.executable, str(KILL_AT), *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -82,8 +83,10 @@ POINTS = {
     "amortized": (["train"], {"train": "skipped"}),
     "local": (["train", "amortized"], {"train": "skipped", "amortized": "skipped"}),
     "ais": (["train", "amortized", "local"], {"train": "skipped", "amortized": "skipped", "local": "skipped"}),
-    "report": (["train", "amortized", "local", "ais"],
-               {"train": "skipped", "amortized": "skipped", "local": "skipped", "ais": "skipped"}),
+    "curve": (["train", "amortized", "local", "ais"],
+              {"train": "skipped", "amortized": "skipped", "local": "skipped", "ais": "skipped"}),
+    "report": (["train", "amortized", "local", "ais", "curve"],
+               {"train": "skipped", "amortized": "skipped", "local": "skipped", "ais": "skipped", "curve": "skipped"}),
 }
 
 
@@ -158,6 +161,7 @@ def test_ctrl_c_exits_130_and_the_same_command_resumes(whole_run, tmp_path, caps
     ("eval.num_samples=300", ["train"], ["amortized", "local", "report"]),
     ("refine.max_steps=150", ["train", "amortized"], ["local", "report"]),
     ('name="renamed"', ["train", "amortized", "local"], ["report"]),
+    ("curve.learning_rate=0.1", ["train", "amortized", "local", "ais"], ["curve", "report"]),
     ("train.epochs=4", [], ["train", "amortized", "local", "report"]),
 ])
 def test_force_redoes_only_the_stages_a_change_affects(whole_run, tmp_path, capsys, override, kept, redone):
