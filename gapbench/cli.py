@@ -84,6 +84,36 @@ def _bdmc(args: argparse.Namespace) -> int:
         io.write_csv(Path(args.out), frame)
         print(f"per-datapoint bounds written to {args.out}", file=sys.stderr)
     return 0
+def _table(args: argparse.Namespace) -> int:
+    import json
+
+    from . import io
+    from .experiment import RunError
+    from .report import cross_family_csv, cross_family_latex, cross_family_markdown, cross_family_rows
+
+    summaries = []
+    for run_dir in args.runs:
+        path = Path(run_dir) / "summary.json"
+        if not path.is_file():
+            raise RunError(f"{run_dir} has no summary.json; finish the run first (gapbench run ... --out {run_dir})")
+        summaries.append(json.loads(path.read_text()))
+    hashes = {s.get("settings", {}).get("evaluation_data_sha256") for s in summaries}
+    note = "" if len(hashes) == 1 else (
+        "\nnote: the runs were evaluated on different datapoints (evaluation_data_sha256 differs); "
+        "their columns are not paired.\n")
+    rows = cross_family_rows(summaries)
+    markdown = cross_family_markdown(rows)
+    print(markdown + "\n(mean ± standard error over datapoints, nats; gaps use each model's encoder family)" + note)
+    if args.out:
+        out = Path(args.out)
+        try:
+            io.write_text(out / "gap_table.md", markdown + note)
+            io.write_text(out / "gap_table.csv", cross_family_csv(rows))
+            io.write_text(out / "gap_table.tex", cross_family_latex(rows))
+        except OSError as error:
+            raise RunError(f"cannot write to {out}: {error.strerror}; choose a writable --out") from None
+        print(f"written: {out / 'gap_table.md'}, {out / 'gap_table.csv'}, {out / 'gap_table.tex'}", file=sys.stderr)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--out", help="also write the per-datapoint bounds as CSV here")
     bd.add_argument("--quiet", action="store_true", help="no progress bar")
     bd.set_defaults(func=_bdmc)
+    table = sub.add_parser("table", help="the cross-family gap table (Cremer et al., 2018, Table 2) of finished runs")
+    table.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                       help="run folders, e.g. one trained with an FFG encoder and one with a flow")
+    table.add_argument("--out", help="also write gap_table.md, gap_table.csv and gap_table.tex here")
+    table.set_defaults(func=_table)
     from .bench import add_bench_parser
     add_bench_parser(sub)
     return parser
