@@ -85,34 +85,22 @@ def _bdmc(args: argparse.Namespace) -> int:
         print(f"per-datapoint bounds written to {args.out}", file=sys.stderr)
     return 0
 def _table(args: argparse.Namespace) -> int:
-    import json
+    from .report.build import make_report
 
-    from . import io
-    from .experiment import RunError
-    from .report import cross_family_csv, cross_family_latex, cross_family_markdown, cross_family_rows
+    text, written = make_report(args.runs, args.out, figures=False)
+    print(text)
+    if written:
+        print("written: " + ", ".join(str(p) for p in written), file=sys.stderr)
+    return 0
 
-    summaries = []
-    for run_dir in args.runs:
-        path = Path(run_dir) / "summary.json"
-        if not path.is_file():
-            raise RunError(f"{run_dir} has no summary.json; finish the run first (gapbench run ... --out {run_dir})")
-        summaries.append(json.loads(path.read_text()))
-    hashes = {s.get("settings", {}).get("evaluation_data_sha256") for s in summaries}
-    note = "" if len(hashes) == 1 else (
-        "\nnote: the runs were evaluated on different datapoints (evaluation_data_sha256 differs); "
-        "their columns are not paired.\n")
-    rows = cross_family_rows(summaries)
-    markdown = cross_family_markdown(rows)
-    print(markdown + "\n(mean ± standard error over datapoints, nats; gaps use each model's encoder family)" + note)
-    if args.out:
-        out = Path(args.out)
-        try:
-            io.write_text(out / "gap_table.md", markdown + note)
-            io.write_text(out / "gap_table.csv", cross_family_csv(rows))
-            io.write_text(out / "gap_table.tex", cross_family_latex(rows))
-        except OSError as error:
-            raise RunError(f"cannot write to {out}: {error.strerror}; choose a writable --out") from None
-        print(f"written: {out / 'gap_table.md'}, {out / 'gap_table.csv'}, {out / 'gap_table.tex'}", file=sys.stderr)
+
+def _report(args: argparse.Namespace) -> int:
+    from .report.build import make_report
+
+    text, written = make_report(args.runs, args.out, compare=args.compare, figures=not args.no_figures)
+    print(text)
+    if written:
+        print("written: " + ", ".join(str(p) for p in written), file=sys.stderr)
     return 0
 
 
@@ -159,6 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run folders, e.g. one trained with an FFG encoder and one with a flow")
     table.add_argument("--out", help="also write gap_table.md, gap_table.csv and gap_table.tex here")
     table.set_defaults(func=_table)
+    report = sub.add_parser("report", help="the cross-family table of finished runs, beside a published table "
+                                           "(--compare), with figures")
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="finished run folders")
+    report.add_argument("--compare", metavar="PAPER_TABLE",
+                        help="a published table, e.g. results/published/cremer2018_table2.json")
+    report.add_argument("--out", help="write gap_table.{md,csv,tex}, comparison.{md,csv} and the figures "
+                                      "(gap_bars, gap_distributions; PNG and PDF) here")
+    report.add_argument("--no-figures", action="store_true", help="tables only")
+    report.set_defaults(func=_report)
     from .bench import add_bench_parser
     add_bench_parser(sub)
     return parser
@@ -168,12 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     from .check import CheckError
     from .config import ConfigError
     from .data import DataError
+    from .report.build import ReportError
+    from .report.published import PublishedError
     from .rundir import RunError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, RunError, CheckError) as error:
+    except (ConfigError, DataError, RunError, CheckError, ReportError, PublishedError) as error:
         print(f"gapbench: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
