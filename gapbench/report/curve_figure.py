@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-FIGURE_STYLE = "seaborn-v0_8-whitegrid"  # matplotlib's copy of seaborn's style: no seaborn dependency
+from .figures import save, use_style
 
 
 class FigureError(ValueError):
@@ -47,42 +47,34 @@ def read_curve(run_dir: str | Path) -> tuple[str, dict]:
 
 
 def plot(curves: list[tuple[str, dict]], out: str | Path) -> list[Path]:
-    """Draw the curves; returns the PNG and PDF paths written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """Draw the curves (gapbench's figure style, ``report.figures``); returns the PNG and PDF paths written."""
+    use_style()
     import matplotlib.pyplot as plt
+    import seaborn as sns
     from matplotlib.ticker import ScalarFormatter
 
-    out = Path(out)
-    with plt.style.context(FIGURE_STYLE):
-        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-        for (label, curve), color in zip(curves, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10):
-            steps = curve["steps"]
-            left.errorbar(steps, curve["mean_elbo"], yerr=curve["mean_gain_stderr"], marker="o", ms=4, capsize=3,
-                          color=color, label=f"{label}: L after k steps")
-            if "mean_elbo_q_star" in curve:
-                left.axhline(curve["mean_elbo_q_star"], color=color, ls="--", lw=1, label=f"{label}: L[q*]")
-                right.errorbar(steps, curve["fraction_closed"], yerr=curve["fraction_closed_stderr"], marker="o",
-                               ms=4, capsize=3, color=color, label=label)
-        for axis in (left, right):
-            axis.set_xscale("symlog", linthresh=1.0)
-            axis.xaxis.set_major_formatter(ScalarFormatter())
-            axis.set_xlabel("SVI steps k from the encoder's output")
-        left.set_ylabel("mean ELBO (nats)")
-        left.set_title("ELBO along the refinement")
-        left.legend(fontsize=7)
-        right.axhline(1.0, color="black", lw=1)
-        right.set_ylabel("fraction of the amortization gap closed")
-        right.set_title("(L_k - L[q]) / (L[q*] - L[q]), ratio of means")
-        right.legend(fontsize=7)
-        fig.tight_layout()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        paths = [out.with_suffix(".png"), out.with_suffix(".pdf")]
-        for path in paths:
-            fig.savefig(path, dpi=120)
-        plt.close(fig)
-    return paths
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for (label, curve), color in zip(curves, sns.color_palette("colorblind", len(curves))):
+        steps = curve["steps"]
+        left.errorbar(steps, curve["mean_elbo"], yerr=curve["mean_gain_stderr"], marker="o", ms=4, capsize=3,
+                      color=color, label=f"{label}: L after k steps")
+        if "mean_elbo_q_star" in curve:
+            left.axhline(curve["mean_elbo_q_star"], color=color, ls="--", lw=1, label=f"{label}: L[q*]")
+            right.errorbar(steps, curve["fraction_closed"], yerr=curve["fraction_closed_stderr"], marker="o",
+                           ms=4, capsize=3, color=color, label=label)
+    for axis in (left, right):
+        axis.set_xscale("symlog", linthresh=1.0)
+        axis.xaxis.set_major_formatter(ScalarFormatter())
+        axis.set_xlabel("SVI steps k from the encoder's output")
+    left.set_ylabel("mean ELBO (nats)")
+    left.set_title("ELBO along the refinement")
+    left.legend(fontsize=7)
+    right.axhline(1.0, color="black", lw=1)
+    right.set_ylabel("fraction of the amortization gap closed")
+    right.set_title("(L_k - L[q]) / (L[q*] - L[q]), ratio of means")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    return save(fig, Path(out))  # FILE.png and FILE.pdf
 
 
 def main(argv: list[str] | None = None) -> int:
