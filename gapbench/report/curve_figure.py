@@ -40,9 +40,9 @@ def read_curve(run_dir: str | Path) -> tuple[str, dict]:
                           "(only the curve and report stages run)")
     settings = summary.get("settings", {})
     label = str(settings.get("name", Path(run_dir).name))
-    steps = (settings.get("train") or {}).get("semi_amortized_steps")
-    if steps:
-        label += f" (semi-amortized, K = {steps})"
+    train = settings.get("train") or {}
+    if train.get("semi_amortized_steps"):
+        label += f" (semi-amortized, K = {train['semi_amortized_steps']}, {train.get('semi_amortized_gradient')})"
     return label, curve
 
 
@@ -64,11 +64,12 @@ def plot(curves: list[tuple[str, dict]], out: str | Path) -> list[Path]:
                            ms=4, capsize=3, color=color, label=label)
     for axis in (left, right):
         axis.set_xscale("symlog", linthresh=1.0)
+        axis.set_xlim(left=0)
         axis.xaxis.set_major_formatter(ScalarFormatter())
         axis.set_xlabel("SVI steps k from the encoder's output")
     left.set_ylabel("mean ELBO (nats)")
     left.set_title("ELBO along the refinement")
-    left.legend(fontsize=7)
+    left.legend(fontsize=7, loc="lower right")
     right.axhline(1.0, color="black", lw=1)
     right.set_ylabel("fraction of the amortization gap closed")
     right.set_title("(L_k - L[q]) / (L[q*] - L[q]), ratio of means")
