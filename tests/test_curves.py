@@ -141,3 +141,41 @@ def test_bad_settings_are_refused():
             refinement_curve(model, shifted_encoder(model), x, generator=None, **bad)
     with pytest.raises(ValueError, match="diagonal Gaussian"):
         refinement_curve(model, lambda x: model.posterior_distribution(x), x, generator=None)
+
+
+class BlowsUp:
+    """A linear-Gaussian model whose likelihood is NaN where z_1 < ``threshold``: refinement that
+    wanders there diverges."""
+
+    def __init__(self, model, threshold):
+        self.model, self.threshold = model, threshold
+
+    def log_prior(self, z):
+        return self.model.log_prior(z)
+
+    def log_likelihood(self, x, z):
+        value = self.model.log_likelihood(x, z)  # (K, B)
+        return torch.where(z[..., 0] < self.threshold, torch.nan, value)
+
+
+def test_a_diverging_datapoint_stops_where_it_was_finite_and_the_others_go_on():
+    """The encoder starts 0.7 above the optimum in every coordinate; the likelihood is NaN below a
+    threshold that some datapoints' paths to the optimum cross."""
+    model, x = make_linear_gaussian(data_size=20, latent_size=4, num_datapoints=40, seed=3)
+    encoder = shifted_encoder(model, shift=0.7, var_factor=0.01)
+    optimum, _ = model.optimal_diagonal(x)
+    threshold = float(optimum[:, 0].median()) + 0.35
+    def run(steps):
+        return refinement_curve(BlowsUp(model, threshold), encoder, x, steps=steps, eval_samples=20,
+                                generator=torch.Generator().manual_seed(0))
+    curve, longer = run((0, 20, 100)), run((0, 20, 100, 200))  # the same trajectories, one 100 steps longer
+    diverged = curve.is_diverged
+    assert 0 < int(diverged.sum()) < 40
+    assert torch.all(diverged[optimum[:, 0] < threshold - 0.1])  # their optimum lies in the NaN region
+    # a datapoint stopped within 100 steps stays where it stopped: the same ELBO (same noise) at 200
+    assert torch.equal(longer.elbo[2, diverged].nan_to_num(), longer.elbo[3, diverged].nan_to_num())
+    assert torch.isfinite(longer.elbo[3, diverged]).any()  # kept at their last finite parameters, not NaN ones
+    assert torch.equal(longer.elbo[:3].nan_to_num(), curve.elbo.nan_to_num())
+    assert torch.all(torch.isfinite(curve.elbo[:, ~diverged]))
+    summary = summarize_curve(curve_frame(curve))
+    assert summary["num_diverged"] == int(diverged.sum()) and summary["num_datapoints"] == 40 - int(diverged.sum())
