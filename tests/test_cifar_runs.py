@@ -9,8 +9,9 @@ import torch
 
 import gapbench.data.cifar10 as cifar10
 from gapbench.cli import main
-from gapbench.config import load_config
-from gapbench.experiment import open_run
+from gapbench.config import load_config, parse_config
+from gapbench.data import load_dataset
+from gapbench.experiment import evaluation_data, networks_for, open_run
 from gapbench.models import ConvDecoder
 
 from test_cli import ROOT
@@ -75,6 +76,19 @@ def test_cifar_binarisation_is_refused(fake_cifar, tmp_path, capsys):
     error = capsys.readouterr().err
     assert "data.binarization = 'dynamic' does not apply to model.likelihood = \"logistic\"" in error
     assert not out.exists()
+
+
+def test_logistic_evaluation_data_are_the_levels_unchanged():
+    """With the discretised logistic nothing is binarised: the evaluation data are the split's first
+    datapoints as they are (digits: 17 levels k / 16), and the MLP decoder accepts them."""
+    config = parse_config({"name": "l", "model": {"likelihood": "logistic"}, "eval": {"num_datapoints": 30}})
+    assert config.data.binarization == "none"
+    dataset = load_dataset("digits")
+    x = evaluation_data(config, dataset)
+    assert torch.equal(x, dataset.train[:30]) and dataset.num_levels == 17
+    decoder, _ = networks_for(config, dataset)
+    decoder.check_data(x)
+    assert decoder.log_likelihood(x, torch.zeros(2, 30, config.model.latent_size)).shape == (2, 30)
 
 
 def test_binarised_cifar_with_bernoulli_and_3_bit_cifar_configs():
