@@ -6,16 +6,14 @@ import json
 
 import pytest
 import torch
-
-import gapbench.data.cifar10 as cifar10
-from gapbench.cli import main
-from gapbench.config import load_config, parse_config
-from gapbench.data import load_dataset
-from gapbench.experiment import evaluation_data, networks_for, open_run
-from gapbench.models import ConvDecoder
-
 from test_cli import ROOT
 from test_data_cifar10 import write_folder
+
+from gapbench.cli import main
+from gapbench.config import load_config, parse_config
+from gapbench.data import cifar10, load_dataset
+from gapbench.experiment import evaluation_data, networks_for, open_run
+from gapbench.models import ConvDecoder
 
 PER_BATCH, NUM_TEST, NUM_VALID = 8, 4, 8
 TINY = ["--set", "model.conv_channels=[4, 8]", "--set", "model.latent_size=4", "--set", "model.flow_hidden=8",
@@ -63,7 +61,7 @@ def test_cifar_experiment_runs_end_to_end(fake_cifar, tmp_path, experiment, fami
     assert bounds["elbo_q_star_ffg"]["mean"] <= bounds["log_px"]["mean"]
     assert "elbo_q_star_flow" in bounds and "ais" in summary["other_bounds"]
     # the run reopens: conv decoder, evaluation data are the pixel levels k / 255 of the first images
-    config, decoder, encoder, x = open_run(out)
+    _, decoder, _, x = open_run(out)
     assert isinstance(decoder, ConvDecoder) and x.shape == (6, 3072)
     assert torch.equal(x * 255, (x * 255).round())
 

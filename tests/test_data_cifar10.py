@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-import gapbench.data.cifar10 as cifar10
-from gapbench.data import DataError, load_dataset
+from gapbench.data import DataError, cifar10, load_dataset
 
 PER_BATCH, NUM_TEST, NUM_VALID = 3, 4, 5  # stand-ins for 10000 per batch, 10000, 5000
 SIZE = 3 * 32 * 32

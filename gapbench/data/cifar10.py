@@ -67,13 +67,13 @@ class ArrayUnpickler(pickle.Unpickler):
     the dict keys are ``b"data"``, ``b"labels"``.
     """
 
-    ALLOWED = {
+    ALLOWED = frozenset({
         ("numpy.core.multiarray", "_reconstruct"),  # numpy < 2 and Python 2 pickles
         ("numpy._core.multiarray", "_reconstruct"),  # numpy >= 2
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
         ("_codecs", "encode"),  # Python 3 protocol-2 pickles spell bytes as encode(str, "latin1")
-    }
+    })
 
     def __init__(self, file):
         super().__init__(file, encoding="bytes")
@@ -105,7 +105,7 @@ def read_batch(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
         batch = ArrayUnpickler(io.BytesIO(raw)).load()
     except pickle.UnpicklingError as error:
         raise DataError(f"{where}: not a CIFAR-10 batch ({error}). {_FIX_REPLACE}") from None
-    except Exception as error:  # truncated or garbage bytes raise EOFError, ValueError, ...
+    except Exception as error:  # noqa: BLE001 (garbage bytes raise EOFError, ValueError, KeyError, ...)
         raise DataError(f"{where}: cannot be unpickled, the file is cut short or corrupt "
                         f"({type(error).__name__}: {error}). {_FIX_REPLACE}") from None
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:

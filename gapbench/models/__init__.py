@@ -5,9 +5,17 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from .conv import ConvDecoder, ConvTrunk
-from .likelihoods import (LIKELIHOODS, BernoulliLikelihood, DiscretizedLogisticLikelihood, bernoulli_log_prob,
-                          discretized_logistic_log_prob, discretized_logistic_sample, gaussian_log_prob,
-                          make_likelihood, standard_normal_log_prob)
+from .likelihoods import (
+    LIKELIHOODS,
+    BernoulliLikelihood,
+    DiscretizedLogisticLikelihood,
+    bernoulli_log_prob,
+    discretized_logistic_log_prob,
+    discretized_logistic_sample,
+    gaussian_log_prob,
+    make_likelihood,
+    standard_normal_log_prob,
+)
 from .linear_gaussian import LinearGaussian
 from .mlp import ACTIVATIONS, mlp
 from .vae import Decoder, DecoderBase

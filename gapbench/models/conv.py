@@ -22,6 +22,7 @@ The decoder's last deconvolution gives P C channels, P = the likelihood's parame
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -66,7 +67,7 @@ class ConvTrunk(nn.Module):
         self.image_shape = tuple(image_shape)
         shapes = conv_shapes(self.image_shape, tuple(channels))
         layers: list[nn.Module] = []
-        for (c_in, _, _), (c_out, _, _) in zip(shapes[:-1], shapes[1:]):
+        for (c_in, _, _), (c_out, _, _) in itertools.pairwise(shapes):
             layers += [nn.Conv2d(c_in, c_out, KERNEL, STRIDE, PADDING), ACTIVATIONS[activation]()]
         self.net = nn.Sequential(*layers)
         self.feature_size = math.prod(shapes[-1])
