@@ -24,7 +24,8 @@ se(F) = sd_i(a_i - F b_i) / (sqrt(n) |mean(b)|) (e.g. Cochran, 1977, "Sampling T
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -120,7 +121,7 @@ def refinement_curve(model, encoder: Callable, x: torch.Tensor, *, steps: Sequen
     steps = _check(steps, num_samples, learning_rate, gradient, eval_samples)
     q = amortized_posterior(encoder, x)
     if not isinstance(q, DiagonalGaussian):
-        raise ValueError("a refinement curve starts from the encoder's diagonal Gaussian; this encoder returned "
+        raise TypeError("a refinement curve starts from the encoder's diagonal Gaussian; this encoder returned "
                          f"{type(q).__name__}")
     family = DiagonalGaussianFamily()
     params = family.init_params(x.shape[0], q.mean.shape[-1], like=q.mean, init_from=q)  # (B, Z) each

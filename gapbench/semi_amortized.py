@@ -102,7 +102,7 @@ def semi_amortized_gradients(decoder: nn.Module, encoder: nn.Module, x: torch.Te
         raise ValueError(f"unknown semi-amortized gradient {settings.gradient!r}; choose one of {GRADIENTS}")
     q0 = as_posterior(encoder(x))
     if not isinstance(q0, DiagonalGaussian):
-        raise ValueError("semi-amortized training refines a diagonal Gaussian (mu, log_var); the encoder "
+        raise TypeError("semi-amortized training refines a diagonal Gaussian (mu, log_var); the encoder "
                          f"returned {type(q0).__name__}")
     unrolled = settings.gradient == "unrolled"
     q_k = refine_steps(decoder, q0, x, num_steps=settings.num_steps, learning_rate=settings.learning_rate,

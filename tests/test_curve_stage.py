@@ -7,13 +7,12 @@ import shutil
 import pandas as pd
 import pytest
 import torch
+from conftest import torch_threads
+from test_cli import DIGITS, QUICK
 
 from gapbench.cli import main
 from gapbench.report.curve_figure import main as figure_main
 from gapbench.rundir import section_hash
-
-from conftest import torch_threads
-from test_cli import DIGITS, QUICK
 
 CURVE = ["--set", "curve.enabled=true", "--set", "curve.steps=[0,1,3,10]", "--set", "curve.eval_samples=50"]
 

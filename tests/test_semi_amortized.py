@@ -6,6 +6,7 @@ import io
 
 import pytest
 import torch
+from conftest import make_linear_gaussian
 
 from gapbench.config import ConfigError, parse_config
 from gapbench.data import load_dataset
@@ -13,8 +14,6 @@ from gapbench.models import Decoder
 from gapbench.posteriors import DiagonalGaussian, GaussianEncoder
 from gapbench.semi_amortized import SemiAmortized, beta_elbo, refine_steps, semi_amortized_gradients, svi_step
 from gapbench.train import negative_elbo, train
-
-from conftest import make_linear_gaussian
 
 
 def tiny_networks(seed=0, dtype=torch.float64):
