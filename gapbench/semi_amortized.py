@@ -9,8 +9,8 @@ refine it,
 each with one reparameterised sample eps_k, and the decoder is trained on the refined ELBO.
 ``clip`` rescales each datapoint's gradient (over mu and log sigma^2 together) to norm at most
 ``max_grad_norm`` (Kim et al. clip the inner gradients too; doing it per datapoint keeps the
-datapoints of a batch independent). The steps are plain SGD (Kim et al. also use SGD; we use no
-momentum). ELBO_beta = log p(x|z) + beta (log p(z) - log q(z)) carries the KL warm-up weight beta of
+datapoints of a batch independent). The steps are plain gradient ascent without momentum, one
+sample each; we do not claim to match every detail of Kim et al.'s inner optimiser. ELBO_beta = log p(x|z) + beta (log p(z) - log q(z)) carries the KL warm-up weight beta of
 the training step, in the inner steps as in the loss.
 
 Two gradients, ``gradient``:
