@@ -1,28 +1,34 @@
 """Semi-amortized training: the encoder's output refined by K SVI steps inside every training step.
 
-Kim, Wiseman, Miller, Sontag & Rush (2018), "Semi-Amortized Variational Autoencoders", Algorithm 1:
-the encoder gives lambda_0 = (mu, log sigma^2) = enc_phi(x); K steps of gradient ascent on the ELBO
-refine it,
+Kim, Wiseman, Miller, Sontag & Rush (2018), "Semi-Amortized Variational Autoencoders": the encoder
+gives lambda_0 = (mu, log sigma^2) = enc_phi(x); K steps of gradient ascent on the ELBO refine it,
 
     lambda_k = lambda_{k-1} + alpha * clip(grad_lambda ELBO_beta(lambda_{k-1}, theta; x, eps_k)),  k = 1..K,
 
 each with one reparameterised sample eps_k, and the decoder is trained on the refined ELBO.
 ``clip`` rescales each datapoint's gradient (over mu and log sigma^2 together) to norm at most
-``max_grad_norm`` (Kim et al. clip the inner gradients too; doing it per datapoint keeps the
-datapoints of a batch independent). The steps are plain gradient ascent without momentum, one
-sample each; we do not claim to match every detail of Kim et al.'s inner optimiser. ELBO_beta = log p(x|z) + beta (log p(z) - log q(z)) carries the KL warm-up weight beta of
-the training step, in the inner steps as in the loss.
+``max_grad_norm`` (doing it per datapoint keeps the datapoints of a batch independent).
+ELBO_beta = log p(x|z) + beta (log p(z) - log q(z)), a one-sample estimate, carries the KL warm-up
+weight beta of the training step, in the inner steps as in the loss.
 
 Two gradients, ``gradient``:
 
 - ``"unrolled"`` (SA-VAE): the steps keep their autograd graph (``create_graph=True``), so the encoder
   is trained on the refined ELBO through the K steps: phi follows d ELBO_beta(lambda_K(phi), theta) / d phi
   (Hessian-vector products of the inner ELBO). The decoder follows the partial derivative
-  d ELBO_beta(lambda_K, theta) / d theta with lambda_K held fixed (Kim et al.'s Algorithm 1; no
-  gradient reaches theta through the inner steps).
-- ``"stop"`` (Kim et al.'s SVI baseline with a stop-gradient): lambda_K is a constant for the encoder.
-  The encoder is trained on its own ELBO, d ELBO_beta(lambda_0(phi), theta) / d phi, from one sample of
-  its own; the decoder on the refined ELBO, d ELBO_beta(lambda_K, theta) / d theta.
+  d ELBO_beta(lambda_K, theta) / d theta with lambda_K held fixed: no gradient reaches theta through
+  the inner steps.
+- ``"stop"`` (a stop-gradient, as Kim et al.'s ``train_n2n = 0`` option with ``train_kl = 0``):
+  lambda_K is a constant for the encoder. The encoder is trained on its own ELBO,
+  d ELBO_beta(lambda_0(phi), theta) / d phi, from one sample of its own; the decoder on the refined
+  ELBO, d ELBO_beta(lambda_K, theta) / d theta.
+
+Where this differs from Kim et al.'s published code (harvardnlp/sa-vae, ``train_img.py`` and
+``optim_n2n.py``): their inner steps (images) use momentum 0.5, step size 1, 20 steps, the mean's
+and the log-variance's gradients each clipped over the whole batch at norm 5, the KL term in closed
+form, and Hessian-vector products by finite differences; and by default (``acc_param_grads``) they
+also accumulate the decoder's gradient through the inner steps (the total derivative in theta),
+which ``"unrolled"`` here does not.
 
 With K = 0 both are the plain VAE's gradients (``lambda_K = lambda_0``); ``gapbench.train`` takes the
 plain VAE's code path then, so K = 0 trains exactly the plain VAE, number for number.
