@@ -19,7 +19,7 @@ from .data import check_finite
 from .estimators import AISEstimate, AISProcedure, Estimate, elbo_from_stats, iwae_from_stats, weight_stats
 from .estimators.ais import DEFAULT_AIS
 from .gaps import gap_frame, summarize
-from .posteriors import DiagonalGaussian, as_posterior, get_family
+from .posteriors import DiagonalGaussian, LocalFamily, as_posterior, get_family
 from .refine import RefineResult, refine
 
 INITS = ("prior", "encoder")
@@ -87,20 +87,22 @@ def amortized_posterior(encoder: Callable, x: torch.Tensor):
         return as_posterior(encoder(x))
 
 
-def local_posterior(model, encoder: Callable, x: torch.Tensor, *, family: str = "ffg",
+def local_posterior(model, encoder: Callable, x: torch.Tensor, *, family: str | LocalFamily = "ffg",
                     init: str = "prior", procedure: RefineProcedure = DEFAULT_PROCEDURE,
                     generator: torch.Generator | None,
                     callback: Callable[[int, int], None] | None = None) -> RefineResult:
-    """Refine a local posterior of ``family`` for every datapoint of x (B, D), all at once.
+    """Refine a local posterior of ``family`` (a name or a LocalFamily, e.g. a
+    ``HierarchicalFamily``) for every datapoint of x (B, D), all at once.
 
     ``init="prior"`` starts from N(0, I) (as the paper); ``init="encoder"`` from the encoder's
-    output, which must then be a diagonal Gaussian (``Independent(Normal(mu, sigma), 1)``).
+    output, which must then be of the family's amortized form: a diagonal Gaussian
+    (``Independent(Normal(mu, sigma), 1)``) for "ffg", a HierarchicalPosterior for the hierarchical family.
     """
     if init not in INITS:
         raise ValueError(f"unknown refinement init {init!r}; choose one of {INITS}")
-    local = get_family(family)
+    local = get_family(family) if isinstance(family, str) else family
     q = amortized_posterior(encoder, x)
-    if init == "encoder" and not isinstance(q, DiagonalGaussian):
+    if init == "encoder" and local.name == "ffg" and not isinstance(q, DiagonalGaussian):
         raise ValueError("init='encoder' needs an encoder returning a diagonal Gaussian; use init='prior'")
     z, _ = q.rsample_and_log_prob(1, generator=torch.Generator().manual_seed(0))  # (1, B, Z), shape probe
     init_params = local.init_params(x.shape[0], z.shape[-1], like=z,

@@ -5,6 +5,8 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from .likelihoods import bernoulli_log_prob, gaussian_log_prob, standard_normal_log_prob
+from .hierarchical import HierarchicalDecoder
+from .hierarchical_linear_gaussian import HierarchicalLinearGaussian, linear_conditional_joint
 from .linear_gaussian import LinearGaussian
 from .mlp import ACTIVATIONS, mlp
 from .vae import Decoder
@@ -20,6 +22,6 @@ class Model(Protocol):
 
 
 __all__ = [
-    "ACTIVATIONS", "Decoder", "LinearGaussian", "Model", "bernoulli_log_prob", "gaussian_log_prob",
-    "mlp", "standard_normal_log_prob",
+    "ACTIVATIONS", "Decoder", "HierarchicalDecoder", "HierarchicalLinearGaussian", "LinearGaussian", "Model", "bernoulli_log_prob", "gaussian_log_prob",
+    "linear_conditional_joint", "mlp", "standard_normal_log_prob",
 ]
