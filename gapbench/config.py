@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from .estimators import AISProcedure
 from .measure import RefineProcedure
@@ -35,18 +35,34 @@ class DataConfig(Section):
     threshold: float = Field(0.5, gt=0.0, lt=1.0)  # static binarisation threshold
 
 
+HIERARCHICAL_KEYS = ("kind", "latent_size_2", "prior_hidden")  # written out only for kind = "hierarchical"
+
+
 class ModelConfig(Section):
-    latent_size: int = Field(50, ge=1)  # Z
-    encoder_hidden: list[int] = [200, 200]  # encoder hidden widths, x -> z
-    decoder_hidden: list[int] = [200, 200]  # decoder hidden widths, z -> x
+    latent_size: int = Field(50, ge=1)  # Z (kind = "hierarchical": Z1, the layer next to x)
+    encoder_hidden: list[int] = [200, 200]  # encoder hidden widths, x -> z (x -> z1)
+    decoder_hidden: list[int] = [200, 200]  # decoder hidden widths, z -> x (z1 -> x)
     activation: Literal["elu", "relu", "tanh", "softplus", "leaky_relu"] = "elu"
+    kind: Literal["vae", "hierarchical"] = "vae"  # one stochastic layer, or two: p(z2) p(z1|z2) p(x|z1)
+    latent_size_2: int = Field(16, ge=1)  # Z2, the top layer (kind = "hierarchical")
+    prior_hidden: list[int] = [100]  # hidden widths of p(z1|z2) and q(z2|z1) (kind = "hierarchical")
 
     @model_validator(mode="after")
     def _positive_widths(self) -> "ModelConfig":
-        for name in ("encoder_hidden", "decoder_hidden"):
+        for name in ("encoder_hidden", "decoder_hidden", "prior_hidden"):
             if any(w < 1 for w in getattr(self, name)):
                 raise ValueError(f"{name} widths must be positive, got {getattr(self, name)}")
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_second_layer(self, handler: Any) -> dict[str, Any]:
+        """A one-layer model's resolved config has no second-layer keys, so it reads (and hashes) as
+        before they existed: older run folders, checkpoints and baselines stay comparable."""
+        data = handler(self)
+        if self.kind == "vae":
+            for key in HIERARCHICAL_KEYS:
+                data.pop(key, None)
+        return data
 
 
 class TrainConfig(Section):
@@ -70,7 +86,7 @@ class EvalConfig(Section):
 
 
 class RefineConfig(Section):
-    family: Literal["ffg"] = "ffg"  # local variational family
+    family: Literal["ffg", "hierarchical"] = "ffg"  # local variational family (hierarchical: for model.kind = "hierarchical")
     init: Literal["prior", "encoder"] = "encoder"  # where each local optimisation starts
     procedure: Literal["gapbench", "paper"] = "gapbench"  # preset; the fields below override it
     num_samples: int | None = Field(None, ge=1)  # samples per step
@@ -127,6 +143,16 @@ class ExperimentConfig(Section):
     refine: RefineConfig = RefineConfig()
     ais: AISConfig = AISConfig()
 
+    @model_validator(mode="after")
+    def _family_fits_model(self) -> "ExperimentConfig":
+        if self.model.kind == "hierarchical" and self.refine.family != "hierarchical":
+            raise ValueError('model.kind = "hierarchical" is refined in its own family, q(z1) q(z2|z1) with '
+                             'free per-datapoint parameters; set refine.family = "hierarchical"')
+        if self.model.kind != "hierarchical" and self.refine.family == "hierarchical":
+            raise ValueError('refine.family = "hierarchical" needs a two-layer model; set model.kind = '
+                             '"hierarchical", or refine.family = "ffg"')
+        return self
+
 
 def _parse_value(text: str) -> Any:
     """A --set value as a TOML literal (10, 1e-3, true, [200, 200], "x"); bare words are strings."""
@@ -160,6 +186,8 @@ def _format_error(error: ValidationError, source: str) -> str:
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
             lines.append(f"  {where}: unknown key; remove it or check its spelling")
+        elif e["type"] == "value_error" and not e["loc"]:  # a rule across sections: the message names the keys
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
         elif e["type"] == "missing":
             lines.append(f"  {where}: required key is missing")
         else:

@@ -40,14 +40,14 @@ from .config import ConfigError, ExperimentConfig
 from .data import Dataset, binarize, check_binary, check_values, load_dataset
 from .gaps import NO_FAULT, best_bound, decompose, estimate_columns, find_faults, summarize, summarize_column
 from .measure import ais_diagnostics, ais_of, bounds_of, local_posterior
-from .models import Decoder
-from .posteriors import GaussianEncoder, get_family
+from .models import Decoder, HierarchicalDecoder
+from .posteriors import GaussianEncoder, HierarchicalEncoder, HierarchicalFamily, LocalFamily, get_family
 from .report import gap_table_markdown
 from .rundir import TRAIN_STATE, RunError, RunFolder, open_run_folder
 from .train import ResumeError, train
 
 __all__ = ["CHECKPOINT_FORMAT", "Run", "RunError", "build_networks", "evaluation_data", "load_checkpoint",
-           "open_run", "open_run_config", "run_experiment", "stage_generator"]
+           "local_family", "open_run", "open_run_config", "run_experiment", "stage_generator"]
 
 LOG_PX_CANDIDATES = ("iwae_q", "iwae_q_star")  # and "ais" when the AIS stage runs
 # The random stream of each stage, fixed by name: adding a stage changes no other stage's numbers.
@@ -63,14 +63,29 @@ def stage_generator(seed: int, stage: str) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
 
 
-def build_networks(config: ExperimentConfig, data_size: int) -> tuple[Decoder, GaussianEncoder]:
-    """Decoder and encoder initialised from the run seed, without touching torch's global stream."""
+def build_networks(config: ExperimentConfig, data_size: int) -> tuple[Decoder, torch.nn.Module]:
+    """Decoder and encoder initialised from the run seed, without touching torch's global stream:
+    a VAE's, or (``model.kind = "hierarchical"``) the two-layer model's and its q(z1|x) q(z2|z1)."""
     m = config.model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
+        if m.kind == "hierarchical":
+            decoder = HierarchicalDecoder(data_size, m.latent_size, m.latent_size_2, tuple(m.decoder_hidden),
+                                          tuple(m.prior_hidden), m.activation)
+            encoder = HierarchicalEncoder(data_size, m.latent_size, m.latent_size_2, tuple(m.encoder_hidden),
+                                          tuple(m.prior_hidden), m.activation)
+            return decoder, encoder
         decoder = Decoder(data_size, m.latent_size, tuple(m.decoder_hidden), m.activation)
         encoder = GaussianEncoder(data_size, m.latent_size, tuple(m.encoder_hidden), m.activation)
     return decoder, encoder
+
+
+def local_family(config: ExperimentConfig, name: str) -> LocalFamily:
+    """The local family ``name`` with the run's sizes (the hierarchical one: Z1, Z2, ``prior_hidden``)."""
+    m = config.model
+    if name == "hierarchical":
+        return HierarchicalFamily(m.latent_size, m.latent_size_2, tuple(m.prior_hidden), m.activation)
+    return get_family(name)
 
 
 def evaluation_data(config: ExperimentConfig, dataset: Dataset) -> torch.Tensor:
@@ -205,7 +220,7 @@ class Run:
         from tqdm.auto import tqdm
         e, r = self.config.eval, self.config.refine
         procedure = r.resolved()
-        family = get_family(r.family)
+        family = local_family(self.config, r.family)
         start = time.perf_counter()
         generator = stage_generator(self.config.seed, "local")
         frames, params = [], []
@@ -215,7 +230,7 @@ class Run:
                 def callback(step: int, num_active: int) -> None:
                     bar.update(1)
                     bar.set_postfix(active=num_active)
-                result = local_posterior(decoder, encoder, batch, family=r.family, init=r.init,
+                result = local_posterior(decoder, encoder, batch, family=family, init=r.init,
                                          procedure=procedure, generator=generator, callback=callback)
             pair = bounds_of(decoder, family.posterior(result.params), batch, num_samples=e.num_samples,
                              chunk_size=e.chunk_size, generator=generator)
@@ -242,7 +257,7 @@ class Run:
             return io.read_csv(path)
         self.folder.start("ais")
         from tqdm.auto import tqdm
-        family = get_family(self.config.refine.family)
+        family = local_family(self.config, self.config.refine.family)
         q_star_params = torch.load(self.dir / "local.pt", weights_only=True) if a.init == "q_star" else None
         start = time.perf_counter()
         generator = stage_generator(self.config.seed, "ais")
@@ -396,7 +411,7 @@ def open_run_config(run_dir: str | Path) -> ExperimentConfig:
 
 
 def open_run(run_dir: str | Path, *, num_datapoints: int | None = None
-             ) -> tuple[ExperimentConfig, Decoder, GaussianEncoder, torch.Tensor]:
+             ) -> tuple[ExperimentConfig, Decoder, torch.nn.Module, torch.Tensor]:
     """A trained run's config, networks (eval mode) and evaluation datapoints (N, D).
 
     ``num_datapoints`` replaces the run's ``eval.num_datapoints`` (same split, same binarisation).

@@ -210,6 +210,12 @@ class HierarchicalFamily:
     def posterior(self, params: Mapping[str, torch.Tensor]) -> HierarchicalPosterior:
         return HierarchicalPosterior(params, self.activation)
 
-    def step_scale(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """q(z1)'s mean steps in units of its standard deviation, as the FFG's; g's weights unscaled."""
-        return {"mean": torch.exp(0.5 * params["log_var"])}
+    def step_scale(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor | float]:
+        """q(z1)'s mean steps in units of its standard deviation, as the FFG's; g's weight matrices'
+        steps divided by the fan-in, so that a step moves a pre-activation by about the step size
+        whatever the width (as the flows' weights); biases and log-variances unscaled."""
+        scales: dict[str, torch.Tensor | float] = {"mean": torch.exp(0.5 * params["log_var"])}
+        for name, value in params.items():
+            if name.startswith("weight_"):
+                scales[name] = 1.0 / value.shape[-1]
+        return scales
