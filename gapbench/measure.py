@@ -154,7 +154,7 @@ class frozen:
             p.requires_grad_(True)
 
 
-def measure_gaps(model, encoder: Callable, x: torch.Tensor, *, family: str = "ffg", init: str = "prior",
+def measure_gaps(model, encoder: Callable, x: torch.Tensor, *, family: str | LocalFamily = "ffg", init: str = "prior",
                  num_samples: int = 5000, chunk_size: int | None = None,
                  procedure: RefineProcedure = DEFAULT_PROCEDURE, ais: AISProcedure | None = None,
                  ais_init: str = "encoder",
@@ -167,7 +167,8 @@ def measure_gaps(model, encoder: Callable, x: torch.Tensor, *, family: str = "ff
     encoder : x (B, D) -> Distribution (batch (B,), event (Z,)) or gapbench Posterior
     x : (B, D), finite; 0s and 1s for a model with a Bernoulli likelihood (DataError otherwise, see
         :func:`check_data`)
-    family : local variational family for q* ("ffg")
+    family : local variational family for q*: "ffg", or a LocalFamily such as
+        ``gapbench.posteriors.HierarchicalFamily(Z1, Z2, hidden)`` for a two-layer model's q(z1|x) q(z2|z1)
     init : where refinement starts, "prior" (the paper) or "encoder"
     num_samples : samples for every final ELBO and IWAE (paper: 5000)
     chunk_size : samples per chunk in the estimators (None: automatic)
@@ -193,7 +194,7 @@ def measure_gaps(model, encoder: Callable, x: torch.Tensor, *, family: str = "ff
     amortized = bounds_of(model, q, x, num_samples=num_samples, chunk_size=chunk_size, generator=generator)
     result = local_posterior(model, encoder, x, family=family, init=init, procedure=procedure,
                              generator=generator)
-    q_star = get_family(family).posterior(result.params)
+    q_star = (get_family(family) if isinstance(family, str) else family).posterior(result.params)
     local = bounds_of(model, q_star, x, num_samples=num_samples, chunk_size=chunk_size, generator=generator)
     bounds = {"elbo_q": amortized.elbo, "elbo_q_star": local.elbo, "iwae_q": amortized.iwae,
               "iwae_q_star": local.iwae}
