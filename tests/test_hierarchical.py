@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
-from torch.distributions import Independent, MultivariateNormal, Normal
+from torch.distributions import Bernoulli, Independent, MultivariateNormal, Normal
 
 from gapbench.estimators import ais, elbo, iwae, simulate
 from gapbench.measure import RefineProcedure, local_posterior, measure_gaps
 from gapbench.models import HierarchicalDecoder, HierarchicalLinearGaussian, linear_conditional_joint
-from gapbench.refine import refine
 from gapbench.posteriors import HierarchicalEncoder, HierarchicalFamily, HierarchicalPosterior
+from gapbench.refine import refine
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -79,7 +79,7 @@ def test_linear_model_densities_against_torch(generator):
 
 def test_top_conditional_is_the_prior_conditional(generator):
     """p(z2|z1) = p(z1, z2) / p(z1), with p(z1) = N(a, A A^T + S1)."""
-    model, x = make_model()
+    model, _ = make_model()
     z = model.sample_prior((7,), generator=generator)  # (7, Z)
     z1, z2 = model.split(z)
     p_z1 = MultivariateNormal(model.a, model.A @ model.A.T + torch.diag(model.var1))
@@ -120,7 +120,6 @@ def test_neural_decoder_densities_against_torch(generator):
     expected = (Independent(Normal(torch.zeros(2), torch.ones(2)), 1).log_prob(z2)
                 + Independent(Normal(mean, torch.exp(0.5 * log_var)), 1).log_prob(z1))
     torch.testing.assert_close(model.log_prior(z), expected)
-    from torch.distributions import Bernoulli
     torch.testing.assert_close(model.log_likelihood(x, z),
                                Independent(Bernoulli(logits=model.net(z1)), 1).log_prob(x))
     assert model.latent_size == 5

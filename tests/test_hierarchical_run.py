@@ -7,14 +7,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from test_cli import QUICK
 
 from gapbench.cli import main
 from gapbench.config import parse_config
 from gapbench.experiment import open_run
 from gapbench.models import HierarchicalDecoder
 from gapbench.posteriors import HierarchicalPosterior
-
-from test_cli import QUICK
 
 ROOT = Path(__file__).resolve().parents[1]
 HIERARCHICAL = ROOT / "experiments" / "digits_hierarchical.toml"
@@ -49,7 +48,7 @@ def test_hierarchical_run_measures_every_bound(hierarchical_run):
 
 
 def test_hierarchical_run_reopens_with_its_networks(hierarchical_run):
-    config, decoder, encoder, x = open_run(hierarchical_run, num_datapoints=5)
+    _, decoder, encoder, x = open_run(hierarchical_run, num_datapoints=5)
     assert isinstance(decoder, HierarchicalDecoder) and decoder.latent_size == 9
     q = encoder(x)
     assert isinstance(q, HierarchicalPosterior)
@@ -75,3 +74,15 @@ def test_one_layer_config_has_no_second_layer_keys():
     resolved = parse_config({"name": "x"}).model_dump(mode="json")
     assert set(resolved["model"]) == {"latent_size", "encoder_hidden", "decoder_hidden", "activation"}
     assert parse_config(resolved).model.kind == "vae"
+
+
+def test_ais_from_the_refined_hierarchical_posterior(hierarchical_run, tmp_path):
+    """ais.init = "q_star" rebuilds each batch's q(z1) q(z2|z1) from local.pt (it needs log q at any z)."""
+    import shutil
+    run = tmp_path / "hier"
+    shutil.copytree(hierarchical_run, run)
+    assert main(["run", str(HIERARCHICAL), "--out", str(run), *QUICK, *SMALL, "--set", 'ais.init="q_star"',
+                 "--force"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["settings"]["ais"]["init"] == "q_star" and summary["faults"]["num_faulty"] == 0
+    assert 0 < summary["ais"]["mean_acceptance_rate"] < 1

@@ -33,7 +33,7 @@ class HierarchicalLinearGaussian:
 
     def __init__(self, A: torch.Tensor, a: torch.Tensor, var1: torch.Tensor, B: torch.Tensor, b: torch.Tensor,
                  var0: torch.Tensor):
-        z1, z2 = A.shape
+        z1 = A.shape[0]
         d = B.shape[0]
         if (a.shape != (z1,) or var1.shape != (z1,) or B.shape != (d, z1) or b.shape != (d,)
                 or var0.shape != (d,) or bool((var1 <= 0).any()) or bool((var0 <= 0).any())):
