@@ -84,6 +84,24 @@ def _bdmc(args: argparse.Namespace) -> int:
         io.write_csv(Path(args.out), frame)
         print(f"per-datapoint bounds written to {args.out}", file=sys.stderr)
     return 0
+def _table(args: argparse.Namespace) -> int:
+    from .report.build import make_report
+
+    text, written = make_report(args.runs, args.out, figures=False)
+    print(text)
+    if written:
+        print("written: " + ", ".join(str(p) for p in written), file=sys.stderr)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report.build import make_report
+
+    text, written = make_report(args.runs, args.out, compare=args.compare, figures=not args.no_figures)
+    print(text)
+    if written:
+        print("written: " + ", ".join(str(p) for p in written), file=sys.stderr)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,6 +142,20 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--out", help="also write the per-datapoint bounds as CSV here")
     bd.add_argument("--quiet", action="store_true", help="no progress bar")
     bd.set_defaults(func=_bdmc)
+    table = sub.add_parser("table", help="the cross-family gap table (Cremer et al., 2018, Table 2) of finished runs")
+    table.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                       help="run folders, e.g. one trained with an FFG encoder and one with a flow")
+    table.add_argument("--out", help="also write gap_table.md, gap_table.csv and gap_table.tex here")
+    table.set_defaults(func=_table)
+    report = sub.add_parser("report", help="the cross-family table of finished runs, beside a published table "
+                                           "(--compare), with figures")
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="finished run folders")
+    report.add_argument("--compare", metavar="PAPER_TABLE",
+                        help="a published table, e.g. results/published/cremer2018_table2.json")
+    report.add_argument("--out", help="write gap_table.{md,csv,tex}, comparison.{md,csv} and the figures "
+                                      "(gap_bars, gap_distributions; PNG and PDF) here")
+    report.add_argument("--no-figures", action="store_true", help="tables only")
+    report.set_defaults(func=_report)
     from .bench import add_bench_parser
     add_bench_parser(sub)
     return parser
@@ -133,12 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     from .check import CheckError
     from .config import ConfigError
     from .data import DataError
+    from .report.build import ReportError
+    from .report.published import PublishedError
     from .rundir import RunError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, RunError, CheckError) as error:
+    except (ConfigError, DataError, RunError, CheckError, ReportError, PublishedError) as error:
         print(f"gapbench: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -35,6 +35,8 @@ class DataConfig(Section):
     threshold: float = Field(0.5, gt=0.0, lt=1.0)  # static binarisation threshold
 
 
+# FFG, Cremer et al.'s auxiliary coupling flow, planar, IAF; q(z1|x) q(z2|z1) of the two-layer model
+Family = Literal["ffg", "flow", "planar", "iaf", "hierarchical"]
 HIERARCHICAL_KEYS = ("kind", "latent_size_2", "prior_hidden")  # written out only for kind = "hierarchical"
 
 
@@ -43,6 +45,9 @@ class ModelConfig(Section):
     encoder_hidden: list[int] = [200, 200]  # encoder hidden widths, x -> z (x -> z1)
     decoder_hidden: list[int] = [200, 200]  # decoder hidden widths, z -> x (z1 -> x)
     activation: Literal["elu", "relu", "tanh", "softplus", "leaky_relu"] = "elu"
+    posterior: Family = "ffg"  # the encoder's variational family
+    flow_steps: int | None = Field(None, ge=1)  # coupling / IAF steps, planar layers (None: 2, 2, 10)
+    flow_hidden: int = Field(100, ge=1)  # hidden width of the coupling and MADE networks (paper: 100)
     kind: Literal["vae", "hierarchical"] = "vae"  # one stochastic layer, or two: p(z2) p(z1|z2) p(x|z1)
     latent_size_2: int = Field(16, ge=1)  # Z2, the top layer (kind = "hierarchical")
     prior_hidden: list[int] = [100]  # hidden widths of p(z1|z2) and q(z2|z1) (kind = "hierarchical")
@@ -56,8 +61,8 @@ class ModelConfig(Section):
 
     @model_serializer(mode="wrap")
     def _omit_second_layer(self, handler: Any) -> dict[str, Any]:
-        """A one-layer model's resolved config has no second-layer keys, so it reads (and hashes) as
-        before they existed: older run folders, checkpoints and baselines stay comparable."""
+        """A one-layer model's resolved config has no second-layer keys, so its config.json, stage hashes,
+        checkpoint and summary settings read as before they existed (baselines stay comparable)."""
         data = handler(self)
         if self.kind == "vae":
             for key in HIERARCHICAL_KEYS:
@@ -86,7 +91,7 @@ class EvalConfig(Section):
 
 
 class RefineConfig(Section):
-    family: Literal["ffg", "hierarchical"] = "ffg"  # local variational family (hierarchical: for model.kind = "hierarchical")
+    families: list[Family] = ["ffg"]  # local families to refine (default: the encoder's); old key: family
     init: Literal["prior", "encoder"] = "encoder"  # where each local optimisation starts
     procedure: Literal["gapbench", "paper"] = "gapbench"  # preset; the fields below override it
     num_samples: int | None = Field(None, ge=1)  # samples per step
@@ -100,9 +105,26 @@ class RefineConfig(Section):
     convergence: Literal["paired", "window"] | None = None  # convergence test
     check_samples: int | None = Field(None, ge=1)  # noise draws per paired check
 
-    def resolved(self) -> RefineProcedure:
-        """The preset with every field set here replacing the preset's value."""
-        preset = RefineProcedure.paper() if self.procedure == "paper" else RefineProcedure()
+    @model_validator(mode="after")
+    def _distinct_families(self) -> "RefineConfig":
+        if not self.families:
+            raise ValueError("refine.families is empty; list at least one family, e.g. [\"ffg\"]")
+        if len(set(self.families)) != len(self.families):
+            raise ValueError(f"refine.families lists a family twice: {self.families}")
+        return self
+
+    def resolved(self, family: str = "ffg") -> RefineProcedure:
+        """The preset for ``family`` with every field set here replacing the preset's value.
+
+        The "gapbench" preset differs for flows (``RefineProcedure.for_flows``; the hierarchical family takes
+        the FFG's, with its network's weight steps scaled by 1/fan-in); "paper" is the same
+        for every family. The gradient is not yet adjusted to the family (see
+        ``gapbench.measure.effective_procedure``).
+        """
+        if self.procedure == "paper":
+            preset = RefineProcedure.paper()
+        else:
+            preset = RefineProcedure() if family in ("ffg", "hierarchical") else RefineProcedure.for_flows()
         overrides = {k: getattr(self, k) for k in preset._fields if getattr(self, k) is not None}
         return preset._replace(**overrides)
 
@@ -143,14 +165,47 @@ class ExperimentConfig(Section):
     refine: RefineConfig = RefineConfig()
     ais: AISConfig = AISConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _migrate_family(cls, raw: Any) -> Any:
+        """``refine.family = "ffg"`` (before flows) means ``refine.families = ["ffg"]``; without either,
+        the local families are the encoder's own (``[model.posterior]``)."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("refine", {}), dict):
+            return raw
+        refine = dict(raw.get("refine", {}))
+        if "family" in refine:
+            if "families" in refine:
+                raise ValueError("refine.family and refine.families are both given; keep refine.families "
+                                 "(refine.family is its old single-family form)")
+            family = refine.pop("family")
+            refine["families"] = [family] if isinstance(family, str) else family
+        model = raw.get("model", {})
+        if isinstance(model, dict) and model.get("kind") == "hierarchical" and "posterior" not in model:
+            raw = {**raw, "model": {**model, "posterior": "hierarchical"}}  # its encoder is q(z1|x) q(z2|z1)
+            model = raw["model"]
+        if "families" not in refine:
+            refine["families"] = [model.get("posterior", "ffg") if isinstance(model, dict) else "ffg"]
+        return {**raw, "refine": refine}
+
     @model_validator(mode="after")
     def _family_fits_model(self) -> "ExperimentConfig":
-        if self.model.kind == "hierarchical" and self.refine.family != "hierarchical":
-            raise ValueError('model.kind = "hierarchical" is refined in its own family, q(z1) q(z2|z1) with '
-                             'free per-datapoint parameters; set refine.family = "hierarchical"')
-        if self.model.kind != "hierarchical" and self.refine.family == "hierarchical":
-            raise ValueError('refine.family = "hierarchical" needs a two-layer model; set model.kind = '
-                             '"hierarchical", or refine.family = "ffg"')
+        two_layers = self.model.kind == "hierarchical"
+        if two_layers and (self.model.posterior != "hierarchical" or self.refine.families != ["hierarchical"]):
+            raise ValueError('model.kind = "hierarchical" has its own encoder q(z1|x) q(z2|z1) and is refined in that '
+                             'family with free per-datapoint parameters; leave model.posterior and refine.families '
+                             'out (or set them to "hierarchical" and ["hierarchical"])')
+        if not two_layers and "hierarchical" in (self.model.posterior, *self.refine.families):
+            raise ValueError('the "hierarchical" family needs a two-layer model; set model.kind = "hierarchical", '
+                             'or choose another family')
+        return self
+
+    @model_validator(mode="after")
+    def _encoder_family_is_refined(self) -> "ExperimentConfig":
+        if self.model.posterior not in self.refine.families:
+            raise ValueError(
+                f"refine.families = {self.refine.families} must include the encoder's family "
+                f"(model.posterior = {self.model.posterior!r}): the run's gaps compare L[q] with L[q*] of that "
+                f"family; add it, e.g. refine.families = {[*self.refine.families, self.model.posterior]}")
         return self
 
 

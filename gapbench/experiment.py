@@ -12,7 +12,8 @@ Files of a run folder:
     train_history.csv  one row per epoch
     train_state.pt     while training: a recent epoch's weights, Adam state, random stream and history
     amortized.csv      per datapoint: L[q] and IWAE under q, with standard errors and ESS
-    local.csv, local.pt   per datapoint: L[q*], IWAE under q*, refinement steps and flags; the q* parameters
+    local.csv, local.pt   per datapoint and local family f of refine.families: L[q*_f], IWAE under q*_f,
+                       refinement steps and flags (columns suffixed _f); the q* parameters ({f: {name: tensor}})
     ais.csv            per datapoint: AIS estimate of log p(x) with standard error, ESS and HMC diagnostics
     datapoints.csv     everything per datapoint, with log p_hat(x), the three gaps and numerical faults
     summary.json       means with standard errors, fault counts, and every setting that changes a number
@@ -26,6 +27,7 @@ import hashlib
 import json
 import platform
 import time
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -39,17 +41,16 @@ from .checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint
 from .config import ConfigError, ExperimentConfig
 from .data import Dataset, binarize, check_binary, check_values, load_dataset
 from .gaps import NO_FAULT, best_bound, decompose, estimate_columns, find_faults, summarize, summarize_column
-from .measure import ais_diagnostics, ais_of, bounds_of, local_posterior
+from .measure import ais_diagnostics, ais_of, bounds_of, effective_procedure, local_posterior
 from .models import Decoder, HierarchicalDecoder
-from .posteriors import GaussianEncoder, HierarchicalEncoder, HierarchicalFamily, LocalFamily, get_family
+from .posteriors import HierarchicalEncoder, HierarchicalFamily, LocalFamily, make_encoder, make_family
 from .report import gap_table_markdown
 from .rundir import TRAIN_STATE, RunError, RunFolder, open_run_folder
 from .train import ResumeError, train
 
 __all__ = ["CHECKPOINT_FORMAT", "Run", "RunError", "build_networks", "evaluation_data", "load_checkpoint",
-           "local_family", "open_run", "open_run_config", "run_experiment", "stage_generator"]
+           "open_run", "open_run_config", "run_experiment", "stage_generator"]
 
-LOG_PX_CANDIDATES = ("iwae_q", "iwae_q_star")  # and "ais" when the AIS stage runs
 # The random stream of each stage, fixed by name: adding a stage changes no other stage's numbers.
 STAGE_STREAMS = {"train": 1, "amortized": 2, "local": 3, "report": 4, "ais": 5}
 # Training saves train_state.pt at most this often: a save costs 20 ms (digits) to 100 ms (the
@@ -57,15 +58,18 @@ STAGE_STREAMS = {"train": 1, "amortized": 2, "local": 3, "report": 4, "ais": 5}
 TRAIN_STATE_SECONDS = 10.0
 
 
-def stage_generator(seed: int, stage: str) -> torch.Generator:
-    """An independent random stream per (seed, stage), so a resumed stage repeats exactly."""
-    state = np.random.SeedSequence([seed, STAGE_STREAMS[stage]]).generate_state(1, dtype=np.uint64)
+def stage_generator(seed: int, stage: str, part: str | None = None) -> torch.Generator:
+    """An independent random stream per (seed, stage[, part]), so a resumed stage repeats exactly;
+    ``part`` names a piece of a stage whose numbers must not depend on the others (a local family)."""
+    entropy = [seed, STAGE_STREAMS[stage]] + ([zlib.crc32(part.encode())] if part is not None else [])
+    state = np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)
     return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
 
 
 def build_networks(config: ExperimentConfig, data_size: int) -> tuple[Decoder, torch.nn.Module]:
-    """Decoder and encoder initialised from the run seed, without touching torch's global stream:
-    a VAE's, or (``model.kind = "hierarchical"``) the two-layer model's and its q(z1|x) q(z2|z1)."""
+    """Decoder and encoder (of family ``model.posterior``) initialised from the run seed, without
+    touching torch's global stream; for ``model.kind = "hierarchical"`` the two-layer model
+    p(z2) p(z1|z2) p(x|z1) and its encoder q(z1|x) q(z2|z1)."""
     m = config.model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
@@ -76,16 +80,25 @@ def build_networks(config: ExperimentConfig, data_size: int) -> tuple[Decoder, t
                                           tuple(m.prior_hidden), m.activation)
             return decoder, encoder
         decoder = Decoder(data_size, m.latent_size, tuple(m.decoder_hidden), m.activation)
-        encoder = GaussianEncoder(data_size, m.latent_size, tuple(m.encoder_hidden), m.activation)
+        encoder = make_encoder(m.posterior, data_size, m.latent_size, tuple(m.encoder_hidden), m.activation,
+                               num_steps=m.flow_steps, flow_hidden=m.flow_hidden)
     return decoder, encoder
 
 
 def local_family(config: ExperimentConfig, name: str) -> LocalFamily:
-    """The local family ``name`` with the run's sizes (the hierarchical one: Z1, Z2, ``prior_hidden``)."""
+    """The local family ``name`` with the run's flow sizes (``model.flow_steps``, ``model.flow_hidden``), or
+    the hierarchical one with the two-layer model's (``latent_size``, ``latent_size_2``, ``prior_hidden``)."""
     m = config.model
     if name == "hierarchical":
         return HierarchicalFamily(m.latent_size, m.latent_size_2, tuple(m.prior_hidden), m.activation)
-    return get_family(name)
+    return make_family(name, num_steps=config.model.flow_steps, hidden_size=config.model.flow_hidden)
+
+
+def log_px_candidates(config: ExperimentConfig) -> tuple[str, ...]:
+    """The bounds whose per-datapoint maximum is log p_hat(x): IWAE under q and under every q*, and AIS
+    when the AIS stage runs."""
+    return ("iwae_q", *[f"iwae_q_star_{f}" for f in config.refine.families],
+            *(("ais",) if config.ais.enabled else ()))
 
 
 def evaluation_data(config: ExperimentConfig, dataset: Dataset) -> torch.Tensor:
@@ -125,7 +138,7 @@ class Run:
         self.folder: RunFolder | None = None
 
     # --- stages -------------------------------------------------------------------------------
-    def train_stage(self, dataset: Dataset) -> tuple[Decoder, GaussianEncoder, dict]:
+    def train_stage(self, dataset: Dataset) -> tuple[Decoder, torch.nn.Module, dict]:
         path = self.dir / "checkpoint.pt"
         decoder, encoder = build_networks(self.config, dataset.data_size)
         if self.folder.is_finished("train"):
@@ -140,7 +153,7 @@ class Run:
         info["stop_reason"] = checkpoint.get("stop_reason", "epochs")
         return decoder, encoder, info
 
-    def _train(self, decoder: Decoder, encoder: GaussianEncoder, dataset: Dataset) -> dict:
+    def _train(self, decoder: Decoder, encoder: torch.nn.Module, dataset: Dataset) -> dict:
         """Train (continuing from train_state.pt where it fits), write the checkpoint, record the stage."""
         state_path = self.dir / TRAIN_STATE
         config_sha256 = self.folder.stage_hash("train")
@@ -170,6 +183,7 @@ class Run:
         checkpoint = {
             "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
             "config": self.config.model_dump(mode="json"), "data_size": dataset.data_size,
+            "posterior": self.config.model.posterior,
             "decoder": result.decoder_state, "encoder": result.encoder_state,
             "best_epoch": result.best_epoch, "best_valid_elbo": result.best_valid_elbo,
             "epochs_run": len(result.history), "stop_reason": result.stop_reason,
@@ -212,20 +226,34 @@ class Run:
         return frame
 
     def local_stage(self, decoder, encoder, x: torch.Tensor) -> pd.DataFrame:
+        """Refine every family of ``refine.families`` for every datapoint; one frame, columns per family."""
         path = self.dir / "local.csv"
         if self.folder.is_finished("local"):
             self.log(f"[local] skipped: finished ({path})")
             return io.read_csv(path)
         self.folder.start("local")
+        start = time.perf_counter()
+        frames, params = [], {}
+        for name in self.config.refine.families:
+            frame, params[name] = self._refine_family(decoder, encoder, x, name)
+            frames.append(frame)
+        frame = pd.concat(frames, axis=1)
+        io.save_torch(self.dir / "local.pt", params)
+        io.write_csv(path, frame)
+        self.folder.finish("local", time.perf_counter() - start)
+        return frame
+
+    def _refine_family(self, decoder, encoder, x: torch.Tensor, name: str) -> tuple[pd.DataFrame, dict]:
+        """q*_name for every datapoint, batch by batch: the per-datapoint columns and the parameters.
+        Each family draws from its own stream, so adding a family changes no other family's numbers."""
         from tqdm.auto import tqdm
         e, r = self.config.eval, self.config.refine
-        procedure = r.resolved()
-        family = local_family(self.config, r.family)
-        start = time.perf_counter()
-        generator = stage_generator(self.config.seed, "local")
+        family = local_family(self.config, name)
+        procedure = r.resolved(name)
+        generator = stage_generator(self.config.seed, "local", name)
         frames, params = [], []
         for offset, batch in self._batches(x):
-            with tqdm(desc=f"refine q* [{offset}:{offset + batch.shape[0]}]", unit="step",
+            with tqdm(desc=f"refine q*_{name} [{offset}:{offset + batch.shape[0]}]", unit="step",
                       disable=not self.progress) as bar:
                 def callback(step: int, num_active: int) -> None:
                     bar.update(1)
@@ -235,16 +263,15 @@ class Run:
             pair = bounds_of(decoder, family.posterior(result.params), batch, num_samples=e.num_samples,
                              chunk_size=e.chunk_size, generator=generator)
             frames.append(pd.DataFrame({
-                **estimate_columns("elbo_q_star", pair.elbo), **estimate_columns("iwae_q_star", pair.iwae),
-                "refine_steps": result.num_steps.numpy(), "refine_converged": result.is_converged.numpy(),
-                "refine_diverged": result.is_diverged.numpy(),
+                **estimate_columns(f"elbo_q_star_{name}", pair.elbo),
+                **estimate_columns(f"iwae_q_star_{name}", pair.iwae),
+                f"refine_steps_{name}": result.num_steps.numpy(),
+                f"refine_converged_{name}": result.is_converged.numpy(),
+                f"refine_diverged_{name}": result.is_diverged.numpy(),
             }))
             params.append(result.params)
-        frame = pd.concat(frames, ignore_index=True)
-        io.save_torch(self.dir / "local.pt", {k: torch.cat([p[k] for p in params]) for k in params[0]})
-        io.write_csv(path, frame)
-        self.folder.finish("local", time.perf_counter() - start)
-        return frame
+        return (pd.concat(frames, ignore_index=True),
+                {k: torch.cat([p[k] for p in params]) for k in params[0]})
 
     def ais_stage(self, decoder, encoder, x: torch.Tensor) -> pd.DataFrame | None:
         """AIS from the configured start for every datapoint; None when ``ais.enabled`` is false."""
@@ -257,8 +284,12 @@ class Run:
             return io.read_csv(path)
         self.folder.start("ais")
         from tqdm.auto import tqdm
-        family = local_family(self.config, self.config.refine.family)
-        q_star_params = torch.load(self.dir / "local.pt", weights_only=True) if a.init == "q_star" else None
+        own = self.config.model.posterior  # AIS from q* starts from the encoder's family's q*
+        family = local_family(self.config, own)
+        q_star_params = None
+        if a.init == "q_star":
+            saved = torch.load(self.dir / "local.pt", weights_only=True)
+            q_star_params = saved.get(own, saved)  # before flows, local.pt held one family's tensors
         start = time.perf_counter()
         generator = stage_generator(self.config.seed, "ais")
         frames = []
@@ -277,22 +308,23 @@ class Run:
         self.folder.finish("ais", time.perf_counter() - start)
         return frame
 
-    @property
-    def log_px_candidates(self) -> tuple[str, ...]:
-        return LOG_PX_CANDIDATES + (("ais",) if self.config.ais.enabled else ())
-
     def report_stage(self, x: torch.Tensor, amortized: pd.DataFrame, local: pd.DataFrame,
                      ais: pd.DataFrame | None, dataset: Dataset, training: dict) -> dict:
         if self.folder.is_finished("report"):
             self.log(f"[report] skipped: finished ({self.dir / 'summary.json'})")
             return json.loads((self.dir / "summary.json").read_text())
         self.folder.start("report")
+        local = _local_in_current_form(local, self.config.model.posterior)
         frame = pd.concat([amortized, local] + ([ais] if ais is not None else []), axis=1)
-        if "refine_diverged" not in frame:  # local.csv from before refinement flagged divergence
-            frame["refine_diverged"] = False
-        candidates = self.log_px_candidates
+        own = self.config.model.posterior  # the run's gaps compare L[q] with L[q*] of the encoder's family
+        for column in ("elbo_q_star", "elbo_q_star_stderr", "elbo_q_star_ess", "refine_steps", "refine_converged",
+                       "refine_diverged"):
+            frame[column] = frame[column.replace("q_star", f"q_star_{own}") if "q_star" in column
+                                  else f"{column}_{own}"]
+        candidates = log_px_candidates(self.config)
         frame = decompose(pd.concat([frame, best_bound(frame, candidates)], axis=1))
-        frame["fault"] = find_faults(frame, ("elbo_q", "elbo_q_star", *candidates), flags=("refine_diverged",))
+        flags = tuple(f"refine_diverged_{f}" for f in self.config.refine.families)
+        frame["fault"] = find_faults(frame, ("elbo_q", "elbo_q_star", *candidates), flags=flags)
         frame.insert(0, "index", np.arange(len(frame)))
         io.write_csv(self.dir / "datapoints.csv", frame)
         summary = self.summary(frame, x, dataset, training)
@@ -310,15 +342,20 @@ class Run:
         c = self.config
         summary = summarize(frame)
         usable = frame[frame["fault"] == NO_FAULT]
+        families = c.refine.families
+        candidates = log_px_candidates(c)
+        for name in families:  # L[q*] of every refined family, on the same datapoints
+            column = f"elbo_q_star_{name}"
+            summary["bounds"][column] = summarize_column(usable[column], usable[f"{column}_stderr"])
         summary["other_bounds"] = {name: summarize_column(usable[name], usable[f"{name}_stderr"])
-                                   for name in self.log_px_candidates}
+                                   for name in candidates}
         summary["log_px_source_counts"] = {k: int(v) for k, v in usable["log_px_source"].value_counts().items()}
-        summary["refinement"] = {
-            "mean_steps": float(frame["refine_steps"].mean()),
-            "max_steps_taken": int(frame["refine_steps"].max()),
-            "converged_fraction": float(frame["refine_converged"].mean()),
-            "diverged_count": int(frame["refine_diverged"].sum()),
-        }
+        summary["refinement"] = {name: {
+            "mean_steps": float(frame[f"refine_steps_{name}"].mean()),
+            "max_steps_taken": int(frame[f"refine_steps_{name}"].max()),
+            "converged_fraction": float(frame[f"refine_converged_{name}"].mean()),
+            "diverged_count": int(frame[f"refine_diverged_{name}"].sum()),
+        } for name in families}
         if c.ais.enabled:
             summary["ais"] = {
                 "mean_acceptance_rate": float(frame["ais_acceptance_rate"].mean()),
@@ -340,9 +377,12 @@ class Run:
             "num_samples": {"elbo": c.eval.num_samples, "iwae_k": c.eval.num_samples,
                             "elbo_and_iwae_share_samples": True},
             "chunk_size": c.eval.chunk_size,
-            "log_px": "per-datapoint max of " + ", ".join(self.log_px_candidates),
-            "refinement": {"family": c.refine.family, "init": c.refine.init,
-                           "preset": c.refine.procedure, **c.refine.resolved()._asdict()},
+            "log_px": "per-datapoint max of " + ", ".join(candidates),
+            "encoder_family": c.model.posterior,
+            "refinement": {"families": list(families), "init": c.refine.init, "preset": c.refine.procedure,
+                           "procedures": {name: effective_procedure(local_family(c, name),
+                                                                    c.refine.resolved(name))._asdict()
+                                          for name in families}},
             "ais": c.ais.model_dump(mode="json"),
             "model": c.model.model_dump(mode="json"),
             "train": c.train.model_dump(mode="json"),
@@ -373,6 +413,18 @@ class Run:
                 where = error.filename or self.dir
                 raise RunError(f"cannot write {where}: {error.strerror or error}; make room or fix the "
                                "permissions, then rerun the same command to resume") from None
+
+
+def _local_in_current_form(local: pd.DataFrame, own: str) -> pd.DataFrame:
+    """local.csv as this version writes it: a file from before flows (one family, unsuffixed columns)
+    gets its columns suffixed with the encoder's family; one from before refinement flagged divergence
+    gets no divergence."""
+    if "elbo_q_star" in local and f"elbo_q_star_{own}" not in local:
+        local = local.rename(columns={c: c.replace("q_star", f"q_star_{own}") if "q_star" in c else f"{c}_{own}"
+                                      for c in local.columns})
+    if f"refine_diverged_{own}" not in local:
+        local = local.assign(**{f"refine_diverged_{own}": False})
+    return local
 
 
 def comparable_config(previous: dict, current: dict) -> dict:

@@ -168,7 +168,8 @@ def open_run_folder(path: str | Path, resolved: dict, *, force: bool, log: Calla
             if config_path.exists():
                 previous = _read_json(config_path, "delete the folder to start the run again")
                 if normalize is not None:
-                    previous = normalize(previous)
+                    recorded, previous = previous, normalize(previous)
+                    _rehash_records(path, recorded, previous, records)
             if previous is not None and previous != resolved:
                 _change_config(path, previous, resolved, records, force=force, log=log)
             if previous != resolved:
@@ -192,6 +193,19 @@ def _lock(fd: int, path: Path) -> None:
     except BlockingIOError:
         raise RunError(f"another gapbench process is running in {path}; wait for it to finish, "
                        "or choose another --out") from None
+
+
+def _rehash_records(path: Path, recorded: dict, normalized: dict, records: dict[str, dict]) -> None:
+    """A config written by an older version (keys added since missing) hashes differently from the
+    same config in this version's form; records made under it get the hash of the normalized form,
+    so a new key at its default redoes nothing."""
+    changed = False
+    for stage, record in records.items():
+        if record.get("config_sha256") == section_hash(recorded, stage) != section_hash(normalized, stage):
+            record["config_sha256"] = section_hash(normalized, stage)
+            changed = True
+    if changed:
+        io.write_json(path / "stages.json", records)
 
 
 def _adopt_legacy_records(path: Path, resolved: dict, records: dict[str, dict]) -> None:

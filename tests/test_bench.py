@@ -11,6 +11,7 @@ import pytest
 from gapbench.bench.ais import bench_ais
 from gapbench.bench.iwae import bench_iwae, decoder_flops_per_row
 from gapbench.bench.refine import bench_refine
+from gapbench.bench.refine_flow import bench_refine_flow
 from gapbench.cli import main
 from gapbench.models import Decoder
 
@@ -60,4 +61,27 @@ def test_bench_ais_reports_figures(tiny_run):
     assert figures["fraction_of_matmul"] == pytest.approx(figures["gflops"] / figures["matmul_gflops"])
     assert [t for t, _ in figures["memory"]["rss_by_step_mib"]] == list(range(2, 21, 2))
     assert any("datapoint-chain-transitions/s" in line for line in lines)
+    json.dumps(figures)
+
+
+def test_bench_refine_flow_reports_figures(tiny_run, monkeypatch):
+    from gapbench.measure import RefineProcedure
+
+    # shorter than the real procedures (thousands of steps), which would only cost time here
+    paper = RefineProcedure.paper()._replace(max_steps=300)
+    flows = RefineProcedure.for_flows()._replace(max_steps=200)
+    monkeypatch.setattr(RefineProcedure, "paper", classmethod(lambda cls: paper))
+    monkeypatch.setattr(RefineProcedure, "for_flows", classmethod(lambda cls: flows))
+    lines = []
+    figures = bench_refine_flow(str(tiny_run), num_datapoints=4, reference_datapoints=2, paper_datapoints=1,
+                                num_samples=100, hidden_size=8, log=lines.append)
+    one, batched = figures["one_at_a_time"], figures["batched"]
+    assert figures["sizes"] == {"num_steps": 2, "hidden_size": 8}
+    assert figures["speedup"] == pytest.approx(one["seconds_per_datapoint"] * 4 / batched["seconds"])
+    assert figures["throughput_ratio"] == pytest.approx(
+        batched["datapoint_steps_per_second"] / one["datapoint_steps_per_second"])
+    assert figures["procedure"]["gradient"] == "stl" and figures["procedure"]["max_steps"] == 200
+    assert figures["paper_one_at_a_time"]["procedure"]["learning_rate"] == 1e-3
+    assert figures["speedup_over_paper"] > 0
+    assert any("batched vs one at a time" in line for line in lines)
     json.dumps(figures)

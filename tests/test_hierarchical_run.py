@@ -33,16 +33,17 @@ def test_hierarchical_run_measures_every_bound(hierarchical_run):
     settings = summary["settings"]
     assert settings["model"]["kind"] == "hierarchical"
     assert settings["model"]["latent_size_2"] == 3 and settings["model"]["prior_hidden"] == [16]
-    assert settings["refinement"]["family"] == "hierarchical"
+    assert settings["encoder_family"] == "hierarchical" and settings["refinement"]["families"] == ["hierarchical"]
+    assert settings["refinement"]["procedures"]["hierarchical"]["learning_rate"] == 0.2  # the FFG's preset
     assert summary["faults"]["num_faulty"] == 0
-    assert set(summary["other_bounds"]) == {"iwae_q", "iwae_q_star", "ais"}
+    assert set(summary["other_bounds"]) == {"iwae_q", "iwae_q_star_hierarchical", "ais"}
     frame = pd.read_csv(hierarchical_run / "datapoints.csv")
     assert len(frame) == 24 and frame[["elbo_q", "elbo_q_star", "ais", "log_px"]].notna().all().all()
     # refinement starts at the encoder's posterior, so it cannot end clearly below it
     gap = summary["gaps"]["amortization"]
     assert gap["mean"] > -3 * gap["mc_stderr"]
     # q* holds every parameter per datapoint: q(z1)'s and the conditional network's
-    q_star = torch.load(hierarchical_run / "local.pt", weights_only=True)
+    q_star = torch.load(hierarchical_run / "local.pt", weights_only=True)["hierarchical"]
     assert q_star["mean"].shape == (24, 6) and q_star["weight_0"].shape == (24, 16, 6)
     assert q_star["weight_1"].shape == (24, 6, 16)
 
@@ -57,8 +58,9 @@ def test_hierarchical_run_reopens_with_its_networks(hierarchical_run):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["--set", 'refine.family="ffg"'], 'set refine.family = "hierarchical"'),
-    (["--set", 'model.kind="vae"'], 'needs a two-layer model'),
+    (["--set", 'refine.families=["ffg"]'], 'leave model.posterior and refine.families out'),
+    (["--set", 'model.posterior="flow"'], 'leave model.posterior and refine.families out'),
+    (["--set", 'model.kind="vae"', "--set", 'refine.families=["hierarchical"]'], 'needs a two-layer model'),
     (["--set", "model.prior_hidden=[0]"], "prior_hidden widths must be positive"),
     (["--set", "model.latent_size_2=0"], "model.latent_size_2"),
 ])
@@ -72,7 +74,7 @@ def test_bad_hierarchical_config_exits_2(tmp_path, capsys, overrides, message):
 def test_one_layer_config_has_no_second_layer_keys():
     """So config.json, stage hashes, checkpoints and baselines of one-layer runs are as before."""
     resolved = parse_config({"name": "x"}).model_dump(mode="json")
-    assert set(resolved["model"]) == {"latent_size", "encoder_hidden", "decoder_hidden", "activation"}
+    assert not {"kind", "latent_size_2", "prior_hidden"} & set(resolved["model"])
     assert parse_config(resolved).model.kind == "vae"
 
 

@@ -186,9 +186,33 @@ def test_a_run_folder_from_before_config_hashes_is_resumed_not_redone(whole_run,
     (run / "stages.json").write_text(json.dumps({k: {"seconds": v["seconds"], "finished_at": v["finished_at"]}
                                                  for k, v in stages.items() if k != "report"}))
     local = pd.read_csv(run / "local.csv")
-    local.drop(columns="refine_diverged").to_csv(run / "local.csv", index=False)
+    # as written before refinement flagged divergence and before flows suffixed the family
+    old_names = {c: c.replace("_ffg", "") for c in local.columns}
+    local.drop(columns="refine_diverged_ffg").rename(columns=old_names).to_csv(run / "local.csv", index=False)
     assert main(["run", str(DIGITS), "--out", str(run), *ARGS]) == 0
     err = capsys.readouterr().err
     assert "[train] skipped" in err and "[amortized] skipped" in err and "[local] skipped" in err
     assert json.loads((run / "stages.json").read_text())["train"] == stages["train"]
     assert (run / "summary.json").read_text() == (whole_run / "summary.json").read_text()
+
+
+def test_a_run_folder_from_before_a_new_key_is_resumed_not_redone(whole_run, tmp_path, capsys):
+    """A folder written by a version without model.posterior (its records hash the config without
+    that key): the key takes its default, the records are re-hashed, and nothing is redone."""
+    from gapbench.rundir import STAGES, section_hash
+
+    run = tmp_path / "run"
+    shutil.copytree(whole_run, run)
+    config = json.loads((run / "config.json").read_text())
+    for key in ("posterior", "flow_steps", "flow_hidden"):
+        del config["model"][key]
+    (run / "config.json").write_text(json.dumps(config))
+    stages = json.loads((run / "stages.json").read_text())
+    old = {stage: {**stages[stage], "config_sha256": section_hash(config, stage)} for stage in STAGES if stage in stages}
+    assert old["train"]["config_sha256"] != stages["train"]["config_sha256"]
+    (run / "stages.json").write_text(json.dumps(old))
+    assert main(["run", str(DIGITS), "--out", str(run), *ARGS]) == 0
+    err = capsys.readouterr().err
+    for stage in ("train", "amortized", "local", "report"):
+        assert f"[{stage}] skipped" in err, stage
+    assert json.loads((run / "stages.json").read_text()) == stages

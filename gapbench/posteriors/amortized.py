@@ -1,4 +1,4 @@
-"""Amortized FFG: an MLP encoder mapping x to the mean and log-variance of a diagonal Gaussian."""
+"""Encoders (amortized posteriors): the FFG encoder, and the registry of every family's encoder."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ import torch
 from torch import nn
 
 from ..models.mlp import mlp
+from .coupling import AuxiliaryFlowEncoder
 from .gaussian import DiagonalGaussian
+from .iaf import IAFEncoder
+from .planar import PlanarFlowEncoder
 
 
 class GaussianEncoder(nn.Module):
@@ -31,3 +34,26 @@ class GaussianEncoder(nn.Module):
         """x (B, D) -> DiagonalGaussian with mean and log_var of shape (B, Z)."""
         mean, log_var = self.net(x).chunk(2, dim=-1)  # (B, Z) each
         return DiagonalGaussian(mean, log_var)
+
+
+ENCODERS: dict[str, type[nn.Module]] = {
+    "ffg": GaussianEncoder, "flow": AuxiliaryFlowEncoder, "planar": PlanarFlowEncoder, "iaf": IAFEncoder,
+}
+
+
+def make_encoder(posterior: str, data_size: int, latent_size: int, hidden_sizes: tuple[int, ...] = (200, 200),
+                 activation: str = "elu", *, num_steps: int | None = None, flow_hidden: int | None = None
+                 ) -> nn.Module:
+    """The encoder of family ``posterior`` (``"ffg"``, ``"flow"``, ``"planar"``, ``"iaf"``).
+
+    ``num_steps``: coupling or IAF steps, or planar layers (None: 2, 2 and 10); ``flow_hidden``: the
+    width of the coupling and MADE networks (None: 100). The FFG encoder takes neither.
+    """
+    if posterior not in ENCODERS:
+        raise ValueError(f"unknown encoder family {posterior!r}; choose one of {sorted(ENCODERS)}")
+    if posterior == "ffg":
+        return GaussianEncoder(data_size, latent_size, hidden_sizes, activation)
+    if posterior == "planar":
+        return PlanarFlowEncoder(data_size, latent_size, hidden_sizes, activation, num_layers=num_steps or 10)
+    return ENCODERS[posterior](data_size, latent_size, hidden_sizes, activation,  # type: ignore[call-arg]
+                              num_steps=num_steps or 2, flow_hidden=flow_hidden or 100)

@@ -164,6 +164,7 @@ class HierarchicalFamily:
     """
 
     name = "hierarchical"
+    supports_stl = True  # log q(z1) + log q(z2|z1) at any z is one pass of g
 
     def __init__(self, latent_size_1: int, latent_size_2: int, conditional_hidden: tuple[int, ...] = (100,),
                  activation: str = "elu"):
