@@ -94,6 +94,21 @@ def _table(args: argparse.Namespace) -> int:
     return 0
 
 
+def _track(args: argparse.Namespace) -> int:
+    from .report.track_figure import track_figure
+    from .track import track
+
+    log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr))
+    frame = track(args.run_dir, num_datapoints=args.num_datapoints, num_samples=args.num_samples,
+                  progress=not args.quiet, log=log)
+    paths = track_figure(frame, Path(args.run_dir) / "gaps_over_training")
+    wide = frame.pivot_table(index="epoch", columns=["split", "quantity"], values="mean")
+    columns = [(s, q) for q in ("elbo_q", "elbo_q_star", "log_px", "amortization") for s in ("train", "valid")]
+    print(wide[columns].round(3).to_string())
+    print(f"written: {Path(args.run_dir) / 'track.csv'}, " + ", ".join(map(str, paths)), file=sys.stderr)
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from .report.build import make_report
 
@@ -147,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run folders, e.g. one trained with an FFG encoder and one with a flow")
     table.add_argument("--out", help="also write gap_table.md, gap_table.csv and gap_table.tex here")
     table.set_defaults(func=_table)
+    tr = sub.add_parser("track", help="gaps over training: bounds and gaps of every training snapshot on training "
+                                      "and validation datapoints (needs train.snapshot_every)")
+    tr.add_argument("run_dir", help="a run trained with train.snapshot_every = N")
+    tr.add_argument("--num-datapoints", type=int, default=100, help="first N of each split (default 100)")
+    tr.add_argument("--num-samples", type=int, default=1000, help="samples for every ELBO and IWAE (default 1000)")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.set_defaults(func=_track)
     report = sub.add_parser("report", help="the cross-family table of finished runs, beside a published table "
                                            "(--compare), with figures")
     report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="finished run folders")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import shutil
 import time
 import zlib
 from pathlib import Path
@@ -56,6 +57,7 @@ STAGE_STREAMS = {"train": 1, "amortized": 2, "local": 3, "report": 4, "ais": 5}
 # Training saves train_state.pt at most this often: a save costs 20 ms (digits) to 100 ms (the
 # paper's Fashion-MNIST model), so this keeps it under 1% of training time; a kill loses at most this.
 TRAIN_STATE_SECONDS = 10.0
+SNAPSHOTS = "snapshots"  # train.snapshot_every: weights every N epochs, for `gapbench track`
 
 
 def stage_generator(seed: int, stage: str, part: str | None = None) -> torch.Generator:
@@ -164,6 +166,8 @@ class Run:
         if resume is not None:
             self.log(f"[train] resuming after epoch {resume['epoch']} ({state_path})")
         t = self.config.train
+        if resume is None:
+            shutil.rmtree(self.dir / SNAPSHOTS, ignore_errors=True)  # from an earlier training
         try:
             result = train(
                 decoder, encoder, dataset.train, dataset.valid, epochs=t.epochs, batch_size=t.batch_size,
@@ -171,6 +175,7 @@ class Run:
                 binarization=self.config.data.binarization, threshold=self.config.data.threshold,
                 valid_every=t.valid_every, valid_num_samples=t.valid_num_samples,
                 early_stopping_patience=t.early_stopping_patience,
+                on_epoch=self._snapshot(decoder, encoder) if t.snapshot_every else None,
                 generator=stage_generator(self.config.seed, "train"), resume_from=resume,
                 on_checkpoint=lambda state: io.save_torch(state_path, {**state, "config_sha256": config_sha256}),
                 checkpoint_seconds=TRAIN_STATE_SECONDS, progress=self.progress,
@@ -197,6 +202,17 @@ class Run:
         self.log(f"[train] best validation ELBO {result.best_valid_elbo:.3f} at epoch {result.best_epoch}"
                  f"{stopped[result.stop_reason]}")
         return checkpoint
+
+    def _snapshot(self, decoder, encoder) -> Callable:
+        """An on_epoch callback saving the weights every ``train.snapshot_every`` epochs (and the
+        last) to snapshots/epoch_NNNNN.pt, for `gapbench track`."""
+        every = self.config.train.snapshot_every
+
+        def save(record, is_best: bool) -> None:
+            if record.epoch % every == 0 or record.epoch == self.config.train.epochs:
+                io.save_torch(self.dir / SNAPSHOTS / f"epoch_{record.epoch:05d}.pt",
+                              {"epoch": record.epoch, "decoder": decoder.state_dict(), "encoder": encoder.state_dict()})
+        return save
 
     def _batches(self, x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
         size = self.config.eval.batch_size

@@ -107,3 +107,11 @@ def test_bad_published_tables_are_refused(tmp_path, content, message):
 def test_report_of_an_unfinished_run_exits_2(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "has no summary.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_experiment_validates(path):
+    from gapbench.config import load_config
+
+    config = load_config(path)
+    assert config.name == path.stem  # the default output folder runs/<name> matches the file

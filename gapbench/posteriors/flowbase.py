@@ -119,6 +119,30 @@ class FlowPosterior:
         raise NotImplementedError
 
 
+class InvertibleFlowPosterior(FlowPosterior):
+    """A flow with an exact density: subclasses give ``flow(eps0) -> (eps_T, log |det|)`` and its
+    inverse ``inverse(eps_T) -> eps0`` (closed form or numerical)."""
+
+    def flow(self, eps0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def inverse(self, eps: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def rsample_and_log_prob(self, num_samples: int, *, generator: torch.Generator | None
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """z (K, B, Z) and log q(z) = log q(z_0) - sum of the steps' log |det|, (K, B)."""
+        eps0 = self.base_noise(num_samples, generator=generator)  # (K, B, Z)
+        eps, log_det = self.flow(eps0)
+        return self.to_latent(eps), self.base_log_prob(eps0) - log_det
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """log q(z) at given z (K, B, Z) through the inverse; returns (K, B)."""
+        eps0 = self.inverse((z - self.params["mean"]) * torch.exp(-0.5 * self.params["log_var"]))
+        _, log_det = self.flow(eps0)
+        return self.base_log_prob(eps0) - log_det
+
+
 class FlowFamily:
     """Local form of a flow family: every parameter free per datapoint, (B, ...) tensors.
 
