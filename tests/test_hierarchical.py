@@ -286,3 +286,17 @@ def test_measure_gaps_with_the_hierarchical_family(generator):
     exact = model.log_marginal(x).numpy()
     assert (abs(frame["iwae_q_star"] - exact) < 4.5 * frame["iwae_q_star_stderr"] + 0.01).all()
     assert frame["amortization"].min() > 0.05 and summary["gaps"]["amortization"]["mean"] > 0.3
+
+
+def test_mean_field_ffg_over_both_layers_through_the_api(generator):
+    """family="ffg" on a two-layer model is a diagonal Gaussian over (z1, z2), started from one fitted to
+    the encoder's samples; refined, its mean is the posterior's (as the optimal diagonal Gaussian's)."""
+    model, x = make_model(num_datapoints=6)
+    result = local_posterior(model, lambda x: linear_posterior(*good_q(model, x)), x, family="ffg",
+                             init="encoder", generator=generator)
+    mean, log_var = result.params["mean"], result.params["log_var"]
+    assert mean.shape == (6, model.latent_size)
+    exact = model.elbo_gaussian(x, mean, torch.diag_embed(log_var.exp()))
+    assert torch.all(exact < model.log_marginal(x))
+    m, _ = model.posterior(x)
+    assert (mean - m).abs().max() < 0.2  # the optimal diagonal Gaussian has the posterior's mean
