@@ -28,19 +28,28 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    dataset: Literal["digits", "fashion-mnist", "mnist"] = "digits"  # which dataset
-    data_dir: str | None = None  # directory holding the IDX files (else $GAPBENCH_DATA, cache, ...)
-    download: bool = True  # download MNIST-family files when not found locally
-    binarization: Literal["dynamic", "static"] = "dynamic"  # dynamic: Bernoulli resampled each epoch
+    dataset: Literal["digits", "fashion-mnist", "mnist", "cifar10"] = "digits"  # which dataset
+    data_dir: str | None = None  # directory holding the dataset files (else $GAPBENCH_DATA, cache, ...)
+    download: bool = True  # download MNIST-family / CIFAR-10 files when not found locally
+    # dynamic: Bernoulli resampled each epoch; static: threshold; none: pixel levels as they are (the
+    # discretised logistic). Default: "none" for model.likelihood = "logistic", else "dynamic"
+    binarization: Literal["dynamic", "static", "none"] = "dynamic"
     threshold: float = Field(0.5, gt=0.0, lt=1.0)  # static binarisation threshold
+    bits: int = Field(8, ge=1, le=8)  # cifar10 only: keep each 8-bit level's high bits (3: 3-bit CIFAR)
 
 
 # FFG, Cremer et al.'s auxiliary coupling flow, planar, IAF; q(z1|x) q(z2|z1) of the two-layer model
 Family = Literal["ffg", "flow", "planar", "iaf", "hierarchical"]
-HIERARCHICAL_KEYS = ("kind", "latent_size_2", "prior_hidden")  # written out only for kind = "hierarchical"
+HIERARCHICAL_KEYS = ("latent_size_2", "prior_hidden")  # written out only for kind = "hierarchical"
 
 
 class ModelConfig(Section):
+    # mlp: fully connected; conv: Cremer et al.'s convolutional VAE (CIFAR-10); hierarchical: MLPs with two
+    # stochastic layers, p(z2) p(z1|z2) p(x|z1) with the encoder q(z1|x) q(z2|z1)
+    kind: Literal["mlp", "conv", "hierarchical"] = "mlp"
+    # p(x|z): bernoulli (binary pixels) or logistic (discretised logistic over the pixel levels).
+    # Default: "logistic" for cifar10, else "bernoulli"
+    likelihood: Literal["bernoulli", "logistic"] = "bernoulli"
     latent_size: int = Field(50, ge=1)  # Z (kind = "hierarchical": Z1, the layer next to x)
     encoder_hidden: list[int] = [200, 200]  # encoder hidden widths, x -> z (x -> z1)
     decoder_hidden: list[int] = [200, 200]  # decoder hidden widths, z -> x (z1 -> x)
@@ -48,15 +57,18 @@ class ModelConfig(Section):
     posterior: Family = "ffg"  # the encoder's variational family
     flow_steps: int | None = Field(None, ge=1)  # coupling / IAF steps, planar layers (None: 2, 2, 10)
     flow_hidden: int = Field(100, ge=1)  # hidden width of the coupling and MADE networks (paper: 100)
-    kind: Literal["vae", "hierarchical"] = "vae"  # one stochastic layer, or two: p(z2) p(z1|z2) p(x|z1)
+    conv_channels: list[int] = [64, 128, 256]  # kind = "conv": channels of each stride-2 convolution (paper)
     latent_size_2: int = Field(16, ge=1)  # Z2, the top layer (kind = "hierarchical")
     prior_hidden: list[int] = [100]  # hidden widths of p(z1|z2) and q(z2|z1) (kind = "hierarchical")
 
     @model_validator(mode="after")
     def _positive_widths(self) -> "ModelConfig":
-        for name in ("encoder_hidden", "decoder_hidden", "prior_hidden"):
+        for name in ("encoder_hidden", "decoder_hidden", "conv_channels", "prior_hidden"):
             if any(w < 1 for w in getattr(self, name)):
                 raise ValueError(f"{name} widths must be positive, got {getattr(self, name)}")
+        if self.kind == "conv" and not self.conv_channels:
+            raise ValueError("model.kind = \"conv\" needs at least one convolution; give model.conv_channels, "
+                             "e.g. [64, 128, 256]")
         return self
 
     @model_serializer(mode="wrap")
@@ -64,7 +76,7 @@ class ModelConfig(Section):
         """A one-layer model's resolved config has no second-layer keys, so its config.json, stage hashes,
         checkpoint and summary settings read as before they existed (baselines stay comparable)."""
         data = handler(self)
-        if self.kind == "vae":
+        if self.kind != "hierarchical":
             for key in HIERARCHICAL_KEYS:
                 data.pop(key, None)
         return data
@@ -187,6 +199,41 @@ class ExperimentConfig(Section):
         if "families" not in refine:
             refine["families"] = [model.get("posterior", "ffg") if isinstance(model, dict) else "ffg"]
         return {**raw, "refine": refine}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dataset_defaults(cls, raw: Any) -> Any:
+        """Defaults that depend on the dataset: CIFAR-10's pixels get the discretised logistic
+        (``model.likelihood = "logistic"``), other datasets the Bernoulli; the logistic models pixel
+        levels as they are (``data.binarization = "none"``), the Bernoulli binarised ones ("dynamic")."""
+        if not isinstance(raw, dict):
+            return raw
+        data, model = raw.get("data", {}), raw.get("model", {})
+        if not isinstance(data, dict) or not isinstance(model, dict):
+            return raw
+        if "likelihood" not in model:
+            model = {**model, "likelihood": "logistic" if data.get("dataset") == "cifar10" else "bernoulli"}
+        if "binarization" not in data:
+            data = {**data, "binarization": "none" if model["likelihood"] == "logistic" else "dynamic"}
+        return {**raw, "data": data, "model": model}
+
+    @model_validator(mode="after")
+    def _data_fits_likelihood(self) -> "ExperimentConfig":
+        d, m = self.data, self.model
+        if m.likelihood == "bernoulli" and d.binarization == "none":
+            raise ValueError("data.binarization = \"none\" gives grey levels, but model.likelihood = \"bernoulli\" is "
+                             "a distribution of 0/1 pixels; set data.binarization = \"dynamic\" or \"static\", or "
+                             "model.likelihood = \"logistic\"")
+        if m.likelihood == "logistic" and d.binarization != "none":
+            raise ValueError(f"data.binarization = {d.binarization!r} does not apply to model.likelihood = \"logistic\", "
+                             "which models the pixel levels themselves; remove data.binarization (or set it to "
+                             "\"none\"), or use model.likelihood = \"bernoulli\" for binarised pixels")
+        if d.bits != 8 and d.dataset != "cifar10":
+            raise ValueError(f"data.bits = {d.bits} applies to cifar10 only; remove it for {d.dataset!r}")
+        if d.bits != 8 and m.likelihood != "logistic":
+            raise ValueError(f"data.bits = {d.bits} reduces the pixel levels of the discretised logistic, but "
+                             f"model.likelihood = {m.likelihood!r}; remove data.bits or use model.likelihood = \"logistic\"")
+        return self
 
     @model_validator(mode="after")
     def _family_fits_model(self) -> "ExperimentConfig":

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 import shutil
 import time
@@ -40,17 +41,17 @@ from . import io
 from .checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint, load_train_state,
                           load_weights)
 from .config import ConfigError, ExperimentConfig
-from .data import Dataset, binarize, check_binary, check_values, load_dataset
+from .data import Dataset, binarize, check_binary, check_levels, check_values, load_dataset
 from .gaps import NO_FAULT, best_bound, decompose, estimate_columns, find_faults, summarize, summarize_column
 from .measure import ais_diagnostics, ais_of, bounds_of, effective_procedure, local_posterior
-from .models import Decoder, HierarchicalDecoder
+from .models import ConvDecoder, ConvTrunk, Decoder, DecoderBase, HierarchicalDecoder
 from .posteriors import HierarchicalEncoder, HierarchicalFamily, LocalFamily, make_encoder, make_family
 from .report import gap_table_markdown
 from .rundir import TRAIN_STATE, RunError, RunFolder, open_run_folder
 from .train import ResumeError, train
 
 __all__ = ["CHECKPOINT_FORMAT", "Run", "RunError", "build_networks", "evaluation_data", "load_checkpoint",
-           "open_run", "open_run_config", "run_experiment", "stage_generator"]
+           "networks_for", "open_run", "open_run_config", "run_experiment", "stage_generator"]
 
 # The random stream of each stage, fixed by name: adding a stage changes no other stage's numbers.
 STAGE_STREAMS = {"train": 1, "amortized": 2, "local": 3, "report": 4, "ais": 5}
@@ -68,23 +69,51 @@ def stage_generator(seed: int, stage: str, part: str | None = None) -> torch.Gen
     return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
 
 
-def build_networks(config: ExperimentConfig, data_size: int) -> tuple[Decoder, torch.nn.Module]:
+def build_networks(config: ExperimentConfig, data_size: int, *, image_shape: tuple[int, ...] | None = None,
+                   num_levels: int = 256) -> tuple[DecoderBase, torch.nn.Module]:
     """Decoder and encoder (of family ``model.posterior``) initialised from the run seed, without
-    touching torch's global stream; for ``model.kind = "hierarchical"`` the two-layer model
-    p(z2) p(z1|z2) p(x|z1) and its encoder q(z1|x) q(z2|z1)."""
+    touching torch's global stream.
+
+    ``model.kind = "mlp"``: MLP decoder and encoder of ``model.decoder_hidden`` / ``encoder_hidden``;
+    ``"conv"``: the convolutional decoder and an encoder on a convolutional trunk
+    (``model.conv_channels``), which need ``image_shape``, (H, W) or (C, H, W) with product
+    ``data_size``. ``num_levels``: the pixel levels of the discretised logistic likelihood.
+    ``"hierarchical"``: the two-layer model p(z2) p(z1|z2) p(x|z1) (MLPs) and its encoder q(z1|x) q(z2|z1).
+    """
     m = config.model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         if m.kind == "hierarchical":
             decoder = HierarchicalDecoder(data_size, m.latent_size, m.latent_size_2, tuple(m.decoder_hidden),
-                                          tuple(m.prior_hidden), m.activation)
+                                          tuple(m.prior_hidden), m.activation, likelihood=m.likelihood,
+                                          num_levels=num_levels)
             encoder = HierarchicalEncoder(data_size, m.latent_size, m.latent_size_2, tuple(m.encoder_hidden),
                                           tuple(m.prior_hidden), m.activation)
             return decoder, encoder
-        decoder = Decoder(data_size, m.latent_size, tuple(m.decoder_hidden), m.activation)
+        if m.kind == "mlp":
+            decoder: DecoderBase = Decoder(data_size, m.latent_size, tuple(m.decoder_hidden), m.activation,
+                                           likelihood=m.likelihood, num_levels=num_levels)
+            trunk = None
+        else:
+            if image_shape is None or math.prod(image_shape) != data_size:
+                raise ConfigError(f"model.kind = \"conv\" needs the images' shape, got {image_shape} for "
+                                  f"{data_size} pixels")
+            shape = tuple(image_shape) if len(image_shape) == 3 else (1, *image_shape)  # (C, H, W)
+            try:
+                decoder = ConvDecoder(shape, m.latent_size, tuple(m.conv_channels), m.activation,
+                                      likelihood=m.likelihood, num_levels=num_levels)
+                trunk = ConvTrunk(shape, tuple(m.conv_channels), m.activation)
+            except ValueError as error:
+                raise ConfigError(f"model.conv_channels = {m.conv_channels}: {error}") from None
         encoder = make_encoder(m.posterior, data_size, m.latent_size, tuple(m.encoder_hidden), m.activation,
-                               num_steps=m.flow_steps, flow_hidden=m.flow_hidden)
+                               num_steps=m.flow_steps, flow_hidden=m.flow_hidden, trunk=trunk)
     return decoder, encoder
+
+
+def networks_for(config: ExperimentConfig, dataset: Dataset) -> tuple[DecoderBase, torch.nn.Module]:
+    """:func:`build_networks` for the images of ``dataset``."""
+    return build_networks(config, dataset.data_size, image_shape=dataset.image_shape,
+                          num_levels=dataset.num_levels)
 
 
 def local_family(config: ExperimentConfig, name: str) -> LocalFamily:
@@ -104,7 +133,8 @@ def log_px_candidates(config: ExperimentConfig) -> tuple[str, ...]:
 
 
 def evaluation_data(config: ExperimentConfig, dataset: Dataset) -> torch.Tensor:
-    """The first ``num_datapoints`` of the chosen split, binarised once with a fixed stream."""
+    """The first ``num_datapoints`` of the chosen split, binarised once with a fixed stream (for the
+    Bernoulli likelihood; the discretised logistic takes the pixel levels as they are)."""
     split = dataset.split(config.eval.split)
     n = config.eval.num_datapoints
     if n > split.shape[0]:
@@ -117,7 +147,10 @@ def evaluation_data(config: ExperimentConfig, dataset: Dataset) -> torch.Tensor:
     generator = torch.Generator().manual_seed(config.seed)
     x = binarize(split[:n], mode=config.data.binarization, threshold=config.data.threshold,
                  generator=generator)
-    check_binary(x, f"binarised {what}")  # what the Bernoulli likelihood is a density of
+    if config.model.likelihood == "bernoulli":
+        check_binary(x, f"binarised {what}")  # what the Bernoulli likelihood is a density of
+    else:
+        check_levels(x, dataset.num_levels, what)  # what the discretised logistic is a distribution of
     return x
 
 
@@ -142,7 +175,7 @@ class Run:
     # --- stages -------------------------------------------------------------------------------
     def train_stage(self, dataset: Dataset) -> tuple[Decoder, torch.nn.Module, dict]:
         path = self.dir / "checkpoint.pt"
-        decoder, encoder = build_networks(self.config, dataset.data_size)
+        decoder, encoder = networks_for(self.config, dataset)
         if self.folder.is_finished("train"):
             checkpoint = load_checkpoint(path, self.config, dataset.data_size)
             load_weights(path, checkpoint, decoder, encoder)
@@ -389,6 +422,9 @@ class Run:
             "datapoints": f"the first {c.eval.num_datapoints} of the {c.eval.split} split",
             "binarization": {"mode": c.data.binarization, "threshold": c.data.threshold,
                              "evaluation_stream_seed": c.seed if c.data.binarization == "dynamic" else None},
+            "likelihood": {"name": c.model.likelihood,
+                           "num_levels": dataset.num_levels if c.model.likelihood == "logistic" else 2,
+                           "bits": c.data.bits},
             "evaluation_data_sha256": hashlib.sha256(x.numpy().tobytes()).hexdigest(),
             "num_samples": {"elbo": c.eval.num_samples, "iwae_k": c.eval.num_samples,
                             "elbo_and_iwae_share_samples": True},
@@ -411,7 +447,7 @@ class Run:
     def execute(self) -> dict:
         """Run every stage that has not finished yet; returns the summary."""
         dataset = load_dataset(self.config.data.dataset, data_dir=self.config.data.data_dir,
-                               download=self.config.data.download)
+                               download=self.config.data.download, bits=self.config.data.bits)
         for split in ("train", "valid"):  # checked before anything is written
             check_values(dataset.split(split), f"{dataset.name} {split} split")
         x = evaluation_data(self.config, dataset)
@@ -486,9 +522,10 @@ def open_run(run_dir: str | Path, *, num_datapoints: int | None = None
     """
     run_dir = Path(run_dir)
     config = open_run_config(run_dir)
-    dataset = load_dataset(config.data.dataset, data_dir=config.data.data_dir, download=config.data.download)
+    dataset = load_dataset(config.data.dataset, data_dir=config.data.data_dir, download=config.data.download,
+                           bits=config.data.bits)
     checkpoint = load_checkpoint(run_dir / "checkpoint.pt", config, dataset.data_size)
-    decoder, encoder = build_networks(config, dataset.data_size)
+    decoder, encoder = networks_for(config, dataset)
     load_weights(run_dir / "checkpoint.pt", checkpoint, decoder, encoder)
     if num_datapoints is not None:
         config = config.model_copy(update={"eval": config.eval.model_copy(update={"num_datapoints": num_datapoints})})

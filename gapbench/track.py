@@ -20,7 +20,7 @@ import torch
 from . import io
 from .config import load_config
 from .data import load_dataset
-from .experiment import SNAPSHOTS, build_networks, evaluation_data
+from .experiment import SNAPSHOTS, evaluation_data, networks_for
 from .measure import measure_gaps
 from .rundir import RunError
 
@@ -45,13 +45,14 @@ def track(run_dir: str | Path, *, num_datapoints: int = 100, num_samples: int = 
         raise RunError(f"{run_dir} is not a gapbench run (no config.json)")
     paths = snapshot_paths(run_dir)
     config = load_config(run_dir / "config.json", ignore_unknown=True)
-    dataset = load_dataset(config.data.dataset, data_dir=config.data.data_dir, download=config.data.download)
+    dataset = load_dataset(config.data.dataset, data_dir=config.data.data_dir, download=config.data.download,
+                           bits=config.data.bits)
     data = {}
     for split in SPLITS:
         sized = config.model_copy(update={"eval": config.eval.model_copy(update={"split": split,
                                                                                  "num_datapoints": num_datapoints})})
         data[split] = evaluation_data(sized, dataset)
-    decoder, encoder = build_networks(config, dataset.data_size)
+    decoder, encoder = networks_for(config, dataset)
     rows = []
     for path in tqdm(paths, desc="snapshots", disable=not progress):
         snapshot = torch.load(path, map_location="cpu", weights_only=True)

@@ -150,7 +150,8 @@ def train(decoder: nn.Module, encoder: nn.Module, train_x: torch.Tensor, valid_x
     Parameters
     ----------
     train_x, valid_x : (N, D) grey levels in [0, 1]; binarised here ("dynamic": resampled every
-        epoch for training, once for validation; "static": thresholded once)
+        epoch for training, once for validation; "static": thresholded once; "none": used as they
+        are, for a likelihood of grey levels)
     epochs : maximum number of epochs
     learning_rate, adam_eps : Adam's step size (initial, under the paper schedule) and epsilon
     warmup_epochs : epochs over which beta rises linearly from 0 to 1 (0: no warm-up)
@@ -183,7 +184,7 @@ def train(decoder: nn.Module, encoder: nn.Module, train_x: torch.Tensor, valid_x
     params = list(decoder.parameters()) + list(encoder.parameters())
     optimizer = torch.optim.Adam(params, lr=learning_rate, eps=adam_eps)
     valid_bin = binarize(valid_x, mode=binarization, threshold=threshold, generator=generator)
-    static_train = binarize(train_x, mode="static", threshold=threshold) if binarization == "static" else None
+    static_train = None if binarization == "dynamic" else binarize(train_x, mode=binarization, threshold=threshold)
     num_batches = math.ceil(train_x.shape[0] / batch_size)
     warmup_steps = round(warmup_epochs * num_batches)
     state = _Progress(0, 0, -math.inf, 0, 0, None, [], None)

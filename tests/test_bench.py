@@ -13,7 +13,7 @@ from gapbench.bench.iwae import bench_iwae, decoder_flops_per_row
 from gapbench.bench.refine import bench_refine
 from gapbench.bench.refine_flow import bench_refine_flow
 from gapbench.cli import main
-from gapbench.models import Decoder
+from gapbench.models import ConvDecoder, Decoder
 
 from test_cli import DIGITS, QUICK
 
@@ -28,6 +28,14 @@ def tiny_run(tmp_path_factory):
 def test_flop_count_of_paper_decoder():
     decoder = Decoder(784, 50, (200, 200))
     assert decoder_flops_per_row(decoder) == 2 * (50 * 200 + 200 * 200 + 200 * 784)
+
+
+def test_flop_count_of_the_paper_conv_decoder():
+    """z (50) -> 256 x 4 x 4 -> deconvolutions 256 -> 128 -> 64 -> 6 (means and log-scales), kernel 4:
+    each input value of a deconvolution meets C_out * 16 weights."""
+    decoder = ConvDecoder((3, 32, 32), 50, (64, 128, 256))
+    expected = 2 * (50 * 256 * 16 + 256 * 16 * 128 * 16 + 128 * 64 * 64 * 16 + 64 * 256 * 6 * 16)
+    assert decoder_flops_per_row(decoder) == expected
 
 
 def test_bench_iwae_reports_figures(tiny_run):

@@ -60,7 +60,7 @@ def test_hierarchical_run_reopens_with_its_networks(hierarchical_run):
 @pytest.mark.parametrize("overrides, message", [
     (["--set", 'refine.families=["ffg"]'], 'leave model.posterior and refine.families out'),
     (["--set", 'model.posterior="flow"'], 'leave model.posterior and refine.families out'),
-    (["--set", 'model.kind="vae"', "--set", 'refine.families=["hierarchical"]'], 'needs a two-layer model'),
+    (["--set", 'model.kind="mlp"', "--set", 'refine.families=["hierarchical"]'], 'needs a two-layer model'),
     (["--set", "model.prior_hidden=[0]"], "prior_hidden widths must be positive"),
     (["--set", "model.latent_size_2=0"], "model.latent_size_2"),
 ])
@@ -74,8 +74,8 @@ def test_bad_hierarchical_config_exits_2(tmp_path, capsys, overrides, message):
 def test_one_layer_config_has_no_second_layer_keys():
     """So config.json, stage hashes, checkpoints and baselines of one-layer runs are as before."""
     resolved = parse_config({"name": "x"}).model_dump(mode="json")
-    assert not {"kind", "latent_size_2", "prior_hidden"} & set(resolved["model"])
-    assert parse_config(resolved).model.kind == "vae"
+    assert not {"latent_size_2", "prior_hidden"} & set(resolved["model"])
+    assert parse_config(resolved).model.kind == "mlp"
 
 
 def test_ais_from_the_refined_hierarchical_posterior(hierarchical_run, tmp_path):

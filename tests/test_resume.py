@@ -46,9 +46,9 @@ def whole_run(tmp_path_factory):
 
 
 def gapbench_subprocess(*args: str) -> subprocess.Popen:
-    # this checkout's gapbench, not whichever one the environment has installed (an editable install
-    # of another worktree would run other code, and its config.json would not match this one's)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
+    # this checkout's gapbench first: an environment whose editable install points at another checkout
+    # (a git worktree) would otherwise run that one's code in the killed process
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     return subprocess.Popen([sys.executable, str(KILL_AT), *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

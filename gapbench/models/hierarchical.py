@@ -2,7 +2,7 @@
 
     p(z2)    = N(0, I_{Z2})
     p(z1|z2) = N(mu(z2), diag exp(lambda(z2))),  mu and lambda from one MLP
-    p(x|z1)  = prod_d Bernoulli(x_d; sigmoid(f(z1)_d)),  f the MLP of :class:`Decoder`
+    p(x|z1)  = the likelihood of :class:`Decoder` with parameters f(z1), f its MLP (Bernoulli by default)
 
 The two layers are held as one joint latent z = concat(z1, z2) of size Z1 + Z2, so the model has
 the interface every estimator uses (Sonderby et al., 2016, "Ladder Variational Autoencoders", and
@@ -37,14 +37,16 @@ class HierarchicalDecoder(Decoder):
     hidden_sizes : hidden widths of f, z1 -> x
     prior_hidden : hidden widths of the p(z1|z2) network, z2 -> (mu, lambda)
     activation : nonlinearity name
+    likelihood, num_levels : p(x|z1), as for :class:`Decoder`
 
     ``latent_size`` is the joint size Z1 + Z2 (what AIS and ``simulate`` draw).
     """
 
     def __init__(self, data_size: int, latent_size_1: int, latent_size_2: int,
                  hidden_sizes: tuple[int, ...] = (200, 200), prior_hidden: tuple[int, ...] = (100,),
-                 activation: str = "elu"):
-        super().__init__(data_size, latent_size_1, hidden_sizes, activation)
+                 activation: str = "elu", likelihood: str = "bernoulli", num_levels: int = 256):
+        super().__init__(data_size, latent_size_1, hidden_sizes, activation, likelihood=likelihood,
+                         num_levels=num_levels)
         self.latent_size_1 = latent_size_1
         self.latent_size_2 = latent_size_2
         self.latent_size = latent_size_1 + latent_size_2
@@ -59,8 +61,8 @@ class HierarchicalDecoder(Decoder):
         mean, log_var = self.prior_net(z2).chunk(2, dim=-1)  # (..., Z1) each
         return mean, log_var
 
-    def logits(self, z: torch.Tensor) -> torch.Tensor:
-        """Bernoulli logits from z1 alone: (..., Z1 + Z2) -> (..., D)."""
+    def params(self, z: torch.Tensor) -> torch.Tensor:
+        """The likelihood's parameters from z1 alone: (..., Z1 + Z2) -> (..., P D)."""
         return self.net(self.split(z)[0])
 
     def log_prior(self, z: torch.Tensor) -> torch.Tensor:

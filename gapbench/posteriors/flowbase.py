@@ -220,18 +220,25 @@ class FlowEncoder(nn.Module):
     latent_size : Z
     hidden_sizes : the trunk's hidden widths (paper: (200, 200)); () uses x itself as features
     activation : the trunk's nonlinearity
+    trunk : a module mapping x (B, D) to features (B, F), with attribute ``feature_size`` (F), used
+        instead of the MLP (e.g. ``gapbench.models.conv.ConvTrunk``); ``hidden_sizes`` is then unused
     """
 
     def __init__(self, data_size: int, latent_size: int, hidden_sizes: tuple[int, ...] = (200, 200),
-                 activation: str = "elu"):
+                 activation: str = "elu", *, trunk: nn.Module | None = None):
         super().__init__()
         self.data_size = data_size
         self.latent_size = latent_size
-        if hidden_sizes:
+        if trunk is not None:
+            self.trunk = trunk
+        elif hidden_sizes:
             self.trunk: nn.Module = nn.Sequential(mlp([data_size, *hidden_sizes], activation), ACTIVATIONS[activation]())
         else:
             self.trunk = nn.Identity()
-        self.feature_size = hidden_sizes[-1] if hidden_sizes else data_size
+        if trunk is not None:
+            self.feature_size = int(trunk.feature_size)
+        else:
+            self.feature_size = hidden_sizes[-1] if hidden_sizes else data_size
         self.base = nn.Linear(self.feature_size, 2 * latent_size)
 
     def base_params(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

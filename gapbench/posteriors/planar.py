@@ -107,13 +107,14 @@ class PlanarFlowEncoder(FlowEncoder):
 
     Parameters
     ----------
-    data_size, latent_size, hidden_sizes, activation : as :class:`FlowEncoder`
+    data_size, latent_size, hidden_sizes, activation, trunk : as :class:`FlowEncoder`
     num_layers : L
     """
 
     def __init__(self, data_size: int, latent_size: int, hidden_sizes: tuple[int, ...] = (200, 200),
-                 activation: str = "elu", *, num_layers: int = 10):
-        super().__init__(data_size, latent_size, hidden_sizes, activation)
+                 activation: str = "elu", *, num_layers: int = 10,
+                 trunk: nn.Module | None = None):
+        super().__init__(data_size, latent_size, hidden_sizes, activation, trunk=trunk)
         self.num_layers = num_layers
         z, layers = latent_size, num_layers
         self.head = nn.Linear(self.feature_size, layers * (2 * z + 1))
