@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from .curves import CurveProcedure
 from .estimators import AISProcedure
@@ -40,32 +40,48 @@ class DataConfig(Section):
     bits: int = Field(8, ge=1, le=8)  # cifar10 only: keep each 8-bit level's high bits (3: 3-bit CIFAR)
 
 
-Family = Literal["ffg", "flow", "planar", "iaf"]  # FFG, Cremer et al.'s auxiliary coupling flow, planar, IAF
+# FFG, Cremer et al.'s auxiliary coupling flow, planar, IAF; q(z1|x) q(z2|z1) of the two-layer model
+Family = Literal["ffg", "flow", "planar", "iaf", "hierarchical"]
+HIERARCHICAL_KEYS = ("latent_size_2", "prior_hidden")  # written out only for kind = "hierarchical"
 
 
 class ModelConfig(Section):
-    kind: Literal["mlp", "conv"] = "mlp"  # mlp: fully connected; conv: Cremer et al.'s convolutional VAE (CIFAR-10)
+    # mlp: fully connected; conv: Cremer et al.'s convolutional VAE (CIFAR-10); hierarchical: MLPs with two
+    # stochastic layers, p(z2) p(z1|z2) p(x|z1) with the encoder q(z1|x) q(z2|z1)
+    kind: Literal["mlp", "conv", "hierarchical"] = "mlp"
     # p(x|z): bernoulli (binary pixels) or logistic (discretised logistic over the pixel levels).
     # Default: "logistic" for cifar10, else "bernoulli"
     likelihood: Literal["bernoulli", "logistic"] = "bernoulli"
-    latent_size: int = Field(50, ge=1)  # Z
-    encoder_hidden: list[int] = [200, 200]  # encoder hidden widths, x -> z
-    decoder_hidden: list[int] = [200, 200]  # decoder hidden widths, z -> x
+    latent_size: int = Field(50, ge=1)  # Z (kind = "hierarchical": Z1, the layer next to x)
+    encoder_hidden: list[int] = [200, 200]  # encoder hidden widths, x -> z (x -> z1)
+    decoder_hidden: list[int] = [200, 200]  # decoder hidden widths, z -> x (z1 -> x)
     activation: Literal["elu", "relu", "tanh", "softplus", "leaky_relu"] = "elu"
     posterior: Family = "ffg"  # the encoder's variational family
     flow_steps: int | None = Field(None, ge=1)  # coupling / IAF steps, planar layers (None: 2, 2, 10)
     flow_hidden: int = Field(100, ge=1)  # hidden width of the coupling and MADE networks (paper: 100)
     conv_channels: list[int] = [64, 128, 256]  # kind = "conv": channels of each stride-2 convolution (paper)
+    latent_size_2: int = Field(16, ge=1)  # Z2, the top layer (kind = "hierarchical")
+    prior_hidden: list[int] = [100]  # hidden widths of p(z1|z2) and q(z2|z1) (kind = "hierarchical")
 
     @model_validator(mode="after")
     def _positive_widths(self) -> "ModelConfig":
-        for name in ("encoder_hidden", "decoder_hidden", "conv_channels"):
+        for name in ("encoder_hidden", "decoder_hidden", "conv_channels", "prior_hidden"):
             if any(w < 1 for w in getattr(self, name)):
                 raise ValueError(f"{name} widths must be positive, got {getattr(self, name)}")
         if self.kind == "conv" and not self.conv_channels:
             raise ValueError("model.kind = \"conv\" needs at least one convolution; give model.conv_channels, "
                              "e.g. [64, 128, 256]")
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_second_layer(self, handler: Any) -> dict[str, Any]:
+        """A one-layer model's resolved config has no second-layer keys, so its config.json, stage hashes,
+        checkpoint and summary settings read as before they existed (baselines stay comparable)."""
+        data = handler(self)
+        if self.kind != "hierarchical":
+            for key in HIERARCHICAL_KEYS:
+                data.pop(key, None)
+        return data
 
 
 class TrainConfig(Section):
@@ -124,14 +140,15 @@ class RefineConfig(Section):
     def resolved(self, family: str = "ffg") -> RefineProcedure:
         """The preset for ``family`` with every field set here replacing the preset's value.
 
-        The "gapbench" preset differs for flows (``RefineProcedure.for_flows``); "paper" is the same
+        The "gapbench" preset differs for flows (``RefineProcedure.for_flows``; the hierarchical family takes
+        the FFG's, with its network's weight steps scaled by 1/fan-in); "paper" is the same
         for every family. The gradient is not yet adjusted to the family (see
         ``gapbench.measure.effective_procedure``).
         """
         if self.procedure == "paper":
             preset = RefineProcedure.paper()
         else:
-            preset = RefineProcedure() if family == "ffg" else RefineProcedure.for_flows()
+            preset = RefineProcedure() if family in ("ffg", "hierarchical") else RefineProcedure.for_flows()
         overrides = {k: getattr(self, k) for k in preset._fields if getattr(self, k) is not None}
         return preset._replace(**overrides)
 
@@ -207,8 +224,11 @@ class ExperimentConfig(Section):
                                  "(refine.family is its old single-family form)")
             family = refine.pop("family")
             refine["families"] = [family] if isinstance(family, str) else family
+        model = raw.get("model", {})
+        if isinstance(model, dict) and model.get("kind") == "hierarchical" and "posterior" not in model:
+            raw = {**raw, "model": {**model, "posterior": "hierarchical"}}  # its encoder is q(z1|x) q(z2|z1)
+            model = raw["model"]
         if "families" not in refine:
-            model = raw.get("model", {})
             refine["families"] = [model.get("posterior", "ffg") if isinstance(model, dict) else "ffg"]
         return {**raw, "refine": refine}
 
@@ -248,6 +268,18 @@ class ExperimentConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _family_fits_model(self) -> "ExperimentConfig":
+        two_layers = self.model.kind == "hierarchical"
+        if two_layers and (self.model.posterior != "hierarchical" or self.refine.families != ["hierarchical"]):
+            raise ValueError('model.kind = "hierarchical" has its own encoder q(z1|x) q(z2|z1) and is refined in that '
+                             'family with free per-datapoint parameters; leave model.posterior and refine.families '
+                             'out (or set them to "hierarchical" and ["hierarchical"])')
+        if not two_layers and "hierarchical" in (self.model.posterior, *self.refine.families):
+            raise ValueError('the "hierarchical" family needs a two-layer model; set model.kind = "hierarchical", '
+                             'or choose another family')
+        return self
+
+    @model_validator(mode="after")
     def _encoder_family_is_refined(self) -> "ExperimentConfig":
         if self.model.posterior not in self.refine.families:
             raise ValueError(
@@ -263,7 +295,8 @@ class ExperimentConfig(Section):
         if uses and self.model.posterior != "ffg":
             raise ValueError(
                 f"{' and '.join(uses)} refine the encoder's diagonal Gaussian (mu, log_var), but model.posterior = "
-                f"{self.model.posterior!r}; set model.posterior = \"ffg\", or turn them off")
+                f"{self.model.posterior!r}; use a model whose encoder is the FFG (model.posterior = \"ffg\", "
+                "model.kind \"mlp\" or \"conv\"), or turn them off")
         return self
 
 
@@ -299,6 +332,8 @@ def _format_error(error: ValidationError, source: str) -> str:
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
             lines.append(f"  {where}: unknown key; remove it or check its spelling")
+        elif e["type"] == "value_error" and not e["loc"]:  # a rule across sections: the message names the keys
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
         elif e["type"] == "missing":
             lines.append(f"  {where}: required key is missing")
         else:

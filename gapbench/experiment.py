@@ -47,8 +47,8 @@ from .data import Dataset, binarize, check_binary, check_levels, check_values, l
 from .gaps import NO_FAULT, best_bound, decompose, estimate_columns, find_faults, summarize, summarize_column
 from .curves import curve_frame, refinement_curve, summarize_curve
 from .measure import ais_diagnostics, ais_of, bounds_of, effective_procedure, local_posterior
-from .models import ConvDecoder, ConvTrunk, Decoder, DecoderBase
-from .posteriors import LocalFamily, make_encoder, make_family
+from .models import ConvDecoder, ConvTrunk, Decoder, DecoderBase, HierarchicalDecoder
+from .posteriors import HierarchicalEncoder, HierarchicalFamily, LocalFamily, make_encoder, make_family
 from .report import gap_table_markdown
 from .rundir import TRAIN_STATE, RunError, RunFolder, hashed_sections, open_run_folder
 from .train import ResumeError, train
@@ -81,10 +81,18 @@ def build_networks(config: ExperimentConfig, data_size: int, *, image_shape: tup
     ``"conv"``: the convolutional decoder and an encoder on a convolutional trunk
     (``model.conv_channels``), which need ``image_shape``, (H, W) or (C, H, W) with product
     ``data_size``. ``num_levels``: the pixel levels of the discretised logistic likelihood.
+    ``"hierarchical"``: the two-layer model p(z2) p(z1|z2) p(x|z1) (MLPs) and its encoder q(z1|x) q(z2|z1).
     """
     m = config.model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
+        if m.kind == "hierarchical":
+            decoder = HierarchicalDecoder(data_size, m.latent_size, m.latent_size_2, tuple(m.decoder_hidden),
+                                          tuple(m.prior_hidden), m.activation, likelihood=m.likelihood,
+                                          num_levels=num_levels)
+            encoder = HierarchicalEncoder(data_size, m.latent_size, m.latent_size_2, tuple(m.encoder_hidden),
+                                          tuple(m.prior_hidden), m.activation)
+            return decoder, encoder
         if m.kind == "mlp":
             decoder: DecoderBase = Decoder(data_size, m.latent_size, tuple(m.decoder_hidden), m.activation,
                                            likelihood=m.likelihood, num_levels=num_levels)
@@ -112,7 +120,11 @@ def networks_for(config: ExperimentConfig, dataset: Dataset) -> tuple[DecoderBas
 
 
 def local_family(config: ExperimentConfig, name: str) -> LocalFamily:
-    """The local family ``name`` with the run's flow sizes (``model.flow_steps``, ``model.flow_hidden``)."""
+    """The local family ``name`` with the run's flow sizes (``model.flow_steps``, ``model.flow_hidden``), or
+    the hierarchical one with the two-layer model's (``latent_size``, ``latent_size_2``, ``prior_hidden``)."""
+    m = config.model
+    if name == "hierarchical":
+        return HierarchicalFamily(m.latent_size, m.latent_size_2, tuple(m.prior_hidden), m.activation)
     return make_family(name, num_steps=config.model.flow_steps, hidden_size=config.model.flow_hidden)
 
 

@@ -19,7 +19,8 @@ from .data import check_finite
 from .estimators import AISEstimate, AISProcedure, Estimate, elbo_from_stats, iwae_from_stats, weight_stats
 from .estimators.ais import DEFAULT_AIS
 from .gaps import gap_frame, summarize
-from .posteriors import DiagonalGaussian, FlowFamily, FlowPosterior, LocalFamily, as_posterior, get_family
+from .posteriors import (DiagonalGaussian, FlowFamily, FlowPosterior, HierarchicalFamily, HierarchicalPosterior,
+                         LocalFamily, as_posterior, get_family)
 from .refine import RefineResult, refine
 
 INITS = ("prior", "encoder")
@@ -103,13 +104,14 @@ def resolve_family(family: str | LocalFamily) -> LocalFamily:
 
 def effective_procedure(family: str | LocalFamily, procedure: RefineProcedure | None = None) -> RefineProcedure:
     """The procedure ``family`` is refined with. ``None`` takes gapbench's default for the family
-    (:class:`RefineProcedure` for the FFG, :meth:`RefineProcedure.for_flows` for flows). The "sticking
+    (:class:`RefineProcedure` for the FFG and the hierarchical family, :meth:`RefineProcedure.for_flows`
+    for flows). The "sticking
     the landing" gradient needs log q at the sampled z with the parameters held fixed: the FFG and the
     auxiliary flow (closed-form inverse) have it; planar flows (an iterative inverse) and IAF (Z
     sequential passes) would pay too much for it, so they take the plain reparameterisation gradient."""
     local = resolve_family(family)
     if procedure is None:
-        procedure = DEFAULT_PROCEDURE if local.name == "ffg" else RefineProcedure.for_flows()
+        procedure = DEFAULT_PROCEDURE if local.name in ("ffg", "hierarchical") else RefineProcedure.for_flows()
     if procedure.gradient == "stl" and not local.supports_stl:
         return procedure._replace(gradient="reparam")
     return procedure
@@ -129,6 +131,8 @@ def starting_point(family: LocalFamily, q, *, generator: torch.Generator | None)
     diagonal Gaussian fitted to q's samples (e.g. an FFG started from a flow encoder)."""
     if isinstance(family, FlowFamily) and isinstance(q, family.posterior_type):
         return q
+    if isinstance(family, HierarchicalFamily) and isinstance(q, HierarchicalPosterior):
+        return q  # a two-layer encoder's q(z1|x) q(z2|z1) becomes per-datapoint parameters, the same distribution
     if isinstance(q, DiagonalGaussian):
         return q
     return fit_diagonal(q, generator=generator)
@@ -220,7 +224,8 @@ def measure_gaps(model, encoder: Callable, x: torch.Tensor, *, family: str | Loc
     x : (B, D), finite; 0s and 1s for a model with a Bernoulli likelihood (DataError otherwise, see
         :func:`check_data`)
     family : local variational family for q*: "ffg", "flow" (Cremer et al., 2018), "planar", "iaf", or
-        a LocalFamily instance (e.g. ``gapbench.posteriors.make_family("flow", hidden_size=50)``)
+        a LocalFamily instance (e.g. ``gapbench.posteriors.make_family("flow", hidden_size=50)``, or
+        ``gapbench.posteriors.HierarchicalFamily(Z1, Z2, hidden)`` for a two-layer model's q(z1|x) q(z2|z1))
     init : where refinement starts, "prior" (the paper) or "encoder"
     num_samples : samples for every final ELBO and IWAE (paper: 5000)
     chunk_size : samples per chunk in the estimators (None: automatic)

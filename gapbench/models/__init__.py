@@ -5,6 +5,8 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from .conv import ConvDecoder, ConvTrunk
+from .hierarchical import HierarchicalDecoder
+from .hierarchical_linear_gaussian import HierarchicalLinearGaussian, linear_conditional_joint
 from .likelihoods import (
     LIKELIHOODS,
     BernoulliLikelihood,
@@ -32,6 +34,7 @@ class Model(Protocol):
 
 __all__ = [
     "ACTIVATIONS", "LIKELIHOODS", "BernoulliLikelihood", "ConvDecoder", "ConvTrunk", "Decoder", "DecoderBase",
-    "DiscretizedLogisticLikelihood", "LinearGaussian", "Model", "bernoulli_log_prob", "discretized_logistic_log_prob",
-    "discretized_logistic_sample", "gaussian_log_prob", "make_likelihood", "mlp", "standard_normal_log_prob",
+    "DiscretizedLogisticLikelihood", "HierarchicalDecoder", "HierarchicalLinearGaussian", "LinearGaussian", "Model",
+    "bernoulli_log_prob", "discretized_logistic_log_prob", "discretized_logistic_sample", "gaussian_log_prob",
+    "linear_conditional_joint", "make_likelihood", "mlp", "standard_normal_log_prob",
 ]

@@ -6,6 +6,7 @@ from .coupling import AuxiliaryCouplingFlow, AuxiliaryFlowEncoder, AuxiliaryFlow
 from .families import FAMILIES, FLOW_FAMILIES, DiagonalGaussianFamily, LocalFamily, get_family, make_family
 from .flowbase import FlowEncoder, FlowFamily, FlowPosterior
 from .gaussian import DiagonalGaussian
+from .hierarchical import HierarchicalEncoder, HierarchicalFamily, HierarchicalPosterior
 from .iaf import IAFEncoder, IAFFamily, InverseAutoregressiveFlow, made_masks
 from .noise import fork_seed, standard_normal
 from .planar import PlanarFlow, PlanarFlowEncoder, PlanarFlowFamily
@@ -13,7 +14,8 @@ from .planar import PlanarFlow, PlanarFlowEncoder, PlanarFlowFamily
 __all__ = [
     "AuxiliaryCouplingFlow", "AuxiliaryFlowEncoder", "AuxiliaryFlowFamily", "DiagonalGaussian",
     "DiagonalGaussianFamily", "DistributionPosterior", "ENCODERS", "FAMILIES", "FLOW_FAMILIES", "FlowEncoder",
-    "FlowFamily", "FlowPosterior", "GaussianEncoder", "IAFEncoder", "IAFFamily", "InverseAutoregressiveFlow",
+    "FlowFamily", "FlowPosterior", "GaussianEncoder", "HierarchicalEncoder", "HierarchicalFamily",
+    "HierarchicalPosterior", "IAFEncoder", "IAFFamily", "InverseAutoregressiveFlow",
     "LocalFamily", "PlanarFlow", "PlanarFlowEncoder", "PlanarFlowFamily", "Posterior", "as_posterior",
     "fork_seed", "get_family", "made_masks", "make_encoder", "make_family", "standard_normal",
 ]

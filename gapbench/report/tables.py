@@ -8,8 +8,9 @@ import io
 import math
 from typing import Sequence
 
-FAMILY_LABELS = {"ffg": "FFG", "flow": "Flow", "iaf": "IAF", "planar": "Planar"}
-FAMILY_ORDER = ("flow", "iaf", "planar", "ffg")  # rows of L[q*]: the flows above the FFG, as in Table 2
+FAMILY_LABELS = {"ffg": "FFG", "flow": "Flow", "iaf": "IAF", "planar": "Planar", "hierarchical": "Hier"}
+# rows of L[q*]: the flows above the FFG, as in Table 2; the two-layer model's q(z1) q(z2|z1) last
+FAMILY_ORDER = ("flow", "iaf", "planar", "ffg", "hierarchical")
 GAP_ROWS = (("approximation", "approximation gap"), ("amortization", "amortization gap"),
             ("inference", "inference gap"))
 
