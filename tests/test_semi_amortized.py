@@ -183,3 +183,8 @@ def test_semi_amortized_config():
     for bad in ({"semi_amortized_steps": -1}, {"semi_amortized_gradient": "through"}, {"semi_amortized_lr": 0.0}):
         with pytest.raises(ConfigError, match="semi_amortized"):
             parse_config({"name": "x", "train": bad})
+    for model in ({"posterior": "flow"}, {"kind": "hierarchical"}):  # no single FFG to refine
+        with pytest.raises(ConfigError, match="refine the encoder's diagonal Gaussian"):
+            parse_config({"name": "x", "model": model, "train": {"semi_amortized_steps": 2}})
+        with pytest.raises(ConfigError, match="curve.enabled = true refine"):
+            parse_config({"name": "x", "model": model, "curve": {"enabled": True}})
