@@ -19,7 +19,7 @@ from .data import check_finite
 from .estimators import AISEstimate, AISProcedure, Estimate, elbo_from_stats, iwae_from_stats, weight_stats
 from .estimators.ais import DEFAULT_AIS
 from .gaps import gap_frame, summarize
-from .posteriors import DiagonalGaussian, as_posterior, get_family
+from .posteriors import DiagonalGaussian, RandomStream, as_posterior, get_family
 from .refine import RefineResult, refine
 
 INITS = ("prior", "encoder")
@@ -65,7 +65,7 @@ class BoundPair(NamedTuple):
 
 
 def bounds_of(model, posterior, x: torch.Tensor, *, num_samples: int, chunk_size: int | None,
-              generator: torch.Generator | None) -> BoundPair:
+              generator: RandomStream | None) -> BoundPair:
     """ELBO and IWAE-K of ``posterior`` from one pass of K samples per datapoint."""
     stats = weight_stats(model, posterior, x, num_samples=num_samples, chunk_size=chunk_size,
                          generator=generator)
@@ -89,7 +89,7 @@ def amortized_posterior(encoder: Callable, x: torch.Tensor):
 
 def local_posterior(model, encoder: Callable, x: torch.Tensor, *, family: str = "ffg",
                     init: str = "prior", procedure: RefineProcedure = DEFAULT_PROCEDURE,
-                    generator: torch.Generator | None,
+                    generator: RandomStream | None,
                     callback: Callable[[int, int], None] | None = None) -> RefineResult:
     """Refine a local posterior of ``family`` for every datapoint of x (B, D), all at once.
 
@@ -111,10 +111,11 @@ def local_posterior(model, encoder: Callable, x: torch.Tensor, *, family: str = 
 
 
 def ais_of(model, x: torch.Tensor, *, init: str = "encoder", encoder: Callable | None = None,
-           q_star=None, procedure: AISProcedure = DEFAULT_AIS, generator: torch.Generator | None,
-           callback: Callable[[int], None] | None = None) -> AISEstimate:
+           q_star=None, procedure: AISProcedure = DEFAULT_AIS, chunk_size: int | None = None,
+           generator: RandomStream | None, callback: Callable[[int], None] | None = None) -> AISEstimate:
     """Forward AIS for every datapoint of x (B, D), started from the prior, the encoder's posterior
-    or the refined q* (``init`` = "prior", "encoder", "q_star"), with the model's parameters frozen."""
+    or the refined q* (``init`` = "prior", "encoder", "q_star"), with the model's parameters frozen;
+    ``chunk_size`` chains have their gradients evaluated together (None: about 4096 rows)."""
     if init not in AIS_INITS:
         raise ValueError(f"unknown AIS init {init!r}; choose one of {AIS_INITS}")
     if init == "encoder":
@@ -128,7 +129,8 @@ def ais_of(model, x: torch.Tensor, *, init: str = "encoder", encoder: Callable |
     else:
         q = None
     with frozen(model):
-        return estimators.ais(model, x, init=q, **procedure._asdict(), generator=generator, callback=callback)
+        return estimators.ais(model, x, init=q, **procedure._asdict(), chunk_size=chunk_size, generator=generator,
+                              callback=callback)
 
 
 def ais_diagnostics(estimate: AISEstimate) -> dict[str, torch.Tensor]:

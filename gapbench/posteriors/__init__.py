@@ -4,9 +4,12 @@ from .amortized import GaussianEncoder
 from .base import DistributionPosterior, Posterior, as_posterior
 from .families import FAMILIES, DiagonalGaussianFamily, LocalFamily, get_family
 from .gaussian import DiagonalGaussian
-from .noise import fork_seed, standard_normal
+from .noise import RandomStream, fork_seed, random_normal, random_uniform, standard_normal
+from .streams import DatapointStreams
 
 __all__ = [
-    "DiagonalGaussian", "DiagonalGaussianFamily", "DistributionPosterior", "FAMILIES", "GaussianEncoder", "LocalFamily",
-    "Posterior", "as_posterior", "fork_seed", "get_family", "standard_normal",
+    "DatapointStreams", "DiagonalGaussian", "DiagonalGaussianFamily", "DistributionPosterior", "FAMILIES",
+    "GaussianEncoder", "LocalFamily",
+    "Posterior", "RandomStream", "as_posterior", "fork_seed", "get_family", "random_normal", "random_uniform",
+    "standard_normal",
 ]
