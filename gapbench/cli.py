@@ -13,13 +13,19 @@ EXIT_INTERRUPTED = 130  # Ctrl-C
 
 def _run(args: argparse.Namespace) -> int:
     from .config import load_config
+    from .device import resolve_device
+    from .distributed import ranks_from_env
     from .experiment import run_experiment
     from .report import gap_table_markdown
 
     config = load_config(args.experiment, args.set)
+    ranks = ranks_from_env()  # set by torchrun; one rank otherwise
+    device = resolve_device(args.device, local_rank=ranks.local_rank)
     out = Path(args.out) if args.out else Path("runs") / config.name
     summary = run_experiment(config, out, force=args.force, progress=not args.quiet,
-                             log=lambda m: print(m, file=sys.stderr))
+                             log=lambda m: print(m, file=sys.stderr), device=device, ranks=ranks)
+    if summary is None:  # not rank 0: rank 0 wrote the folder and prints the table
+        return 0
     n = summary["settings"]["num_datapoints"]
     print(f"\n{config.name}: {summary['settings']['dataset']}, {n} {summary['settings']['split']} datapoints, "
           f"k = {summary['settings']['num_samples']['iwae_k']}\n")
@@ -99,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="run folder (default: runs/<name>)")
     run.add_argument("--force", action="store_true", help="redo every stage, even in a folder with another config")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--device", default="cpu", metavar="cpu|cuda|auto",
+                     help="where every stage runs: cpu (default), cuda (cuda:N; under torchrun each process takes "
+                          "the GPU of its LOCAL_RANK) or auto (cuda when PyTorch finds a GPU)")
     run.set_defaults(func=_run)
     check = sub.add_parser("check", help="compare a run's bounds and gaps with a baseline; exit 1 when one "
                                          "moved beyond chance")

@@ -26,6 +26,7 @@ import hashlib
 import json
 import platform
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable
 
@@ -38,16 +39,18 @@ from .checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint
                           load_weights)
 from .config import ConfigError, ExperimentConfig
 from .data import Dataset, binarize, check_binary, check_values, load_dataset
+from .device import row_bytes, rows_that_fit, samples_per_chunk
+from .distributed import Ranks, broadcast, close_ranks, gather, init_ranks, shard
 from .gaps import NO_FAULT, best_bound, decompose, estimate_columns, find_faults, summarize, summarize_column
 from .measure import ais_diagnostics, ais_of, bounds_of, local_posterior
 from .models import Decoder
-from .posteriors import GaussianEncoder, get_family
+from .posteriors import DatapointStreams, GaussianEncoder, get_family
 from .report import gap_table_markdown
 from .rundir import TRAIN_STATE, RunError, RunFolder, open_run_folder
 from .train import ResumeError, train
 
-__all__ = ["CHECKPOINT_FORMAT", "Run", "RunError", "build_networks", "evaluation_data", "load_checkpoint",
-           "open_run", "open_run_config", "run_experiment", "stage_generator"]
+__all__ = ["CHECKPOINT_FORMAT", "Run", "RunError", "build_networks", "datapoint_streams", "evaluation_data",
+           "load_checkpoint", "open_run", "open_run_config", "run_experiment", "stage_generator", "stage_seed"]
 
 LOG_PX_CANDIDATES = ("iwae_q", "iwae_q_star")  # and "ais" when the AIS stage runs
 # The random stream of each stage, fixed by name: adding a stage changes no other stage's numbers.
@@ -57,10 +60,26 @@ STAGE_STREAMS = {"train": 1, "amortized": 2, "local": 3, "report": 4, "ais": 5}
 TRAIN_STATE_SECONDS = 10.0
 
 
-def stage_generator(seed: int, stage: str) -> torch.Generator:
-    """An independent random stream per (seed, stage), so a resumed stage repeats exactly."""
+RANDOM_STREAMS = ("per datapoint: SplitMix64 counter streams keyed by (seed, stage, datapoint index), "
+                  "independent of batch, shard and number of ranks")
+
+
+def stage_seed(seed: int, stage: str) -> int:
+    """A 63-bit seed per (seed, stage)."""
     state = np.random.SeedSequence([seed, STAGE_STREAMS[stage]]).generate_state(1, dtype=np.uint64)
-    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+    return int(state[0] >> np.uint64(1))
+
+
+def stage_generator(seed: int, stage: str, device: torch.device | str = "cpu") -> torch.Generator:
+    """An independent random stream per (seed, stage), so a resumed stage repeats exactly (training)."""
+    return torch.Generator(device=device).manual_seed(stage_seed(seed, stage))
+
+
+def datapoint_streams(seed: int, stage: str, indices: range | list[int],
+                      device: torch.device | str = "cpu") -> DatapointStreams:
+    """The evaluation stages' streams: datapoint i of the split draws from its own stream of (seed,
+    stage, i), so its numbers do not depend on its batch, its shard or the number of ranks."""
+    return DatapointStreams.from_seed(stage_seed(seed, stage), list(indices), device=device)
 
 
 def build_networks(config: ExperimentConfig, data_size: int) -> tuple[Decoder, GaussianEncoder]:
@@ -101,13 +120,50 @@ class Run:
     """One run folder and the stages that fill it (see ``gapbench.rundir`` for the bookkeeping)."""
 
     def __init__(self, config: ExperimentConfig, out_dir: str | Path, *, force: bool = False,
-                 progress: bool = True, log: Callable[[str], None] = print):
+                 progress: bool = True, log: Callable[[str], None] = print,
+                 device: torch.device | str = "cpu", ranks: Ranks = Ranks()):
         self.config = config
         self.dir = Path(out_dir)
         self.force = force
-        self.progress = progress
-        self.log = log
-        self.folder: RunFolder | None = None
+        self.ranks = ranks  # rank 0 owns the folder; every rank evaluates its shard of datapoints
+        self.progress = progress and ranks.is_main
+        self.log = log if ranks.is_main else (lambda message: None)
+        self.device = torch.device(device)
+        self.folder: RunFolder | None = None  # rank 0 only
+
+    def _is_finished(self, stage: str) -> bool:
+        """Rank 0's answer, on every rank."""
+        return broadcast(self.folder.is_finished(stage) if self.ranks.is_main else None, self.ranks)
+
+    def _gather(self, frames: list[pd.DataFrame]) -> pd.DataFrame | None:
+        """Every rank's rows on rank 0, in datapoint order; None on the other ranks."""
+        parts = gather(pd.concat(frames, ignore_index=True) if frames else None, self.ranks)
+        return None if parts is None else pd.concat([p for p in parts if p is not None], ignore_index=True)
+
+    def _chunk_size(self, num_datapoints: int, *, with_gradient: bool) -> int | None:
+        """Samples (IWAE) or chains (AIS) per chunk: ``eval.chunk_size`` when set (IWAE), else from the
+        GPU's free memory, else None (the estimators' CPU defaults)."""
+        if self.config.eval.chunk_size is not None and not with_gradient:
+            return self.config.eval.chunk_size
+        m = self.config.model
+        rows = rows_that_fit(self.device, row_bytes(self.data_size, m.latent_size, m.decoder_hidden,
+                                                    with_gradient=with_gradient))
+        return samples_per_chunk(rows, num_datapoints)
+
+    def networks(self, dataset: Dataset) -> tuple[Decoder, GaussianEncoder, dict]:
+        """The trained networks on this run's device, on every rank: rank 0 trains (or loads) them and
+        sends the weights to the others, so no rank needs rank 0's file system."""
+        self.data_size = dataset.data_size
+        if self.ranks.is_main:
+            decoder, encoder, training = self.train_stage(dataset)
+        if self.ranks.is_distributed:
+            shared = broadcast((_cpu(decoder.state_dict()), _cpu(encoder.state_dict()), training)
+                               if self.ranks.is_main else None, self.ranks)
+            if not self.ranks.is_main:
+                decoder, encoder = build_networks(self.config, dataset.data_size)
+                decoder.load_state_dict(shared[0]), encoder.load_state_dict(shared[1])
+                training = shared[2]
+        return decoder.to(self.device).eval(), encoder.to(self.device).eval(), training
 
     # --- stages -------------------------------------------------------------------------------
     def train_stage(self, dataset: Dataset) -> tuple[Decoder, GaussianEncoder, dict]:
@@ -136,14 +192,15 @@ class Run:
         if resume is not None:
             self.log(f"[train] resuming after epoch {resume['epoch']} ({state_path})")
         t = self.config.train
+        decoder.to(self.device), encoder.to(self.device)
         try:
             result = train(
-                decoder, encoder, dataset.train, dataset.valid, epochs=t.epochs, batch_size=t.batch_size,
+                decoder, encoder, dataset.train.to(self.device), dataset.valid.to(self.device), epochs=t.epochs, batch_size=t.batch_size,
                 learning_rate=t.learning_rate, adam_eps=t.adam_eps, warmup_epochs=t.warmup_epochs, schedule=t.schedule,
                 binarization=self.config.data.binarization, threshold=self.config.data.threshold,
                 valid_every=t.valid_every, valid_num_samples=t.valid_num_samples,
                 early_stopping_patience=t.early_stopping_patience,
-                generator=stage_generator(self.config.seed, "train"), resume_from=resume,
+                generator=stage_generator(self.config.seed, "train", self.device), resume_from=resume,
                 on_checkpoint=lambda state: io.save_torch(state_path, {**state, "config_sha256": config_sha256}),
                 checkpoint_seconds=TRAIN_STATE_SECONDS, progress=self.progress,
             )
@@ -155,7 +212,7 @@ class Run:
         checkpoint = {
             "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
             "config": self.config.model_dump(mode="json"), "data_size": dataset.data_size,
-            "decoder": result.decoder_state, "encoder": result.encoder_state,
+            "decoder": _cpu(result.decoder_state), "encoder": _cpu(result.encoder_state),
             "best_epoch": result.best_epoch, "best_valid_elbo": result.best_valid_elbo,
             "epochs_run": len(result.history), "stop_reason": result.stop_reason,
         }
@@ -170,46 +227,54 @@ class Run:
         return checkpoint
 
     def _batches(self, x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-        size = self.config.eval.batch_size
-        return [(start, x[start:start + size]) for start in range(0, x.shape[0], size)]
+        """This rank's datapoints in batches of ``eval.batch_size``: (index of the first, (b, D) on the device)."""
+        size, mine = self.config.eval.batch_size, shard(x.shape[0], self.ranks)
+        return [(start, x[start:min(start + size, mine.stop)].to(self.device))
+                for start in range(mine.start, mine.stop, size)]
+
+    def _streams(self, stage: str, offset: int, batch: torch.Tensor) -> DatapointStreams:
+        return datapoint_streams(self.config.seed, stage, range(offset, offset + batch.shape[0]), self.device)
 
     def amortized_stage(self, decoder, encoder, x: torch.Tensor) -> pd.DataFrame:
         path = self.dir / "amortized.csv"
-        if self.folder.is_finished("amortized"):
+        if self._is_finished("amortized"):
             self.log(f"[amortized] skipped: finished ({path})")
-            return io.read_csv(path)
-        self.folder.start("amortized")
+            return io.read_csv(path) if self.ranks.is_main else None
+        if self.ranks.is_main:
+            self.folder.start("amortized")
         from tqdm.auto import tqdm
         e = self.config.eval
         start = time.perf_counter()
-        generator = stage_generator(self.config.seed, "amortized")
         frames = []
-        for _, batch in tqdm(self._batches(x), desc="L[q], IWAE", unit="batch", disable=not self.progress):
+        for offset, batch in tqdm(self._batches(x), desc="L[q], IWAE", unit="batch", disable=not self.progress):
             with torch.no_grad():
                 q = encoder(batch)
-            pair = bounds_of(decoder, q, batch, num_samples=e.num_samples, chunk_size=e.chunk_size,
-                             generator=generator)
+            pair = bounds_of(decoder, q, batch, num_samples=e.num_samples,
+                             chunk_size=self._chunk_size(batch.shape[0], with_gradient=False),
+                             generator=self._streams("amortized", offset, batch))
             frames.append(pd.DataFrame({**estimate_columns("elbo_q", pair.elbo),
                                         **estimate_columns("iwae_q", pair.iwae)}))
-        frame = pd.concat(frames, ignore_index=True)
-        io.write_csv(path, frame)
-        self.folder.finish("amortized", time.perf_counter() - start)
+        frame = self._gather(frames)
+        if self.ranks.is_main:
+            io.write_csv(path, frame)
+            self.folder.finish("amortized", time.perf_counter() - start)
         return frame
 
     def local_stage(self, decoder, encoder, x: torch.Tensor) -> pd.DataFrame:
         path = self.dir / "local.csv"
-        if self.folder.is_finished("local"):
+        if self._is_finished("local"):
             self.log(f"[local] skipped: finished ({path})")
-            return io.read_csv(path)
-        self.folder.start("local")
+            return io.read_csv(path) if self.ranks.is_main else None
+        if self.ranks.is_main:
+            self.folder.start("local")
         from tqdm.auto import tqdm
         e, r = self.config.eval, self.config.refine
         procedure = r.resolved()
         family = get_family(r.family)
         start = time.perf_counter()
-        generator = stage_generator(self.config.seed, "local")
         frames, params = [], []
         for offset, batch in self._batches(x):
+            generator = self._streams("local", offset, batch)
             with tqdm(desc=f"refine q* [{offset}:{offset + batch.shape[0]}]", unit="step",
                       disable=not self.progress) as bar:
                 def callback(step: int, num_active: int) -> None:
@@ -218,17 +283,20 @@ class Run:
                 result = local_posterior(decoder, encoder, batch, family=r.family, init=r.init,
                                          procedure=procedure, generator=generator, callback=callback)
             pair = bounds_of(decoder, family.posterior(result.params), batch, num_samples=e.num_samples,
-                             chunk_size=e.chunk_size, generator=generator)
+                             chunk_size=self._chunk_size(batch.shape[0], with_gradient=False), generator=generator)
             frames.append(pd.DataFrame({
                 **estimate_columns("elbo_q_star", pair.elbo), **estimate_columns("iwae_q_star", pair.iwae),
-                "refine_steps": result.num_steps.numpy(), "refine_converged": result.is_converged.numpy(),
-                "refine_diverged": result.is_diverged.numpy(),
+                "refine_steps": result.num_steps.cpu().numpy(), "refine_converged": result.is_converged.cpu().numpy(),
+                "refine_diverged": result.is_diverged.cpu().numpy(),
             }))
-            params.append(result.params)
-        frame = pd.concat(frames, ignore_index=True)
-        io.save_torch(self.dir / "local.pt", {k: torch.cat([p[k] for p in params]) for k in params[0]})
-        io.write_csv(path, frame)
-        self.folder.finish("local", time.perf_counter() - start)
+            params.append(_cpu(result.params))
+        frame = self._gather(frames)
+        all_params = gather(params, self.ranks)
+        if self.ranks.is_main:
+            params = [p for part in all_params for p in part]
+            io.save_torch(self.dir / "local.pt", {k: torch.cat([p[k] for p in params]) for k in params[0]})
+            io.write_csv(path, frame)
+            self.folder.finish("local", time.perf_counter() - start)
         return frame
 
     def ais_stage(self, decoder, encoder, x: torch.Tensor) -> pd.DataFrame | None:
@@ -237,29 +305,36 @@ class Run:
         if not a.enabled:
             return None
         path = self.dir / "ais.csv"
-        if self.folder.is_finished("ais"):
+        if self._is_finished("ais"):
             self.log(f"[ais] skipped: finished ({path})")
-            return io.read_csv(path)
-        self.folder.start("ais")
+            return io.read_csv(path) if self.ranks.is_main else None
+        if self.ranks.is_main:
+            self.folder.start("ais")
         from tqdm.auto import tqdm
         family = get_family(self.config.refine.family)
-        q_star_params = torch.load(self.dir / "local.pt", weights_only=True) if a.init == "q_star" else None
+        q_star_params = None
+        if a.init == "q_star":  # rank 0 reads local.pt and sends it: no shared file system needed
+            q_star_params = broadcast(torch.load(self.dir / "local.pt", weights_only=True)
+                                      if self.ranks.is_main else None, self.ranks)
         start = time.perf_counter()
-        generator = stage_generator(self.config.seed, "ais")
         frames = []
         for offset, batch in self._batches(x):
             q_star = None
             if q_star_params is not None:
-                q_star = family.posterior({k: v[offset:offset + batch.shape[0]] for k, v in q_star_params.items()})
+                q_star = family.posterior({k: v[offset:offset + batch.shape[0]].to(self.device)
+                                           for k, v in q_star_params.items()})
             with tqdm(total=a.num_steps, desc=f"AIS [{offset}:{offset + batch.shape[0]}]", unit="step",
                       disable=not self.progress) as bar:
                 estimate = ais_of(decoder, batch, init=a.init, encoder=encoder, q_star=q_star,
-                                  procedure=a.procedure(), generator=generator, callback=lambda t: bar.update(1))
+                                  procedure=a.procedure(), chunk_size=self._chunk_size(batch.shape[0], with_gradient=True),
+                                  generator=self._streams("ais", offset, batch),
+                                  callback=lambda t: bar.update(1))
             frames.append(pd.DataFrame({**estimate_columns("ais", estimate),
-                                        **{k: v.numpy() for k, v in ais_diagnostics(estimate).items()}}))
-        frame = pd.concat(frames, ignore_index=True)
-        io.write_csv(path, frame)
-        self.folder.finish("ais", time.perf_counter() - start)
+                                        **{k: v.cpu().numpy() for k, v in ais_diagnostics(estimate).items()}}))
+        frame = self._gather(frames)
+        if self.ranks.is_main:
+            io.write_csv(path, frame)
+            self.folder.finish("ais", time.perf_counter() - start)
         return frame
 
     @property
@@ -325,6 +400,8 @@ class Run:
             "num_samples": {"elbo": c.eval.num_samples, "iwae_k": c.eval.num_samples,
                             "elbo_and_iwae_share_samples": True},
             "chunk_size": c.eval.chunk_size,
+            "random_streams": RANDOM_STREAMS,
+            "device": self.device.type,
             "log_px": "per-datapoint max of " + ", ".join(self.log_px_candidates),
             "refinement": {"family": c.refine.family, "init": c.refine.init,
                            "preset": c.refine.procedure, **c.refine.resolved()._asdict()},
@@ -345,19 +422,43 @@ class Run:
             check_values(dataset.split(split), f"{dataset.name} {split} split")
         x = evaluation_data(self.config, dataset)
         resolved = self.config.model_dump(mode="json")
-        with open_run_folder(self.dir, resolved, force=self.force, log=self.log,
-                             normalize=lambda previous: comparable_config(previous, resolved)) as self.folder:
+        joined = self.ranks.is_distributed and not torch.distributed.is_initialized()
+        init_ranks(self.ranks, self.device)
+        try:
+            with ExitStack() as stack:
+                self._open_folder(stack, resolved)
+                try:
+                    with torch.random.fork_rng(devices=[]):
+                        decoder, encoder, training = self.networks(dataset)
+                        amortized = self.amortized_stage(decoder, encoder, x)
+                        local = self.local_stage(decoder, encoder, x)
+                        ais = self.ais_stage(decoder, encoder, x)
+                        if not self.ranks.is_main:
+                            return None
+                        return self.report_stage(x, amortized, local, ais, dataset, training)
+                except OSError as error:  # a full disk, a folder made read-only under a running process
+                    where = error.filename or self.dir
+                    raise RunError(f"cannot write {where}: {error.strerror or error}; make room or fix the "
+                                   "permissions, then rerun the same command to resume") from None
+        finally:
+            if joined:
+                close_ranks(self.ranks)
+
+    def _open_folder(self, stack: ExitStack, resolved: dict) -> None:
+        """Rank 0 opens (and locks) the folder; a refusal stops every rank with rank 0's message."""
+        error = None
+        if self.ranks.is_main:
             try:
-                with torch.random.fork_rng(devices=[]):
-                    decoder, encoder, training = self.train_stage(dataset)
-                    amortized = self.amortized_stage(decoder, encoder, x)
-                    local = self.local_stage(decoder, encoder, x)
-                    ais = self.ais_stage(decoder, encoder, x)
-                    return self.report_stage(x, amortized, local, ais, dataset, training)
-            except OSError as error:  # a full disk, a folder made read-only under a running process
-                where = error.filename or self.dir
-                raise RunError(f"cannot write {where}: {error.strerror or error}; make room or fix the "
-                               "permissions, then rerun the same command to resume") from None
+                self.folder = stack.enter_context(open_run_folder(
+                    self.dir, resolved, force=self.force, log=self.log,
+                    normalize=lambda previous: comparable_config(previous, resolved)))
+            except (RunError, ConfigError, OSError) as caught:
+                error = caught
+        message = broadcast(None if error is None else str(error), self.ranks)
+        if error is not None:
+            raise error
+        if message is not None:
+            raise RunError(f"rank 0 could not open the run folder: {message}")
 
 
 def comparable_config(previous: dict, current: dict) -> dict:
@@ -378,9 +479,15 @@ def comparable_config(previous: dict, current: dict) -> dict:
 
 
 def run_experiment(config: ExperimentConfig, out_dir: str | Path, *, force: bool = False,
-                   progress: bool = True, log: Callable[[str], None] = print) -> dict:
-    """Run (or resume) an experiment into ``out_dir``; returns the summary dict."""
-    return Run(config, out_dir, force=force, progress=progress, log=log).execute()
+                   progress: bool = True, log: Callable[[str], None] = print,
+                   device: torch.device | str = "cpu", ranks: Ranks = Ranks()) -> dict | None:
+    """Run (or resume) an experiment into ``out_dir``; returns the summary dict (None on ranks other
+    than 0 of a distributed job: see ``gapbench.distributed``)."""
+    return Run(config, out_dir, force=force, progress=progress, log=log, device=device, ranks=ranks).execute()
+
+
+def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in tensors.items()}
 
 
 def open_run_config(run_dir: str | Path) -> ExperimentConfig:

@@ -158,7 +158,7 @@ def measure_gaps(model, encoder: Callable, x: torch.Tensor, *, family: str = "ff
                  num_samples: int = 5000, chunk_size: int | None = None,
                  procedure: RefineProcedure = DEFAULT_PROCEDURE, ais: AISProcedure | None = None,
                  ais_init: str = "encoder",
-                 generator: torch.Generator | None = None) -> tuple[pd.DataFrame, dict]:
+                 generator: RandomStream | None = None) -> tuple[pd.DataFrame, dict]:
     """Estimate L[q], L[q*], log p_hat(x) and the gaps for every datapoint of x.
 
     Parameters

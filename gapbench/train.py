@@ -201,7 +201,7 @@ def train(decoder: nn.Module, encoder: nn.Module, train_x: torch.Tensor, valid_x
             group["lr"] = lr
         data = static_train if static_train is not None else binarize(
             train_x, mode="dynamic", generator=generator)
-        order = torch.randperm(data.shape[0], generator=generator)
+        order = torch.randperm(data.shape[0], generator=generator, device=data.device)
         decoder.train(), encoder.train()
         total, step = 0.0, state.step
         for b in range(num_batches):

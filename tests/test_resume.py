@@ -46,7 +46,7 @@ def whole_run(tmp_path_factory):
 
 
 def gapbench_subprocess(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}  # this checkout's gapbench
     return subprocess.Popen([sys.executable, str(KILL_AT), *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
