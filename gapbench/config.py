@@ -198,11 +198,17 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *,
     ``ignore_unknown``: see :func:`parse_config`.
     """
     path = Path(path)
+    return parse_config(apply_overrides(read_raw(path), overrides or []), source=str(path),
+                        ignore_unknown=ignore_unknown)
+
+
+def read_raw(path: str | Path) -> dict[str, Any]:
+    """The unvalidated dict of a TOML (or JSON) experiment file; ConfigError if missing or malformed."""
+    path = Path(path)
     if not path.is_file():
         raise ConfigError(f"experiment file {path} does not exist; pass a TOML file such as experiments/digits.toml")
     text = path.read_text()
     try:
-        raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        return json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
         raise ConfigError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {error}") from None
-    return parse_config(apply_overrides(raw, overrides or []), source=str(path), ignore_unknown=ignore_unknown)

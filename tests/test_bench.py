@@ -11,6 +11,7 @@ import pytest
 from gapbench.bench.ais import bench_ais
 from gapbench.bench.iwae import bench_iwae, decoder_flops_per_row
 from gapbench.bench.refine import bench_refine
+from gapbench.bench.scale import bench_scale
 from gapbench.cli import main
 from gapbench.models import Decoder
 
@@ -60,4 +61,22 @@ def test_bench_ais_reports_figures(tiny_run):
     assert figures["fraction_of_matmul"] == pytest.approx(figures["gflops"] / figures["matmul_gflops"])
     assert [t for t, _ in figures["memory"]["rss_by_step_mib"]] == list(range(2, 21, 2))
     assert any("datapoint-chain-transitions/s" in line for line in lines)
+    json.dumps(figures)
+
+
+def test_bench_scale_reports_figures(tiny_run):
+    lines = []
+    figures = bench_scale(str(tiny_run), num_datapoints=6, processes=(1, 2), overrides=("eval.num_samples=50",),
+                          stream_datapoints=6, log=lines.append)
+    one, two = figures["scaling"]
+    assert (one["processes"], two["processes"]) == (1, 2) and one["scaling_efficiency"] == 1.0
+    for row in (one, two):
+        assert set(row["stage_seconds"]) == {"amortized", "local", "ais"}
+        assert row["datapoints_per_second"] == pytest.approx(6 / sum(row["stage_seconds"].values()))
+    assert two["scaling_efficiency"] == pytest.approx(two["datapoints_per_second"] / (2 * one["datapoints_per_second"]))
+    assert figures["max_per_datapoint_difference"] < 1e-4  # the same numbers from 1 and 2 processes
+    streams = figures["streams"]
+    assert streams["iwae_overhead"] == pytest.approx(streams["streams"]["iwae_seconds"]
+                                                     / streams["generator"]["iwae_seconds"] - 1)
+    assert any("scaling efficiency" in line for line in lines)
     json.dumps(figures)
