@@ -36,10 +36,13 @@ class Ranks(NamedTuple):
         return self.world_size > 1
 
 
+ONE_PROCESS = Ranks()
+
+
 def ranks_from_env() -> Ranks:
     """RANK, WORLD_SIZE and LOCAL_RANK as torchrun sets them (one rank when unset)."""
-    return Ranks(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                 int(os.environ.get("LOCAL_RANK", 0)))
+    return Ranks(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+                 int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def init_ranks(ranks: Ranks, device: torch.device) -> None:

@@ -6,6 +6,11 @@ run killed at any moment resumes where it stopped and ends with the same numbers
 a run with another config is refused unless ``force``, which redoes only the stages the change
 affects (see ``gapbench.rundir``).
 
+The evaluation stages (amortized, local, ais) draw every datapoint's noise from its own stream
+(``datapoint_streams``), so a datapoint's numbers depend on the seed and its index only. Under
+torchrun each rank evaluates a shard of the datapoints and rank 0, which alone owns the folder and
+trains, gathers the rows and writes the same files as one process (``gapbench.distributed``).
+
 Files of a run folder:
     config.json        the resolved configuration (every default filled in)
     checkpoint.pt      best decoder and encoder weights, with the config (torch.load(weights_only=True))
@@ -35,12 +40,11 @@ import pandas as pd
 import torch
 
 from . import io
-from .checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint, load_train_state,
-                          load_weights)
+from .checkpoints import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint, load_train_state, load_weights
 from .config import ConfigError, ExperimentConfig
 from .data import Dataset, binarize, check_binary, check_values, load_dataset
 from .device import row_bytes, rows_that_fit, samples_per_chunk
-from .distributed import Ranks, broadcast, close_ranks, gather, init_ranks, shard
+from .distributed import ONE_PROCESS, Ranks, broadcast, close_ranks, gather, init_ranks, shard
 from .gaps import NO_FAULT, best_bound, decompose, estimate_columns, find_faults, summarize, summarize_column
 from .measure import ais_diagnostics, ais_of, bounds_of, local_posterior
 from .models import Decoder
@@ -121,7 +125,7 @@ class Run:
 
     def __init__(self, config: ExperimentConfig, out_dir: str | Path, *, force: bool = False,
                  progress: bool = True, log: Callable[[str], None] = print,
-                 device: torch.device | str = "cpu", ranks: Ranks = Ranks()):
+                 device: torch.device | str = "cpu", ranks: Ranks = ONE_PROCESS):
         self.config = config
         self.dir = Path(out_dir)
         self.force = force
@@ -195,7 +199,8 @@ class Run:
         decoder.to(self.device), encoder.to(self.device)
         try:
             result = train(
-                decoder, encoder, dataset.train.to(self.device), dataset.valid.to(self.device), epochs=t.epochs, batch_size=t.batch_size,
+                decoder, encoder, dataset.train.to(self.device), dataset.valid.to(self.device), epochs=t.epochs,
+                batch_size=t.batch_size,
                 learning_rate=t.learning_rate, adam_eps=t.adam_eps, warmup_epochs=t.warmup_epochs, schedule=t.schedule,
                 binarization=self.config.data.binarization, threshold=self.config.data.threshold,
                 valid_every=t.valid_every, valid_num_samples=t.valid_num_samples,
@@ -326,7 +331,8 @@ class Run:
             with tqdm(total=a.num_steps, desc=f"AIS [{offset}:{offset + batch.shape[0]}]", unit="step",
                       disable=not self.progress) as bar:
                 estimate = ais_of(decoder, batch, init=a.init, encoder=encoder, q_star=q_star,
-                                  procedure=a.procedure(), chunk_size=self._chunk_size(batch.shape[0], with_gradient=True),
+                                  procedure=a.procedure(),
+                                  chunk_size=self._chunk_size(batch.shape[0], with_gradient=True),
                                   generator=self._streams("ais", offset, batch),
                                   callback=lambda t: bar.update(1))
             frames.append(pd.DataFrame({**estimate_columns("ais", estimate),
@@ -480,7 +486,7 @@ def comparable_config(previous: dict, current: dict) -> dict:
 
 def run_experiment(config: ExperimentConfig, out_dir: str | Path, *, force: bool = False,
                    progress: bool = True, log: Callable[[str], None] = print,
-                   device: torch.device | str = "cpu", ranks: Ranks = Ranks()) -> dict | None:
+                   device: torch.device | str = "cpu", ranks: Ranks = ONE_PROCESS) -> dict | None:
     """Run (or resume) an experiment into ``out_dir``; returns the summary dict (None on ranks other
     than 0 of a distributed job: see ``gapbench.distributed``)."""
     return Run(config, out_dir, force=force, progress=progress, log=log, device=device, ranks=ranks).execute()

@@ -102,7 +102,8 @@ def local_posterior(model, encoder: Callable, x: torch.Tensor, *, family: str = 
     q = amortized_posterior(encoder, x)
     if init == "encoder" and not isinstance(q, DiagonalGaussian):
         raise ValueError("init='encoder' needs an encoder returning a diagonal Gaussian; use init='prior'")
-    z, _ = q.rsample_and_log_prob(1, generator=torch.Generator().manual_seed(0))  # (1, B, Z), shape probe
+    probe = torch.Generator(device=x.device).manual_seed(0)
+    z, _ = q.rsample_and_log_prob(1, generator=probe)  # (1, B, Z), shape probe
     init_params = local.init_params(x.shape[0], z.shape[-1], like=z,
                                     init_from=q if init == "encoder" else None)
     with frozen(model):

@@ -125,7 +125,8 @@ def runs_frame(folders: list[Path]) -> tuple[pd.DataFrame, list[str]]:
     rows, configs = [], []
     for folder in folders:
         summary = json.loads((folder / "summary.json").read_text())
-        config = _flatten(json.loads((folder / "config.json").read_text())) if (folder / "config.json").is_file() else {}
+        config_path = folder / "config.json"
+        config = _flatten(json.loads(config_path.read_text())) if config_path.is_file() else {}
         configs.append(config)
         rows.append({"folder": str(folder), "seed": summary["settings"]["seed"],
                      **{name: summary[block][name]["mean"] for block, name in QUANTITIES}})

@@ -67,7 +67,7 @@ def test_bench_ais_reports_figures(tiny_run):
 def test_bench_scale_reports_figures(tiny_run):
     lines = []
     figures = bench_scale(str(tiny_run), num_datapoints=6, processes=(1, 2), overrides=("eval.num_samples=50",),
-                          stream_datapoints=6, log=lines.append)
+                          stream_datapoints=12, log=lines.append)
     one, two = figures["scaling"]
     assert (one["processes"], two["processes"]) == (1, 2) and one["scaling_efficiency"] == 1.0
     for row in (one, two):

@@ -6,7 +6,6 @@ import pytest
 import torch
 from scipy import stats
 
-from conftest import make_linear_gaussian
 from gapbench.estimators import ais, elbo, iwae
 from gapbench.measure import RefineProcedure, bounds_of, local_posterior
 from gapbench.models import Decoder

@@ -6,12 +6,11 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from test_cli import DIGITS, QUICK
 
 from gapbench.cli import main
 from gapbench.config import ConfigError
 from gapbench.sweep import aggregate, expand, run_folders
-
-from test_cli import DIGITS, QUICK
 
 SWEEP = DIGITS.read_text() + """
 [sweep]

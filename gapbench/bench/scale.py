@@ -61,7 +61,7 @@ def time_processes(run_dir: str | Path, num_processes: int, *, num_datapoints: i
     env = {**os.environ, "OMP_NUM_THREADS": str(threads),
            "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     start = time.perf_counter()
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - start
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
@@ -93,7 +93,9 @@ def stream_cost(run_dir: str | Path, *, num_datapoints: int, num_samples: int, r
                                  generator=generator(kind))
         return time.perf_counter() - start, int(result.num_steps.sum())
 
-    bounds_of(decoder, q, x[:10], num_samples=100, chunk_size=None, generator=torch.Generator())  # warm-up
+    warm = x[:10]
+    bounds_of(decoder, amortized_posterior(encoder, warm), warm, num_samples=100, chunk_size=None,
+              generator=torch.Generator())  # warm-up
     figures = {}
     for kind in ("generator", "streams"):  # best of ``repeats`` each
         iwae_best = min(iwae_seconds(kind) for _ in range(repeats))
@@ -123,6 +125,16 @@ def bench_scale(run_dir: str | Path, *, num_datapoints: int = 1000, processes: t
                 log: Callable[[str], None] = print) -> dict:
     """Throughput of the full evaluation for each process count, and the per-datapoint streams' cost."""
     run_dir = Path(run_dir)
+    log(f"timing per-datapoint streams against one torch.Generator ({threads} thread(s)) ...")
+    with torch.random.fork_rng(devices=[]):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:  # first: it fails fast
+            config = json.loads((run_dir / "config.json").read_text())
+            streams = stream_cost(run_dir, num_datapoints=stream_datapoints or num_datapoints,
+                                  num_samples=config["eval"]["num_samples"])
+        finally:
+            torch.set_num_threads(before)
     with tempfile.TemporaryDirectory(prefix="gapbench-scale-") as tmp:
         rows = []
         for p in processes:
@@ -135,15 +147,6 @@ def bench_scale(run_dir: str | Path, *, num_datapoints: int = 1000, processes: t
         r.pop("folder")
         r["scaling_efficiency"] = (r["datapoints_per_second"] / (r["processes"] * base["datapoints_per_second"])
                                    if base else None)
-    with torch.random.fork_rng(devices=[]):
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            config = json.loads((run_dir / "config.json").read_text())
-            streams = stream_cost(run_dir, num_datapoints=stream_datapoints or num_datapoints,
-                                  num_samples=config["eval"]["num_samples"])
-        finally:
-            torch.set_num_threads(before)
     figures = {"num_datapoints": num_datapoints, "device": device, "overrides": list(overrides), "scaling": rows,
                "max_per_datapoint_difference": difference, "streams": streams,
                "cpu_count": os.cpu_count(), "torch": torch.__version__}
