@@ -74,7 +74,9 @@ def test_bench_scale_reports_figures(tiny_run):
         assert set(row["stage_seconds"]) == {"amortized", "local", "ais"}
         assert row["datapoints_per_second"] == pytest.approx(6 / sum(row["stage_seconds"].values()))
     assert two["scaling_efficiency"] == pytest.approx(two["datapoints_per_second"] / (2 * one["datapoints_per_second"]))
-    assert figures["max_per_datapoint_difference"] < 1e-4  # the same numbers from 1 and 2 processes
+    agreement = figures["agreement"]  # the same numbers from 1 and 2 processes
+    assert agreement["max_difference"] < 1e-4 and agreement["refine_steps_differ"] == []
+    assert agreement["max_difference"] == max(agreement["by_column"].values())
     streams = figures["streams"]
     assert streams["iwae_overhead"] == pytest.approx(streams["streams"]["iwae_seconds"]
                                                      / streams["generator"]["iwae_seconds"] - 1)

@@ -55,10 +55,10 @@ def test_cli_refuses_cuda_without_a_gpu(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def _torchrun(out: Path, num_processes: int) -> subprocess.CompletedProcess:
+def _torchrun(out: Path, num_processes: int, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={num_processes}",
-               "-m", "gapbench", "run", str(DIGITS), "--out", str(out), *QUICK]
+               "-m", "gapbench", "run", str(DIGITS), "--out", str(out), *QUICK, *extra]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
 
 
@@ -102,3 +102,9 @@ def test_two_ranks_write_the_files_of_one(tmp_path):
     again = _torchrun(two, 2)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "[ais] skipped" in again.stderr and (two / "datapoints.csv").read_bytes() == before
+    # rank 0's refusal of a folder with another config stops every rank with its message
+    refused = _torchrun(two, 2, "--set", "eval.num_samples=100")
+    assert refused.returncode != 0
+    assert "holds a run with a different config" in refused.stderr
+    assert "rank 0 could not open the run folder" in refused.stderr
+    assert (two / "datapoints.csv").read_bytes() == before

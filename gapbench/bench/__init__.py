@@ -85,7 +85,8 @@ def add_bench_parser(sub) -> None:
                                         "scaling efficiency, and the cost of per-datapoint random streams")
     sc.add_argument("run_dir")
     sc.add_argument("--num-datapoints", type=int, default=1000)
-    sc.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="process counts to time (default 1 2)")
+    sc.add_argument("--processes", type=int, nargs="*", default=[1, 2],
+                    help="process counts to time (default 1 2; none: only the streams' cost)")
     sc.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     sc.add_argument("--device", default="cpu", help="cpu, cuda or auto (as gapbench run --device)")
     sc.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

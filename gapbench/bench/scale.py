@@ -73,7 +73,7 @@ def time_processes(run_dir: str | Path, num_processes: int, *, num_datapoints: i
             "wall_seconds": wall, "folder": str(folder)}
 
 
-def stream_cost(run_dir: str | Path, *, num_datapoints: int, num_samples: int, repeats: int = 2) -> dict:
+def stream_cost(run_dir: str | Path, *, num_datapoints: int, num_samples: int, repeats: int = 3) -> dict:
     """Seconds of IWAE-k and of refinement with one torch.Generator and with per-datapoint streams."""
     config, decoder, encoder, x = open_run(run_dir, num_datapoints=num_datapoints)
     q = amortized_posterior(encoder, x)
@@ -96,12 +96,17 @@ def stream_cost(run_dir: str | Path, *, num_datapoints: int, num_samples: int, r
     warm = x[:10]
     bounds_of(decoder, amortized_posterior(encoder, warm), warm, num_samples=100, chunk_size=None,
               generator=torch.Generator())  # warm-up
+    iwae_runs = {"generator": [], "streams": []}
+    refine_runs = {"generator": [], "streams": []}
+    for _ in range(repeats):  # alternating, so that a change in the machine's load hits both alike
+        for kind in ("generator", "streams"):
+            iwae_runs[kind].append(iwae_seconds(kind))
+            refine_runs[kind].append(refine_seconds(kind))
     figures = {}
-    for kind in ("generator", "streams"):  # best of ``repeats`` each
-        iwae_best = min(iwae_seconds(kind) for _ in range(repeats))
-        refine_runs = [refine_seconds(kind) for _ in range(repeats)]
-        seconds, steps = min(refine_runs)
-        figures[kind] = {"iwae_seconds": iwae_best, "refine_seconds": seconds, "refine_datapoint_steps": steps,
+    for kind in ("generator", "streams"):  # the best of ``repeats`` each
+        seconds, steps = min(refine_runs[kind])
+        figures[kind] = {"iwae_seconds": min(iwae_runs[kind]), "refine_seconds": seconds,
+                         "refine_datapoint_steps": steps,
                          "refine_microseconds_per_datapoint_step": 1e6 * seconds / steps}
     g, s = figures["generator"], figures["streams"]
     figures["iwae_overhead"] = s["iwae_seconds"] / g["iwae_seconds"] - 1
@@ -111,12 +116,21 @@ def stream_cost(run_dir: str | Path, *, num_datapoints: int, num_samples: int, r
     return figures
 
 
-def _max_difference(folders: list[str]) -> float:
-    """Largest |difference| of a numeric per-datapoint column between the first folder and the others."""
+def _differences(folders: list[str]) -> dict:
+    """Per-datapoint agreement of the other folders with the first: the largest difference of each numeric
+    column of datapoints.csv (absolute, or relative where the value exceeds 1 in size), and the datapoints
+    whose refinement took another number of steps."""
     frames = [pd.read_csv(Path(f) / "datapoints.csv") for f in folders]
     numeric = frames[0].select_dtypes("number").columns
-    return max((float(np.nanmax(np.abs(f[numeric].to_numpy() - frames[0][numeric].to_numpy())))
-                for f in frames[1:]), default=0.0)
+    def difference(a: np.ndarray, b: np.ndarray) -> float:  # relative above 1 in size (ESS runs to k)
+        return float(np.nanmax(np.abs(a - b) / np.maximum(1.0, np.abs(a)))) if len(a) else 0.0
+    largest = {c: max((difference(frames[0][c].to_numpy(float), f[c].to_numpy(float)) for f in frames[1:]),
+                      default=0.0) for c in numeric}
+    first_steps = frames[0]["refine_steps"].to_numpy()
+    steps_differ = sorted({int(i) for f in frames[1:] for i in np.flatnonzero(f["refine_steps"].to_numpy() != first_steps)})
+    column = max(largest, key=largest.get)
+    return {"max_difference": largest[column], "max_difference_column": column, "by_column": largest,
+            "refine_steps_differ": steps_differ}
 
 
 def bench_scale(run_dir: str | Path, *, num_datapoints: int = 1000, processes: tuple[int, ...] = (1, 2),
@@ -135,22 +149,36 @@ def bench_scale(run_dir: str | Path, *, num_datapoints: int = 1000, processes: t
                                   num_samples=config["eval"]["num_samples"])
         finally:
             torch.set_num_threads(before)
+    rows, agreement = [], None
     with tempfile.TemporaryDirectory(prefix="gapbench-scale-") as tmp:
-        rows = []
         for p in processes:
             log(f"evaluating {num_datapoints} datapoints with {p} process(es) x {threads} thread(s) on {device} ...")
             rows.append(time_processes(run_dir, p, num_datapoints=num_datapoints, threads=threads, device=device,
                                        overrides=overrides, workdir=Path(tmp)))
-        difference = _max_difference([r["folder"] for r in rows])
+        if len(rows) > 1:
+            agreement = _differences([r["folder"] for r in rows])
     base = next((r for r in rows if r["processes"] == 1), None)
     for r in rows:
         r.pop("folder")
         r["scaling_efficiency"] = (r["datapoints_per_second"] / (r["processes"] * base["datapoints_per_second"])
                                    if base else None)
     figures = {"num_datapoints": num_datapoints, "device": device, "overrides": list(overrides), "scaling": rows,
-               "max_per_datapoint_difference": difference, "streams": streams,
+               "agreement": agreement, "streams": streams,
                "cpu_count": os.cpu_count(), "torch": torch.__version__}
     log("")
+    if rows:
+        _log_scaling(rows, agreement, num_datapoints=num_datapoints, device=device, log=log)
+    g, s = streams["generator"], streams["streams"]
+    log(f"per-datapoint streams against one torch.Generator ({streams['num_datapoints']} datapoints, "
+        f"{streams['threads']} thread(s)): IWAE-{streams['k']} {g['iwae_seconds']:.2f} s -> {s['iwae_seconds']:.2f} s "
+        f"({streams['iwae_overhead']:+.0%}); refinement {g['refine_microseconds_per_datapoint_step']:.0f} -> "
+        f"{s['refine_microseconds_per_datapoint_step']:.0f} us per datapoint-step "
+        f"({streams['refine_overhead_per_step']:+.0%})")
+    return figures
+
+
+def _log_scaling(rows: list[dict], agreement: dict | None, *, num_datapoints: int, device: str,
+                 log: Callable[[str], None]) -> None:
     log(f"full evaluation (L[q] and IWAE-k, refinement with L[q*] and IWAE-k, AIS) of {num_datapoints} datapoints "
         f"on {device}:")
     log("| processes | threads each | amortized s | local s | ais s | datapoints/s | scaling efficiency |")
@@ -160,11 +188,7 @@ def bench_scale(run_dir: str | Path, *, num_datapoints: int = 1000, processes: t
         efficiency = f"{r['scaling_efficiency']:.0%}" if r["scaling_efficiency"] is not None else "-"
         log(f"| {r['processes']} | {r['threads_per_process']} | {s.get('amortized', 0):.1f} | {s.get('local', 0):.1f} "
             f"| {s.get('ais', 0):.1f} | {r['datapoints_per_second']:.1f} | {efficiency} |")
-    log(f"largest per-datapoint difference between process counts: {difference:.2e}")
-    g, s = streams["generator"], streams["streams"]
-    log(f"per-datapoint streams against one torch.Generator ({streams['num_datapoints']} datapoints, "
-        f"{streams['threads']} thread(s)): IWAE-{streams['k']} {g['iwae_seconds']:.2f} s -> {s['iwae_seconds']:.2f} s "
-        f"({streams['iwae_overhead']:+.0%}); refinement {g['refine_microseconds_per_datapoint_step']:.0f} -> "
-        f"{s['refine_microseconds_per_datapoint_step']:.0f} us per datapoint-step "
-        f"({streams['refine_overhead_per_step']:+.0%})")
-    return figures
+    if agreement is not None:
+        log(f"largest per-datapoint difference between process counts (relative above 1): "
+            f"{agreement['max_difference']:.2e} ({agreement['max_difference_column']}); datapoints whose "
+            f"refinement took another number of steps: {len(agreement['refine_steps_differ'])}")

@@ -40,14 +40,18 @@ _MIX2 = _signed(0x94D049BB133111EB)
 
 def _shift_right(x: torch.Tensor, n: int) -> torch.Tensor:
     """Logical right shift of int64 bits (torch's >> is arithmetic on signed integers)."""
-    return (x >> n) & ((1 << (64 - n)) - 1)
+    shifted = x >> n
+    shifted &= (1 << (64 - n)) - 1
+    return shifted
 
 
 def mix64(x: torch.Tensor) -> torch.Tensor:
-    """SplitMix64's output function on int64 tensors (wrap-around multiplication)."""
-    x = (x ^ _shift_right(x, 30)) * _MIX1
-    x = (x ^ _shift_right(x, 27)) * _MIX2
-    return x ^ _shift_right(x, 31)
+    """SplitMix64's output function on int64 tensors (wrap-around multiplication); overwrites ``x``."""
+    for shift, factor in ((30, _MIX1), (27, _MIX2), (31, None)):
+        x ^= _shift_right(x, shift)
+        if factor is not None:
+            x *= factor
+    return x
 
 
 def _uniform_bits(words: torch.Tensor, dtype: torch.dtype, high: bool) -> torch.Tensor:
@@ -55,7 +59,7 @@ def _uniform_bits(words: torch.Tensor, dtype: torch.dtype, high: bool) -> torch.
     bits = 32 if dtype == torch.float64 else 24
     part = _shift_right(words, 64 - bits) if high else words & ((1 << bits) - 1)
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    return (part.to(work) + 0.5) * (2.0 ** -bits)
+    return part.to(work).add_(0.5).mul_(2.0 ** -bits)
 
 
 class DatapointStreams:
@@ -83,7 +87,7 @@ class DatapointStreams:
         """Streams for the datapoints with these global ``indices``, from a 64-bit ``seed``: the same
         (seed, index) gives the same stream whatever else is in the batch."""
         index = torch.as_tensor(np.asarray(indices, dtype=np.int64), device=device)  # (B,)
-        keys = mix64(torch.full_like(index, _signed(seed % (1 << 64))) + (index + 1) * GAMMA)  # (B,)
+        keys = mix64((index + 1) * GAMMA + _signed(seed % (1 << 64)))  # (B,)
         return cls(keys)
 
     @property
@@ -107,11 +111,11 @@ class DatapointStreams:
 
     def _words(self, num_lead: int, per_datapoint: int) -> torch.Tensor:
         """The next num_lead * per_datapoint words of each stream, as (num_lead, B, per_datapoint)."""
-        offsets = torch.arange(num_lead * per_datapoint, dtype=torch.int64, device=self.keys.device)
         counters = self.counters[self.rows]  # (B,)
-        n = counters.view(1, -1, 1) + offsets.view(num_lead, 1, per_datapoint) + 1  # (L, B, W)
         self.counters[self.rows] = counters + num_lead * per_datapoint
-        return mix64(self.keys.view(1, -1, 1) + n * GAMMA)  # (L, B, W)
+        start = self.keys + (counters + 1) * GAMMA  # (B,) the state before the first word
+        steps = torch.arange(num_lead * per_datapoint, dtype=torch.int64, device=self.keys.device) * GAMMA
+        return mix64(start.view(1, -1, 1) + steps.view(num_lead, 1, per_datapoint))  # (L, B, W)
 
     def _layout(self, shape: Sequence[int], batch_dim: int) -> tuple[int, int]:
         shape = tuple(shape)
@@ -126,9 +130,9 @@ class DatapointStreams:
         num_lead, per_datapoint = self._layout(shape, batch_dim)
         num_words = -(-per_datapoint // 2)
         words = self._words(num_lead, num_words)  # (L, B, W)
-        radius = torch.sqrt(-2.0 * torch.log(_uniform_bits(words, dtype, high=True)))  # (L, B, W)
-        angle = (2.0 * math.pi) * _uniform_bits(words, dtype, high=False)  # (L, B, W)
-        pairs = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], -1)  # (L, B, W, 2)
+        radius = _uniform_bits(words, dtype, high=True).log_().mul_(-2.0).sqrt_()  # (L, B, W)
+        angle = _uniform_bits(words, dtype, high=False).mul_(2.0 * math.pi)  # (L, B, W)
+        pairs = torch.view_as_real(torch.polar(radius, angle))  # (L, B, W, 2): r cos, r sin
         values = pairs.view(num_lead, self.num_datapoints, 2 * num_words)[..., :per_datapoint]  # (L, B, P)
         return values.to(dtype).reshape(tuple(shape))
 
@@ -142,5 +146,5 @@ class DatapointStreams:
         """One 62-bit seed from all these streams (for code that can only use torch's global stream):
         it depends on every datapoint of the batch, so it is not per-datapoint."""
         words = self._words(1, 1).flatten()  # (B,)
-        seed = mix64(words.sum().view(1) + GAMMA)
+        seed = mix64(words.sum().view(1) + GAMMA)  # (1,)
         return int(_shift_right(seed, 2).item())
