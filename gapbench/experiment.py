@@ -40,7 +40,8 @@ import pandas as pd
 import torch
 
 from . import io
-from .checkpoints import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint, load_train_state, load_weights
+from .checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint, load_train_state,
+                          load_weights)
 from .config import ConfigError, ExperimentConfig
 from .data import Dataset, binarize, check_binary, check_values, load_dataset
 from .device import row_bytes, rows_that_fit, samples_per_chunk
@@ -134,6 +135,7 @@ class Run:
         self.log = log if ranks.is_main else (lambda message: None)
         self.device = torch.device(device)
         self.folder: RunFolder | None = None  # rank 0 only
+        self.data_size: int | None = None  # D, known once the dataset is loaded
 
     def _is_finished(self, stage: str) -> bool:
         """Rank 0's answer, on every rank."""
