@@ -37,8 +37,10 @@ def _run(args: argparse.Namespace) -> int:
                   f"{s['num_datapoints']} {s['split']} datapoints, k = {s['num_samples']['iwae_k']}\n")
             print(gap_table_markdown(summary))
             print(f"run folder: {folder}")
-    finally:
-        close_ranks(ranks)
+    except BaseException:
+        close_ranks(ranks, wait=False)
+        raise
+    close_ranks(ranks)
     if len(points) > 1 and ranks.is_main:
         write_index(out, args.experiment, points)
         print(f"\nsweep of {len(points)} runs in {out}; mean over seeds ± standard error, standard deviation:\n")

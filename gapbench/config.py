@@ -59,6 +59,7 @@ class TrainConfig(Section):
     valid_every: int = Field(1, ge=1)  # epochs between validation ELBO checks
     valid_num_samples: int = Field(10, ge=1)  # samples per validation datapoint
     early_stopping_patience: int = Field(0, ge=0)  # validation checks without improvement (0: off)
+    data_parallel: bool = False  # under torchrun: every rank trains on a share of each minibatch (DDP)
 
 
 class EvalConfig(Section):

@@ -55,8 +55,13 @@ def init_ranks(ranks: Ranks, device: torch.device) -> None:
                             device_id=device if device.type == "cuda" else None)
 
 
-def close_ranks(ranks: Ranks) -> None:
+def close_ranks(ranks: Ranks, *, wait: bool = True) -> None:
+    """Leave the group, after every rank is done with it when ``wait`` (a rank that leaves early can
+    abort the others); after an error, without waiting for ranks that may never come (torchrun then
+    stops them)."""
     if ranks.is_distributed and dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -137,6 +137,10 @@ class Run:
         self.folder: RunFolder | None = None  # rank 0 only
         self.data_size: int | None = None  # D, known once the dataset is loaded
 
+    @property
+    def data_parallel(self) -> bool:
+        return self.config.train.data_parallel and self.ranks.is_distributed
+
     def _is_finished(self, stage: str) -> bool:
         """Rank 0's answer, on every rank."""
         return broadcast(self.folder.is_finished(stage) if self.ranks.is_main else None, self.ranks)
@@ -158,11 +162,17 @@ class Run:
 
     def networks(self, dataset: Dataset) -> tuple[Decoder, GaussianEncoder, dict]:
         """The trained networks on this run's device, on every rank: rank 0 trains (or loads) them and
-        sends the weights to the others, so no rank needs rank 0's file system."""
+        sends the weights to the others, so no rank needs rank 0's file system; with
+        ``train.data_parallel`` every rank trains (DistributedDataParallel) and holds the same weights."""
         self.data_size = dataset.data_size
-        if self.ranks.is_main:
+        parallel = self.data_parallel and not self._is_finished("train")  # every rank trains
+        if parallel and self.config.train.batch_size < self.ranks.world_size:
+            raise ConfigError(f"train.data_parallel splits each minibatch of train.batch_size = "
+                              f"{self.config.train.batch_size} over {self.ranks.world_size} processes; raise "
+                              "train.batch_size to at least the number of processes")
+        if self.ranks.is_main or parallel:
             decoder, encoder, training = self.train_stage(dataset)
-        if self.ranks.is_distributed:
+        if self.ranks.is_distributed and not parallel:
             shared = broadcast((_cpu(decoder.state_dict()), _cpu(encoder.state_dict()), training)
                                if self.ranks.is_main else None, self.ranks)
             if not self.ranks.is_main:
@@ -175,7 +185,7 @@ class Run:
     def train_stage(self, dataset: Dataset) -> tuple[Decoder, GaussianEncoder, dict]:
         path = self.dir / "checkpoint.pt"
         decoder, encoder = build_networks(self.config, dataset.data_size)
-        if self.folder.is_finished("train"):
+        if self.ranks.is_main and self.folder.is_finished("train"):
             checkpoint = load_checkpoint(path, self.config, dataset.data_size)
             load_weights(path, checkpoint, decoder, encoder)
             (self.dir / TRAIN_STATE).unlink(missing_ok=True)  # left if killed right after the record
@@ -190,11 +200,15 @@ class Run:
     def _train(self, decoder: Decoder, encoder: GaussianEncoder, dataset: Dataset) -> dict:
         """Train (continuing from train_state.pt where it fits), write the checkpoint, record the stage."""
         state_path = self.dir / TRAIN_STATE
-        config_sha256 = self.folder.stage_hash("train")
-        resume = load_train_state(state_path, config_sha256) if state_path.exists() else None
-        if resume is None and state_path.exists():
+        main = self.ranks.is_main  # with train.data_parallel every rank trains; rank 0 alone writes
+        config_sha256 = self.folder.stage_hash("train") if main else None
+        resume = load_train_state(state_path, config_sha256) if main and state_path.exists() else None
+        if self.data_parallel:
+            resume = broadcast(resume, self.ranks)
+        if main and resume is None and state_path.exists():
             self.log(f"[train] {state_path} is from another config; starting from scratch")
-        self.folder.start("train")
+        if main:
+            self.folder.start("train")
         if resume is not None:
             self.log(f"[train] resuming after epoch {resume['epoch']} ({state_path})")
         t = self.config.train
@@ -208,8 +222,10 @@ class Run:
                 valid_every=t.valid_every, valid_num_samples=t.valid_num_samples,
                 early_stopping_patience=t.early_stopping_patience,
                 generator=stage_generator(self.config.seed, "train", self.device), resume_from=resume,
-                on_checkpoint=lambda state: io.save_torch(state_path, {**state, "config_sha256": config_sha256}),
+                on_checkpoint=(lambda state: io.save_torch(state_path, {**state, "config_sha256": config_sha256}))
+                if main else None,
                 checkpoint_seconds=TRAIN_STATE_SECONDS, progress=self.progress,
+                data_parallel=(self.ranks.rank, self.ranks.world_size) if self.data_parallel else None,
             )
         except ResumeError as error:
             raise RunError(f"{state_path} does not fit this run ({error}); delete it to start training "
@@ -223,6 +239,8 @@ class Run:
             "best_epoch": result.best_epoch, "best_valid_elbo": result.best_valid_elbo,
             "epochs_run": len(result.history), "stop_reason": result.stop_reason,
         }
+        if not main:
+            return checkpoint
         io.write_csv(self.dir / "train_history.csv", pd.DataFrame([r._asdict() for r in result.history]))
         io.save_torch(self.dir / "checkpoint.pt", checkpoint)
         self.folder.finish("train", sum(r.seconds for r in result.history))
@@ -432,6 +450,7 @@ class Run:
         resolved = self.config.model_dump(mode="json")
         joined = self.ranks.is_distributed and not torch.distributed.is_initialized()
         init_ranks(self.ranks, self.device)
+        is_done = False
         try:
             with ExitStack() as stack:
                 self._open_folder(stack, resolved)
@@ -441,16 +460,17 @@ class Run:
                         amortized = self.amortized_stage(decoder, encoder, x)
                         local = self.local_stage(decoder, encoder, x)
                         ais = self.ais_stage(decoder, encoder, x)
-                        if not self.ranks.is_main:
-                            return None
-                        return self.report_stage(x, amortized, local, ais, dataset, training)
+                        summary = self.report_stage(x, amortized, local, ais, dataset, training) \
+                            if self.ranks.is_main else None
+                        is_done = True
+                        return summary
                 except OSError as error:  # a full disk, a folder made read-only under a running process
                     where = error.filename or self.dir
                     raise RunError(f"cannot write {where}: {error.strerror or error}; make room or fix the "
                                    "permissions, then rerun the same command to resume") from None
         finally:
             if joined:
-                close_ranks(self.ranks)
+                close_ranks(self.ranks, wait=is_done)
 
     def _open_folder(self, stack: ExitStack, resolved: dict) -> None:
         """Rank 0 opens (and locks) the folder; a refusal stops every rank with rank 0's message."""

@@ -63,10 +63,19 @@ class RunError(RuntimeError):
     """A run that cannot go on as asked (folder clash, unusable checkpoint); the message says why."""
 
 
-def section_hash(resolved: dict, stage: str) -> str:
-    """sha256 of the config sections ``stage`` depends on (canonical JSON)."""
+def hashed_sections(resolved: dict, stage: str) -> dict:
+    """The config sections ``stage`` depends on, less ``train.data_parallel`` while it is false (as
+    before the key existed, so the stage records of older folders still match)."""
     sections = {key: resolved.get(key) for key in STAGE_SECTIONS[stage]}
-    return hashlib.sha256(json.dumps(sections, sort_keys=True).encode()).hexdigest()
+    train = sections.get("train")
+    if isinstance(train, dict) and not train.get("data_parallel"):
+        sections["train"] = {k: v for k, v in train.items() if k != "data_parallel"}
+    return sections
+
+
+def section_hash(resolved: dict, stage: str) -> str:
+    """sha256 of the config sections ``stage`` depends on (canonical JSON, :func:`hashed_sections`)."""
+    return hashlib.sha256(json.dumps(hashed_sections(resolved, stage), sort_keys=True).encode()).hexdigest()
 
 
 def diff_keys(a: dict, b: dict, prefix: str = "") -> set[str]:

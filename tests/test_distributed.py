@@ -108,3 +108,34 @@ def test_two_ranks_write_the_files_of_one(tmp_path):
     assert "holds a run with a different config" in refused.stderr
     assert "rank 0 could not open the run folder" in refused.stderr
     assert (two / "datapoints.csv").read_bytes() == before
+
+
+def test_data_parallel_training_keeps_the_ranks_in_step(tmp_path):
+    ddp, one = tmp_path / "ddp", tmp_path / "one"
+    result = _torchrun(ddp, 2, "--set", "train.data_parallel=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(pd.read_csv(ddp / "train_history.csv")) == 3
+    # Rank 1 evaluated its shard with its own DDP-trained weights; one process evaluating everything
+    # with rank 0's checkpoint gets the same rows only if the two ranks' weights stayed equal.
+    one.mkdir()
+    for name in ("config.json", "checkpoint.pt", "train_history.csv"):
+        (one / name).write_bytes((ddp / name).read_bytes())
+    stages = json.loads((ddp / "stages.json").read_text())
+    (one / "stages.json").write_text(json.dumps({"train": stages["train"]}))
+    assert main(["run", str(DIGITS), "--out", str(one), *QUICK, "--set", "train.data_parallel=true"]) == 0
+    a, b = pd.read_csv(one / "datapoints.csv"), pd.read_csv(ddp / "datapoints.csv")
+    numeric = a.select_dtypes("number").columns
+    np.testing.assert_allclose(b[numeric].to_numpy(), a[numeric].to_numpy(), rtol=1e-5, atol=1e-5)
+    assert (a["refine_steps"] == b["refine_steps"]).all()
+
+
+def test_data_parallel_off_keeps_older_stage_records():
+    from gapbench.config import parse_config
+    from gapbench.rundir import section_hash
+
+    resolved = parse_config({"name": "x"}).model_dump(mode="json")
+    older = json.loads(json.dumps(resolved))
+    del older["train"]["data_parallel"]  # a config from before the key
+    assert section_hash(resolved, "train") == section_hash(older, "train")
+    resolved["train"]["data_parallel"] = True
+    assert section_hash(resolved, "train") != section_hash(older, "train")
