@@ -116,6 +116,39 @@ def _bdmc(args: argparse.Namespace) -> int:
         io.write_csv(Path(args.out), frame)
         print(f"per-datapoint bounds written to {args.out}", file=sys.stderr)
     return 0
+def _table(args: argparse.Namespace) -> int:
+    from .report.build import make_report
+
+    text, written = make_report(args.runs, args.out, figures=False)
+    print(text)
+    if written:
+        print("written: " + ", ".join(str(p) for p in written), file=sys.stderr)
+    return 0
+
+
+def _track(args: argparse.Namespace) -> int:
+    from .report.track_figure import track_figure
+    from .track import track
+
+    log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr))
+    frame = track(args.run_dir, num_datapoints=args.num_datapoints, num_samples=args.num_samples,
+                  progress=not args.quiet, log=log)
+    paths = track_figure(frame, Path(args.run_dir) / "gaps_over_training")
+    wide = frame.pivot_table(index="epoch", columns=["split", "quantity"], values="mean")
+    columns = [(s, q) for q in ("elbo_q", "elbo_q_star", "log_px", "amortization") for s in ("train", "valid")]
+    print(wide[columns].round(3).to_string())
+    print(f"written: {Path(args.run_dir) / 'track.csv'}, " + ", ".join(map(str, paths)), file=sys.stderr)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report.build import make_report
+
+    text, written = make_report(args.runs, args.out, compare=args.compare, figures=not args.no_figures)
+    print(text)
+    if written:
+        print("written: " + ", ".join(str(p) for p in written), file=sys.stderr)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,6 +199,27 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--out", help="also write the per-datapoint bounds as CSV here")
     bd.add_argument("--quiet", action="store_true", help="no progress bar")
     bd.set_defaults(func=_bdmc)
+    table = sub.add_parser("table", help="the cross-family gap table (Cremer et al., 2018, Table 2) of finished runs")
+    table.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                       help="run folders, e.g. one trained with an FFG encoder and one with a flow")
+    table.add_argument("--out", help="also write gap_table.md, gap_table.csv and gap_table.tex here")
+    table.set_defaults(func=_table)
+    tr = sub.add_parser("track", help="gaps over training: bounds and gaps of every training snapshot on training "
+                                      "and validation datapoints (needs train.snapshot_every)")
+    tr.add_argument("run_dir", help="a run trained with train.snapshot_every = N")
+    tr.add_argument("--num-datapoints", type=int, default=100, help="first N of each split (default 100)")
+    tr.add_argument("--num-samples", type=int, default=1000, help="samples for every ELBO and IWAE (default 1000)")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.set_defaults(func=_track)
+    report = sub.add_parser("report", help="the cross-family table of finished runs, beside a published table "
+                                           "(--compare), with figures")
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="finished run folders")
+    report.add_argument("--compare", metavar="PAPER_TABLE",
+                        help="a published table, e.g. results/published/cremer2018_table2.json")
+    report.add_argument("--out", help="write gap_table.{md,csv,tex}, comparison.{md,csv} and the figures "
+                                      "(gap_bars, gap_distributions; PNG and PDF) here")
+    report.add_argument("--no-figures", action="store_true", help="tables only")
+    report.set_defaults(func=_report)
     from .bench import add_bench_parser
     add_bench_parser(sub)
     return parser
@@ -175,12 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     from .check import CheckError
     from .config import ConfigError
     from .data import DataError
+    from .report.build import ReportError
+    from .report.published import PublishedError
     from .rundir import RunError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, RunError, CheckError) as error:
+    except (ConfigError, DataError, RunError, CheckError, ReportError, PublishedError) as error:
         print(f"gapbench: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -13,10 +13,12 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
+from .curves import CurveProcedure
 from .estimators import AISProcedure
 from .measure import RefineProcedure
+from .semi_amortized import SemiAmortized
 
 
 class ConfigError(ValueError):
@@ -28,25 +30,58 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    dataset: Literal["digits", "fashion-mnist", "mnist"] = "digits"  # which dataset
-    data_dir: str | None = None  # directory holding the IDX files (else $GAPBENCH_DATA, cache, ...)
-    download: bool = True  # download MNIST-family files when not found locally
-    binarization: Literal["dynamic", "static"] = "dynamic"  # dynamic: Bernoulli resampled each epoch
+    dataset: Literal["digits", "fashion-mnist", "mnist", "cifar10"] = "digits"  # which dataset
+    data_dir: str | None = None  # directory holding the dataset files (else $GAPBENCH_DATA, cache, ...)
+    download: bool = True  # download MNIST-family / CIFAR-10 files when not found locally
+    # dynamic: Bernoulli resampled each epoch; static: threshold; none: pixel levels as they are (the
+    # discretised logistic). Default: "none" for model.likelihood = "logistic", else "dynamic"
+    binarization: Literal["dynamic", "static", "none"] = "dynamic"
     threshold: float = Field(0.5, gt=0.0, lt=1.0)  # static binarisation threshold
+    bits: int = Field(8, ge=1, le=8)  # cifar10 only: keep each 8-bit level's high bits (3: 3-bit CIFAR)
+
+
+# FFG, Cremer et al.'s auxiliary coupling flow, planar, IAF; q(z1|x) q(z2|z1) of the two-layer model
+Family = Literal["ffg", "flow", "planar", "iaf", "hierarchical"]
+HIERARCHICAL_KEYS = ("latent_size_2", "prior_hidden")  # written out only for kind = "hierarchical"
 
 
 class ModelConfig(Section):
-    latent_size: int = Field(50, ge=1)  # Z
-    encoder_hidden: list[int] = [200, 200]  # encoder hidden widths, x -> z
-    decoder_hidden: list[int] = [200, 200]  # decoder hidden widths, z -> x
+    # mlp: fully connected; conv: Cremer et al.'s convolutional VAE (CIFAR-10); hierarchical: MLPs with two
+    # stochastic layers, p(z2) p(z1|z2) p(x|z1) with the encoder q(z1|x) q(z2|z1)
+    kind: Literal["mlp", "conv", "hierarchical"] = "mlp"
+    # p(x|z): bernoulli (binary pixels) or logistic (discretised logistic over the pixel levels).
+    # Default: "logistic" for cifar10, else "bernoulli"
+    likelihood: Literal["bernoulli", "logistic"] = "bernoulli"
+    latent_size: int = Field(50, ge=1)  # Z (kind = "hierarchical": Z1, the layer next to x)
+    encoder_hidden: list[int] = [200, 200]  # encoder hidden widths, x -> z (x -> z1)
+    decoder_hidden: list[int] = [200, 200]  # decoder hidden widths, z -> x (z1 -> x)
     activation: Literal["elu", "relu", "tanh", "softplus", "leaky_relu"] = "elu"
+    posterior: Family = "ffg"  # the encoder's variational family
+    flow_steps: int | None = Field(None, ge=1)  # coupling / IAF steps, planar layers (None: 2, 2, 10)
+    flow_hidden: int = Field(100, ge=1)  # hidden width of the coupling and MADE networks (paper: 100)
+    conv_channels: list[int] = [64, 128, 256]  # kind = "conv": channels of each stride-2 convolution (paper)
+    latent_size_2: int = Field(16, ge=1)  # Z2, the top layer (kind = "hierarchical")
+    prior_hidden: list[int] = [100]  # hidden widths of p(z1|z2) and q(z2|z1) (kind = "hierarchical")
 
     @model_validator(mode="after")
     def _positive_widths(self) -> "ModelConfig":
-        for name in ("encoder_hidden", "decoder_hidden"):
+        for name in ("encoder_hidden", "decoder_hidden", "conv_channels", "prior_hidden"):
             if any(w < 1 for w in getattr(self, name)):
                 raise ValueError(f"{name} widths must be positive, got {getattr(self, name)}")
+        if self.kind == "conv" and not self.conv_channels:
+            raise ValueError("model.kind = \"conv\" needs at least one convolution; give model.conv_channels, "
+                             "e.g. [64, 128, 256]")
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_second_layer(self, handler: Any) -> dict[str, Any]:
+        """A one-layer model's resolved config has no second-layer keys, so its config.json, stage hashes,
+        checkpoint and summary settings read as before they existed (baselines stay comparable)."""
+        data = handler(self)
+        if self.kind != "hierarchical":
+            for key in HIERARCHICAL_KEYS:
+                data.pop(key, None)
+        return data
 
 
 class TrainConfig(Section):
@@ -60,6 +95,24 @@ class TrainConfig(Section):
     valid_num_samples: int = Field(10, ge=1)  # samples per validation datapoint
     early_stopping_patience: int = Field(0, ge=0)  # validation checks without improvement (0: off)
     data_parallel: bool = False  # under torchrun: every rank trains on a share of each minibatch (DDP)
+    semi_amortized_steps: int = Field(0, ge=0)  # K SVI steps refining the encoder's output per training step (0: plain VAE)
+    semi_amortized_lr: float = Field(SemiAmortized().learning_rate, gt=0.0)  # step size of those SGD steps
+    semi_amortized_max_grad_norm: float = Field(SemiAmortized().max_grad_norm, gt=0.0)  # per-datapoint clipping
+    semi_amortized_gradient: Literal["unrolled", "stop"] = "unrolled"  # through the steps, or stop-gradient
+    snapshot_every: int = Field(0, ge=0)  # save the weights every N epochs for `gapbench track` (0: never)
+
+    @model_validator(mode="after")
+    def _semi_amortized_in_one_process(self) -> "TrainConfig":
+        if self.data_parallel and self.semi_amortized_steps:
+            raise ValueError("train.data_parallel = true does not combine with semi-amortized training "
+                             f"(train.semi_amortized_steps = {self.semi_amortized_steps}): the refinement steps run "
+                             "in one process; set train.data_parallel = false or train.semi_amortized_steps = 0")
+        return self
+
+    def semi_amortized(self) -> SemiAmortized:
+        """The keyword argument ``semi_amortized`` of ``gapbench.train.train``."""
+        return SemiAmortized(self.semi_amortized_steps, self.semi_amortized_lr, self.semi_amortized_max_grad_norm,
+                             self.semi_amortized_gradient)
 
 
 class EvalConfig(Section):
@@ -71,7 +124,7 @@ class EvalConfig(Section):
 
 
 class RefineConfig(Section):
-    family: Literal["ffg"] = "ffg"  # local variational family
+    families: list[Family] = ["ffg"]  # local families to refine (default: the encoder's); old key: family
     init: Literal["prior", "encoder"] = "encoder"  # where each local optimisation starts
     procedure: Literal["gapbench", "paper"] = "gapbench"  # preset; the fields below override it
     num_samples: int | None = Field(None, ge=1)  # samples per step
@@ -85,9 +138,26 @@ class RefineConfig(Section):
     convergence: Literal["paired", "window"] | None = None  # convergence test
     check_samples: int | None = Field(None, ge=1)  # noise draws per paired check
 
-    def resolved(self) -> RefineProcedure:
-        """The preset with every field set here replacing the preset's value."""
-        preset = RefineProcedure.paper() if self.procedure == "paper" else RefineProcedure()
+    @model_validator(mode="after")
+    def _distinct_families(self) -> "RefineConfig":
+        if not self.families:
+            raise ValueError("refine.families is empty; list at least one family, e.g. [\"ffg\"]")
+        if len(set(self.families)) != len(self.families):
+            raise ValueError(f"refine.families lists a family twice: {self.families}")
+        return self
+
+    def resolved(self, family: str = "ffg") -> RefineProcedure:
+        """The preset for ``family`` with every field set here replacing the preset's value.
+
+        The "gapbench" preset differs for flows (``RefineProcedure.for_flows``; the hierarchical family takes
+        the FFG's, with its network's weight steps scaled by 1/fan-in); "paper" is the same
+        for every family. The gradient is not yet adjusted to the family (see
+        ``gapbench.measure.effective_procedure``).
+        """
+        if self.procedure == "paper":
+            preset = RefineProcedure.paper()
+        else:
+            preset = RefineProcedure() if family in ("ffg", "hierarchical") else RefineProcedure.for_flows()
         overrides = {k: getattr(self, k) for k in preset._fields if getattr(self, k) is not None}
         return preset._replace(**overrides)
 
@@ -118,6 +188,26 @@ class AISConfig(Section):
         return AISProcedure(**{k: getattr(self, k) for k in AISProcedure._fields})
 
 
+class CurveConfig(Section):
+    enabled: bool = False  # run the curve stage: the ELBO after k SVI steps from the encoder's output
+    steps: list[int] = list(CurveProcedure().steps)  # the step counts k at which the ELBO is estimated
+    num_samples: int = Field(CurveProcedure().num_samples, ge=1)  # z samples per SVI step
+    learning_rate: float = Field(CurveProcedure().learning_rate, gt=0.0)  # Adam step size, constant
+    gradient: Literal["stl", "reparam"] = "stl"  # gradient estimator of the SVI steps
+    eval_samples: int = Field(CurveProcedure().eval_samples, ge=1)  # samples per ELBO estimate (same noise at every k)
+
+    @model_validator(mode="after")
+    def _valid_steps(self) -> "CurveConfig":
+        if not self.steps or min(self.steps) < 0 or len(set(self.steps)) != len(self.steps):
+            raise ValueError(f"curve.steps must list distinct step counts >= 0, e.g. [0, 1, 10, 100], got {self.steps}")
+        return self
+
+    def procedure(self) -> CurveProcedure:
+        """The keyword arguments of ``gapbench.curves.refinement_curve`` (steps in increasing order)."""
+        return CurveProcedure(tuple(sorted(self.steps)), self.num_samples, self.learning_rate, self.gradient,
+                              self.eval_samples)
+
+
 class ExperimentConfig(Section):
     name: str = Field(min_length=1)  # run name; the default output folder is runs/<name>
     seed: int = Field(0, ge=0)  # every random stream of the run derives from it
@@ -127,6 +217,96 @@ class ExperimentConfig(Section):
     eval: EvalConfig = EvalConfig()
     refine: RefineConfig = RefineConfig()
     ais: AISConfig = AISConfig()
+    curve: CurveConfig = CurveConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _migrate_family(cls, raw: Any) -> Any:
+        """``refine.family = "ffg"`` (before flows) means ``refine.families = ["ffg"]``; without either,
+        the local families are the encoder's own (``[model.posterior]``)."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("refine", {}), dict):
+            return raw
+        refine = dict(raw.get("refine", {}))
+        if "family" in refine:
+            if "families" in refine:
+                raise ValueError("refine.family and refine.families are both given; keep refine.families "
+                                 "(refine.family is its old single-family form)")
+            family = refine.pop("family")
+            refine["families"] = [family] if isinstance(family, str) else family
+        model = raw.get("model", {})
+        if isinstance(model, dict) and model.get("kind") == "hierarchical" and "posterior" not in model:
+            raw = {**raw, "model": {**model, "posterior": "hierarchical"}}  # its encoder is q(z1|x) q(z2|z1)
+            model = raw["model"]
+        if "families" not in refine:
+            refine["families"] = [model.get("posterior", "ffg") if isinstance(model, dict) else "ffg"]
+        return {**raw, "refine": refine}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dataset_defaults(cls, raw: Any) -> Any:
+        """Defaults that depend on the dataset: CIFAR-10's pixels get the discretised logistic
+        (``model.likelihood = "logistic"``), other datasets the Bernoulli; the logistic models pixel
+        levels as they are (``data.binarization = "none"``), the Bernoulli binarised ones ("dynamic")."""
+        if not isinstance(raw, dict):
+            return raw
+        data, model = raw.get("data", {}), raw.get("model", {})
+        if not isinstance(data, dict) or not isinstance(model, dict):
+            return raw
+        if "likelihood" not in model:
+            model = {**model, "likelihood": "logistic" if data.get("dataset") == "cifar10" else "bernoulli"}
+        if "binarization" not in data:
+            data = {**data, "binarization": "none" if model["likelihood"] == "logistic" else "dynamic"}
+        return {**raw, "data": data, "model": model}
+
+    @model_validator(mode="after")
+    def _data_fits_likelihood(self) -> "ExperimentConfig":
+        d, m = self.data, self.model
+        if m.likelihood == "bernoulli" and d.binarization == "none":
+            raise ValueError("data.binarization = \"none\" gives grey levels, but model.likelihood = \"bernoulli\" is "
+                             "a distribution of 0/1 pixels; set data.binarization = \"dynamic\" or \"static\", or "
+                             "model.likelihood = \"logistic\"")
+        if m.likelihood == "logistic" and d.binarization != "none":
+            raise ValueError(f"data.binarization = {d.binarization!r} does not apply to model.likelihood = \"logistic\", "
+                             "which models the pixel levels themselves; remove data.binarization (or set it to "
+                             "\"none\"), or use model.likelihood = \"bernoulli\" for binarised pixels")
+        if d.bits != 8 and d.dataset != "cifar10":
+            raise ValueError(f"data.bits = {d.bits} applies to cifar10 only; remove it for {d.dataset!r}")
+        if d.bits != 8 and m.likelihood != "logistic":
+            raise ValueError(f"data.bits = {d.bits} reduces the pixel levels of the discretised logistic, but "
+                             f"model.likelihood = {m.likelihood!r}; remove data.bits or use model.likelihood = \"logistic\"")
+        return self
+
+    @model_validator(mode="after")
+    def _family_fits_model(self) -> "ExperimentConfig":
+        two_layers = self.model.kind == "hierarchical"
+        if two_layers and (self.model.posterior != "hierarchical" or self.refine.families != ["hierarchical"]):
+            raise ValueError('model.kind = "hierarchical" has its own encoder q(z1|x) q(z2|z1) and is refined in that '
+                             'family with free per-datapoint parameters; leave model.posterior and refine.families '
+                             'out (or set them to "hierarchical" and ["hierarchical"])')
+        if not two_layers and "hierarchical" in (self.model.posterior, *self.refine.families):
+            raise ValueError('the "hierarchical" family needs a two-layer model; set model.kind = "hierarchical", '
+                             'or choose another family')
+        return self
+
+    @model_validator(mode="after")
+    def _encoder_family_is_refined(self) -> "ExperimentConfig":
+        if self.model.posterior not in self.refine.families:
+            raise ValueError(
+                f"refine.families = {self.refine.families} must include the encoder's family "
+                f"(model.posterior = {self.model.posterior!r}): the run's gaps compare L[q] with L[q*] of that "
+                f"family; add it, e.g. refine.families = {[*self.refine.families, self.model.posterior]}")
+        return self
+
+    @model_validator(mode="after")
+    def _diagonal_encoder_for_refinement_of_its_output(self) -> "ExperimentConfig":
+        uses = [what for what, on in (("curve.enabled = true", self.curve.enabled),
+                                      ("train.semi_amortized_steps > 0", self.train.semi_amortized_steps > 0)) if on]
+        if uses and self.model.posterior != "ffg":
+            raise ValueError(
+                f"{' and '.join(uses)} refine the encoder's diagonal Gaussian (mu, log_var), but model.posterior = "
+                f"{self.model.posterior!r}; use a model whose encoder is the FFG (model.posterior = \"ffg\", "
+                "model.kind \"mlp\" or \"conv\"), or turn them off")
+        return self
 
 
 def _parse_value(text: str) -> Any:
@@ -161,6 +341,8 @@ def _format_error(error: ValidationError, source: str) -> str:
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
             lines.append(f"  {where}: unknown key; remove it or check its spelling")
+        elif e["type"] == "value_error" and not e["loc"]:  # a rule across sections: the message names the keys
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
         elif e["type"] == "missing":
             lines.append(f"  {where}: required key is missing")
         else:

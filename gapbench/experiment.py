@@ -1,4 +1,4 @@
-"""The staged runner: train -> amortized -> local -> ais -> report, one folder per run.
+"""The staged runner: train -> amortized -> local -> ais -> curve -> report, one folder per run.
 
 Each stage writes its outputs atomically and is recorded in stages.json when they are complete;
 a rerun skips recorded stages, and training continues from its last saved epoch (train_state.pt), so a
@@ -6,7 +6,7 @@ run killed at any moment resumes where it stopped and ends with the same numbers
 a run with another config is refused unless ``force``, which redoes only the stages the change
 affects (see ``gapbench.rundir``).
 
-The evaluation stages (amortized, local, ais) draw every datapoint's noise from its own stream
+The evaluation stages (amortized, local, ais, curve) draw every datapoint's noise from its own stream
 (``datapoint_streams``), so a datapoint's numbers depend on the seed and its index only. Under
 torchrun each rank evaluates a shard of the datapoints and rank 0, which alone owns the folder and
 trains, gathers the rows and writes the same files as one process (``gapbench.distributed``).
@@ -17,8 +17,11 @@ Files of a run folder:
     train_history.csv  one row per epoch
     train_state.pt     while training: a recent epoch's weights, Adam state, random stream and history
     amortized.csv      per datapoint: L[q] and IWAE under q, with standard errors and ESS
-    local.csv, local.pt   per datapoint: L[q*], IWAE under q*, refinement steps and flags; the q* parameters
+    local.csv, local.pt   per datapoint and local family f of refine.families: L[q*_f], IWAE under q*_f,
+                       refinement steps and flags (columns suffixed _f); the q* parameters ({f: {name: tensor}})
     ais.csv            per datapoint: AIS estimate of log p(x) with standard error, ESS and HMC diagnostics
+    curve.csv          with curve.enabled, per datapoint and step count k: the ELBO after k SVI steps from
+                       the encoder's output and the fraction of the amortization gap closed
     datapoints.csv     everything per datapoint, with log p_hat(x), the three gaps and numerical faults
     summary.json       means with standard errors, fault counts, and every setting that changes a number
     table.md           the gap table
@@ -29,8 +32,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
+import shutil
 import time
+import zlib
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable
@@ -43,62 +49,122 @@ from . import io
 from .checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint, load_train_state,
                           load_weights)
 from .config import ConfigError, ExperimentConfig
-from .data import Dataset, binarize, check_binary, check_values, load_dataset
+from .curves import curve_frame, refinement_curve, summarize_curve
+from .data import Dataset, binarize, check_binary, check_levels, check_values, load_dataset
 from .device import row_bytes, rows_that_fit, samples_per_chunk
 from .distributed import ONE_PROCESS, Ranks, broadcast, close_ranks, gather, init_ranks, shard
 from .gaps import NO_FAULT, best_bound, decompose, estimate_columns, find_faults, summarize, summarize_column
-from .measure import ais_diagnostics, ais_of, bounds_of, local_posterior
-from .models import Decoder
-from .posteriors import DatapointStreams, GaussianEncoder, get_family
+from .measure import ais_diagnostics, ais_of, bounds_of, effective_procedure, local_posterior
+from .models import ConvDecoder, ConvTrunk, Decoder, DecoderBase, HierarchicalDecoder
+from .posteriors import (DatapointStreams, HierarchicalEncoder, HierarchicalFamily, LocalFamily, make_encoder,
+                         make_family)
 from .report import gap_table_markdown
-from .rundir import TRAIN_STATE, RunError, RunFolder, open_run_folder
+from .rundir import TRAIN_STATE, RunError, RunFolder, hashed_sections, open_run_folder
 from .train import ResumeError, train
 
 __all__ = ["CHECKPOINT_FORMAT", "Run", "RunError", "build_networks", "datapoint_streams", "evaluation_data",
-           "load_checkpoint", "open_run", "open_run_config", "run_experiment", "stage_generator", "stage_seed"]
+           "load_checkpoint", "networks_for", "open_run", "open_run_config", "run_experiment", "stage_generator",
+           "stage_seed"]
 
-LOG_PX_CANDIDATES = ("iwae_q", "iwae_q_star")  # and "ais" when the AIS stage runs
 # The random stream of each stage, fixed by name: adding a stage changes no other stage's numbers.
-STAGE_STREAMS = {"train": 1, "amortized": 2, "local": 3, "report": 4, "ais": 5}
+STAGE_STREAMS = {"train": 1, "amortized": 2, "local": 3, "report": 4, "ais": 5, "curve": 6}
 # Training saves train_state.pt at most this often: a save costs 20 ms (digits) to 100 ms (the
 # paper's Fashion-MNIST model), so this keeps it under 1% of training time; a kill loses at most this.
 TRAIN_STATE_SECONDS = 10.0
+SNAPSHOTS = "snapshots"  # train.snapshot_every: weights every N epochs, for `gapbench track`
 
 
 RANDOM_STREAMS = ("per datapoint: SplitMix64 counter streams keyed by (seed, stage, datapoint index), "
                   "independent of batch, shard and number of ranks")
 
 
-def stage_seed(seed: int, stage: str) -> int:
-    """A 63-bit seed per (seed, stage)."""
-    state = np.random.SeedSequence([seed, STAGE_STREAMS[stage]]).generate_state(1, dtype=np.uint64)
+def stage_seed(seed: int, stage: str, part: str | None = None) -> int:
+    """A 63-bit seed per (seed, stage[, part]); ``part`` names a piece of a stage whose numbers must
+    not depend on the others (a local family)."""
+    entropy = [seed, STAGE_STREAMS[stage]] + ([zlib.crc32(part.encode())] if part is not None else [])
+    state = np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)
     return int(state[0] >> np.uint64(1))
 
 
-def stage_generator(seed: int, stage: str, device: torch.device | str = "cpu") -> torch.Generator:
-    """An independent random stream per (seed, stage), so a resumed stage repeats exactly (training)."""
-    return torch.Generator(device=device).manual_seed(stage_seed(seed, stage))
+def stage_generator(seed: int, stage: str, part: str | None = None, *,
+                    device: torch.device | str = "cpu") -> torch.Generator:
+    """An independent random stream per (seed, stage[, part]), so a resumed stage repeats exactly (training)."""
+    return torch.Generator(device=device).manual_seed(stage_seed(seed, stage, part))
 
 
-def datapoint_streams(seed: int, stage: str, indices: range | list[int],
-                      device: torch.device | str = "cpu") -> DatapointStreams:
+def datapoint_streams(seed: int, stage: str, indices: range | list[int], device: torch.device | str = "cpu", *,
+                      part: str | None = None) -> DatapointStreams:
     """The evaluation stages' streams: datapoint i of the split draws from its own stream of (seed,
-    stage, i), so its numbers do not depend on its batch, its shard or the number of ranks."""
-    return DatapointStreams.from_seed(stage_seed(seed, stage), list(indices), device=device)
+    stage[, part], i), so its numbers do not depend on its batch, its shard or the number of ranks."""
+    return DatapointStreams.from_seed(stage_seed(seed, stage, part), list(indices), device=device)
 
 
-def build_networks(config: ExperimentConfig, data_size: int) -> tuple[Decoder, GaussianEncoder]:
-    """Decoder and encoder initialised from the run seed, without touching torch's global stream."""
+def build_networks(config: ExperimentConfig, data_size: int, *, image_shape: tuple[int, ...] | None = None,
+                   num_levels: int = 256) -> tuple[DecoderBase, torch.nn.Module]:
+    """Decoder and encoder (of family ``model.posterior``) initialised from the run seed, without
+    touching torch's global stream.
+
+    ``model.kind = "mlp"``: MLP decoder and encoder of ``model.decoder_hidden`` / ``encoder_hidden``;
+    ``"conv"``: the convolutional decoder and an encoder on a convolutional trunk
+    (``model.conv_channels``), which need ``image_shape``, (H, W) or (C, H, W) with product
+    ``data_size``. ``num_levels``: the pixel levels of the discretised logistic likelihood.
+    ``"hierarchical"``: the two-layer model p(z2) p(z1|z2) p(x|z1) (MLPs) and its encoder q(z1|x) q(z2|z1).
+    """
     m = config.model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        decoder = Decoder(data_size, m.latent_size, tuple(m.decoder_hidden), m.activation)
-        encoder = GaussianEncoder(data_size, m.latent_size, tuple(m.encoder_hidden), m.activation)
+        if m.kind == "hierarchical":
+            decoder = HierarchicalDecoder(data_size, m.latent_size, m.latent_size_2, tuple(m.decoder_hidden),
+                                          tuple(m.prior_hidden), m.activation, likelihood=m.likelihood,
+                                          num_levels=num_levels)
+            encoder = HierarchicalEncoder(data_size, m.latent_size, m.latent_size_2, tuple(m.encoder_hidden),
+                                          tuple(m.prior_hidden), m.activation)
+            return decoder, encoder
+        if m.kind == "mlp":
+            decoder: DecoderBase = Decoder(data_size, m.latent_size, tuple(m.decoder_hidden), m.activation,
+                                           likelihood=m.likelihood, num_levels=num_levels)
+            trunk = None
+        else:
+            if image_shape is None or math.prod(image_shape) != data_size:
+                raise ConfigError(f"model.kind = \"conv\" needs the images' shape, got {image_shape} for "
+                                  f"{data_size} pixels")
+            shape = tuple(image_shape) if len(image_shape) == 3 else (1, *image_shape)  # (C, H, W)
+            try:
+                decoder = ConvDecoder(shape, m.latent_size, tuple(m.conv_channels), m.activation,
+                                      likelihood=m.likelihood, num_levels=num_levels)
+                trunk = ConvTrunk(shape, tuple(m.conv_channels), m.activation)
+            except ValueError as error:
+                raise ConfigError(f"model.conv_channels = {m.conv_channels}: {error}") from None
+        encoder = make_encoder(m.posterior, data_size, m.latent_size, tuple(m.encoder_hidden), m.activation,
+                               num_steps=m.flow_steps, flow_hidden=m.flow_hidden, trunk=trunk)
     return decoder, encoder
 
 
+def networks_for(config: ExperimentConfig, dataset: Dataset) -> tuple[DecoderBase, torch.nn.Module]:
+    """:func:`build_networks` for the images of ``dataset``."""
+    return build_networks(config, dataset.data_size, image_shape=dataset.image_shape,
+                          num_levels=dataset.num_levels)
+
+
+def local_family(config: ExperimentConfig, name: str) -> LocalFamily:
+    """The local family ``name`` with the run's flow sizes (``model.flow_steps``, ``model.flow_hidden``), or
+    the hierarchical one with the two-layer model's (``latent_size``, ``latent_size_2``, ``prior_hidden``)."""
+    m = config.model
+    if name == "hierarchical":
+        return HierarchicalFamily(m.latent_size, m.latent_size_2, tuple(m.prior_hidden), m.activation)
+    return make_family(name, num_steps=config.model.flow_steps, hidden_size=config.model.flow_hidden)
+
+
+def log_px_candidates(config: ExperimentConfig) -> tuple[str, ...]:
+    """The bounds whose per-datapoint maximum is log p_hat(x): IWAE under q and under every q*, and AIS
+    when the AIS stage runs."""
+    return ("iwae_q", *[f"iwae_q_star_{f}" for f in config.refine.families],
+            *(("ais",) if config.ais.enabled else ()))
+
+
 def evaluation_data(config: ExperimentConfig, dataset: Dataset) -> torch.Tensor:
-    """The first ``num_datapoints`` of the chosen split, binarised once with a fixed stream."""
+    """The first ``num_datapoints`` of the chosen split, binarised once with a fixed stream (for the
+    Bernoulli likelihood; the discretised logistic takes the pixel levels as they are)."""
     split = dataset.split(config.eval.split)
     n = config.eval.num_datapoints
     if n > split.shape[0]:
@@ -111,7 +177,10 @@ def evaluation_data(config: ExperimentConfig, dataset: Dataset) -> torch.Tensor:
     generator = torch.Generator().manual_seed(config.seed)
     x = binarize(split[:n], mode=config.data.binarization, threshold=config.data.threshold,
                  generator=generator)
-    check_binary(x, f"binarised {what}")  # what the Bernoulli likelihood is a density of
+    if config.model.likelihood == "bernoulli":
+        check_binary(x, f"binarised {what}")  # what the Bernoulli likelihood is a density of
+    else:
+        check_levels(x, dataset.num_levels, what)  # what the discretised logistic is a distribution of
     return x
 
 
@@ -156,11 +225,15 @@ class Run:
         if self.config.eval.chunk_size is not None and not with_gradient:
             return self.config.eval.chunk_size
         m = self.config.model
-        rows = rows_that_fit(self.device, row_bytes(self.data_size, m.latent_size, m.decoder_hidden,
-                                                    with_gradient=with_gradient))
+        latent, hidden = m.latent_size, list(m.decoder_hidden)
+        if m.kind == "hierarchical":  # z = (z1, z2) and the network of p(z1|z2)
+            latent, hidden = latent + m.latent_size_2, hidden + list(m.prior_hidden)
+        if m.kind == "conv":  # stride-2 layers: channels c_i at a quarter of the previous size (D bounds H x W)
+            hidden = hidden + [2 * c * self.data_size // 4 ** (i + 1) for i, c in enumerate(m.conv_channels)]
+        rows = rows_that_fit(self.device, row_bytes(self.data_size, latent, hidden, with_gradient=with_gradient))
         return samples_per_chunk(rows, num_datapoints)
 
-    def networks(self, dataset: Dataset) -> tuple[Decoder, GaussianEncoder, dict]:
+    def networks(self, dataset: Dataset) -> tuple[Decoder, torch.nn.Module, dict]:
         """The trained networks on this run's device, on every rank: rank 0 trains (or loads) them and
         sends the weights to the others, so no rank needs rank 0's file system; with
         ``train.data_parallel`` every rank trains (DistributedDataParallel) and holds the same weights."""
@@ -176,15 +249,15 @@ class Run:
             shared = broadcast((_cpu(decoder.state_dict()), _cpu(encoder.state_dict()), training)
                                if self.ranks.is_main else None, self.ranks)
             if not self.ranks.is_main:
-                decoder, encoder = build_networks(self.config, dataset.data_size)
+                decoder, encoder = networks_for(self.config, dataset)
                 decoder.load_state_dict(shared[0]), encoder.load_state_dict(shared[1])
                 training = shared[2]
         return decoder.to(self.device).eval(), encoder.to(self.device).eval(), training
 
     # --- stages -------------------------------------------------------------------------------
-    def train_stage(self, dataset: Dataset) -> tuple[Decoder, GaussianEncoder, dict]:
+    def train_stage(self, dataset: Dataset) -> tuple[Decoder, torch.nn.Module, dict]:
         path = self.dir / "checkpoint.pt"
-        decoder, encoder = build_networks(self.config, dataset.data_size)
+        decoder, encoder = networks_for(self.config, dataset)
         if self.ranks.is_main and self.folder.is_finished("train"):
             checkpoint = load_checkpoint(path, self.config, dataset.data_size)
             load_weights(path, checkpoint, decoder, encoder)
@@ -197,7 +270,7 @@ class Run:
         info["stop_reason"] = checkpoint.get("stop_reason", "epochs")
         return decoder, encoder, info
 
-    def _train(self, decoder: Decoder, encoder: GaussianEncoder, dataset: Dataset) -> dict:
+    def _train(self, decoder: Decoder, encoder: torch.nn.Module, dataset: Dataset) -> dict:
         """Train (continuing from train_state.pt where it fits), write the checkpoint, record the stage."""
         state_path = self.dir / TRAIN_STATE
         main = self.ranks.is_main  # with train.data_parallel every rank trains; rank 0 alone writes
@@ -213,6 +286,8 @@ class Run:
             self.log(f"[train] resuming after epoch {resume['epoch']} ({state_path})")
         t = self.config.train
         decoder.to(self.device), encoder.to(self.device)
+        if main and resume is None:
+            shutil.rmtree(self.dir / SNAPSHOTS, ignore_errors=True)  # from an earlier training
         try:
             result = train(
                 decoder, encoder, dataset.train.to(self.device), dataset.valid.to(self.device), epochs=t.epochs,
@@ -220,8 +295,9 @@ class Run:
                 learning_rate=t.learning_rate, adam_eps=t.adam_eps, warmup_epochs=t.warmup_epochs, schedule=t.schedule,
                 binarization=self.config.data.binarization, threshold=self.config.data.threshold,
                 valid_every=t.valid_every, valid_num_samples=t.valid_num_samples,
-                early_stopping_patience=t.early_stopping_patience,
-                generator=stage_generator(self.config.seed, "train", self.device), resume_from=resume,
+                early_stopping_patience=t.early_stopping_patience, semi_amortized=t.semi_amortized(),
+                on_epoch=self._snapshot(decoder, encoder) if t.snapshot_every and main else None,
+                generator=stage_generator(self.config.seed, "train", device=self.device), resume_from=resume,
                 on_checkpoint=(lambda state: io.save_torch(state_path, {**state, "config_sha256": config_sha256}))
                 if main else None,
                 checkpoint_seconds=TRAIN_STATE_SECONDS, progress=self.progress,
@@ -235,6 +311,7 @@ class Run:
         checkpoint = {
             "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
             "config": self.config.model_dump(mode="json"), "data_size": dataset.data_size,
+            "posterior": self.config.model.posterior,
             "decoder": _cpu(result.decoder_state), "encoder": _cpu(result.encoder_state),
             "best_epoch": result.best_epoch, "best_valid_elbo": result.best_valid_elbo,
             "epochs_run": len(result.history), "stop_reason": result.stop_reason,
@@ -251,14 +328,27 @@ class Run:
                  f"{stopped[result.stop_reason]}")
         return checkpoint
 
+    def _snapshot(self, decoder, encoder) -> Callable:
+        """An on_epoch callback saving the weights every ``train.snapshot_every`` epochs (and the
+        last) to snapshots/epoch_NNNNN.pt, for `gapbench track`."""
+        every = self.config.train.snapshot_every
+
+        def save(record, is_best: bool) -> None:
+            if record.epoch % every == 0 or record.epoch == self.config.train.epochs:
+                io.save_torch(self.dir / SNAPSHOTS / f"epoch_{record.epoch:05d}.pt",
+                              {"epoch": record.epoch, "decoder": _cpu(decoder.state_dict()),
+                               "encoder": _cpu(encoder.state_dict())})
+        return save
+
     def _batches(self, x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
         """This rank's datapoints in batches of ``eval.batch_size``: (index of the first, (b, D) on the device)."""
         size, mine = self.config.eval.batch_size, shard(x.shape[0], self.ranks)
         return [(start, x[start:min(start + size, mine.stop)].to(self.device))
                 for start in range(mine.start, mine.stop, size)]
 
-    def _streams(self, stage: str, offset: int, batch: torch.Tensor) -> DatapointStreams:
-        return datapoint_streams(self.config.seed, stage, range(offset, offset + batch.shape[0]), self.device)
+    def _streams(self, stage: str, offset: int, batch: torch.Tensor, *, part: str | None = None) -> DatapointStreams:
+        return datapoint_streams(self.config.seed, stage, range(offset, offset + batch.shape[0]), self.device,
+                                 part=part)
 
     def amortized_stage(self, decoder, encoder, x: torch.Tensor) -> pd.DataFrame:
         path = self.dir / "amortized.csv"
@@ -286,43 +376,62 @@ class Run:
         return frame
 
     def local_stage(self, decoder, encoder, x: torch.Tensor) -> pd.DataFrame:
+        """Refine every family of ``refine.families`` for every datapoint; one frame, columns per family."""
         path = self.dir / "local.csv"
         if self._is_finished("local"):
             self.log(f"[local] skipped: finished ({path})")
             return io.read_csv(path) if self.ranks.is_main else None
         if self.ranks.is_main:
             self.folder.start("local")
+        start = time.perf_counter()
+        frames, params = [], {}
+        for name in self.config.refine.families:
+            frame, params[name] = self._refine_family(decoder, encoder, x, name)
+            frames.append(frame)
+        frame = self._gather([pd.concat(frames, axis=1)] if frames and len(frames[0]) else [])
+        all_params = gather(params, self.ranks)  # every rank's {family: {name: (b, ...)}}, in shard order
+        if self.ranks.is_main:
+            saved = {}
+            for name in self.config.refine.families:
+                parts = [p[name] for p in all_params if p and p[name]]  # ranks without datapoints hold {}
+                saved[name] = {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
+            io.save_torch(self.dir / "local.pt", saved)
+            io.write_csv(path, frame)
+            self.folder.finish("local", time.perf_counter() - start)
+        return frame
+
+    def _refine_family(self, decoder, encoder, x: torch.Tensor, name: str) -> tuple[pd.DataFrame, dict]:
+        """q*_name for this rank's datapoints, batch by batch: the per-datapoint columns and the parameters
+        (on the CPU). Each family draws from its own streams (per datapoint, keyed by the family's name
+        too), so adding a family changes no other family's numbers."""
         from tqdm.auto import tqdm
         e, r = self.config.eval, self.config.refine
-        procedure = r.resolved()
-        family = get_family(r.family)
-        start = time.perf_counter()
+        family = local_family(self.config, name)
+        procedure = r.resolved(name)
         frames, params = [], []
         for offset, batch in self._batches(x):
-            generator = self._streams("local", offset, batch)
-            with tqdm(desc=f"refine q* [{offset}:{offset + batch.shape[0]}]", unit="step",
+            generator = self._streams("local", offset, batch, part=name)
+            with tqdm(desc=f"refine q*_{name} [{offset}:{offset + batch.shape[0]}]", unit="step",
                       disable=not self.progress) as bar:
                 def callback(step: int, num_active: int) -> None:
                     bar.update(1)
                     bar.set_postfix(active=num_active)
-                result = local_posterior(decoder, encoder, batch, family=r.family, init=r.init,
+                result = local_posterior(decoder, encoder, batch, family=family, init=r.init,
                                          procedure=procedure, generator=generator, callback=callback)
             pair = bounds_of(decoder, family.posterior(result.params), batch, num_samples=e.num_samples,
                              chunk_size=self._chunk_size(batch.shape[0], with_gradient=False), generator=generator)
             frames.append(pd.DataFrame({
-                **estimate_columns("elbo_q_star", pair.elbo), **estimate_columns("iwae_q_star", pair.iwae),
-                "refine_steps": result.num_steps.cpu().numpy(), "refine_converged": result.is_converged.cpu().numpy(),
-                "refine_diverged": result.is_diverged.cpu().numpy(),
+                **estimate_columns(f"elbo_q_star_{name}", pair.elbo),
+                **estimate_columns(f"iwae_q_star_{name}", pair.iwae),
+                f"refine_steps_{name}": result.num_steps.cpu().numpy(),
+                f"refine_converged_{name}": result.is_converged.cpu().numpy(),
+                f"refine_diverged_{name}": result.is_diverged.cpu().numpy(),
             }))
             params.append(_cpu(result.params))
-        frame = self._gather(frames)
-        all_params = gather(params, self.ranks)
-        if self.ranks.is_main:
-            params = [p for part in all_params for p in part]
-            io.save_torch(self.dir / "local.pt", {k: torch.cat([p[k] for p in params]) for k in params[0]})
-            io.write_csv(path, frame)
-            self.folder.finish("local", time.perf_counter() - start)
-        return frame
+        if not frames:  # a rank with no datapoints (more ranks than datapoints)
+            return pd.DataFrame(), {}
+        return (pd.concat(frames, ignore_index=True),
+                {k: torch.cat([p[k] for p in params]) for k in params[0]})
 
     def ais_stage(self, decoder, encoder, x: torch.Tensor) -> pd.DataFrame | None:
         """AIS from the configured start for every datapoint; None when ``ais.enabled`` is false."""
@@ -336,11 +445,13 @@ class Run:
         if self.ranks.is_main:
             self.folder.start("ais")
         from tqdm.auto import tqdm
-        family = get_family(self.config.refine.family)
+        own = self.config.model.posterior  # AIS from q* starts from the encoder's family's q*
+        family = local_family(self.config, own)
         q_star_params = None
         if a.init == "q_star":  # rank 0 reads local.pt and sends it: no shared file system needed
-            q_star_params = broadcast(torch.load(self.dir / "local.pt", weights_only=True)
-                                      if self.ranks.is_main else None, self.ranks)
+            saved = torch.load(self.dir / "local.pt", weights_only=True) if self.ranks.is_main else None
+            # before flows, local.pt held one family's tensors
+            q_star_params = broadcast(saved.get(own, saved) if saved is not None else None, self.ranks)
         start = time.perf_counter()
         frames = []
         for offset, batch in self._batches(x):
@@ -363,25 +474,60 @@ class Run:
             self.folder.finish("ais", time.perf_counter() - start)
         return frame
 
-    @property
-    def log_px_candidates(self) -> tuple[str, ...]:
-        return LOG_PX_CANDIDATES + (("ais",) if self.config.ais.enabled else ())
+    def curve_stage(self, decoder, encoder, x: torch.Tensor, local: pd.DataFrame) -> pd.DataFrame | None:
+        """The refinement curve of every datapoint (``gapbench.curves``); None when ``curve.enabled`` is
+        false. The fraction of the gap closed uses L[q*] of the local stage."""
+        c = self.config.curve
+        if not c.enabled:
+            return None
+        path = self.dir / "curve.csv"
+        if self._is_finished("curve"):
+            self.log(f"[curve] skipped: finished ({path})")
+            return io.read_csv(path) if self.ranks.is_main else None
+        if self.ranks.is_main:
+            self.folder.start("curve")
+        from tqdm.auto import tqdm
+        procedure = c.procedure()
+        # L[q*] of every datapoint: local.csv is rank 0's, so rank 0 sends the column to every rank
+        elbo_q_star = broadcast(local[q_star_column(local)].to_numpy() if self.ranks.is_main else None, self.ranks)
+        start = time.perf_counter()
+        frames = []
+        for offset, batch in self._batches(x):
+            with tqdm(total=procedure.steps[-1], desc=f"curve [{offset}:{offset + batch.shape[0]}]", unit="step",
+                      disable=not self.progress) as bar:
+                curve = refinement_curve(decoder, encoder, batch, **procedure._asdict(),
+                                         chunk_size=self.config.eval.chunk_size,
+                                         generator=self._streams("curve", offset, batch),
+                                         callback=lambda step: bar.update(1))
+            frames.append(curve_frame(curve, elbo_q_star[offset:offset + batch.shape[0]], offset=offset))
+        frame = self._gather(frames)
+        if self.ranks.is_main:
+            io.write_csv(path, frame)
+            self.folder.finish("curve", time.perf_counter() - start)
+        return frame
 
     def report_stage(self, x: torch.Tensor, amortized: pd.DataFrame, local: pd.DataFrame,
-                     ais: pd.DataFrame | None, dataset: Dataset, training: dict) -> dict:
+                     ais: pd.DataFrame | None, curve: pd.DataFrame | None, dataset: Dataset, training: dict) -> dict:
         if self.folder.is_finished("report"):
             self.log(f"[report] skipped: finished ({self.dir / 'summary.json'})")
             return json.loads((self.dir / "summary.json").read_text())
         self.folder.start("report")
+        local = _local_in_current_form(local, self.config.model.posterior)
         frame = pd.concat([amortized, local] + ([ais] if ais is not None else []), axis=1)
-        if "refine_diverged" not in frame:  # local.csv from before refinement flagged divergence
-            frame["refine_diverged"] = False
-        candidates = self.log_px_candidates
+        own = self.config.model.posterior  # the run's gaps compare L[q] with L[q*] of the encoder's family
+        for column in ("elbo_q_star", "elbo_q_star_stderr", "elbo_q_star_ess", "refine_steps", "refine_converged",
+                       "refine_diverged"):
+            frame[column] = frame[column.replace("q_star", f"q_star_{own}") if "q_star" in column
+                                  else f"{column}_{own}"]
+        candidates = log_px_candidates(self.config)
         frame = decompose(pd.concat([frame, best_bound(frame, candidates)], axis=1))
-        frame["fault"] = find_faults(frame, ("elbo_q", "elbo_q_star", *candidates), flags=("refine_diverged",))
+        flags = tuple(f"refine_diverged_{f}" for f in self.config.refine.families)
+        frame["fault"] = find_faults(frame, ("elbo_q", "elbo_q_star", *candidates), flags=flags)
         frame.insert(0, "index", np.arange(len(frame)))
         io.write_csv(self.dir / "datapoints.csv", frame)
         summary = self.summary(frame, x, dataset, training)
+        if curve is not None:
+            summary["curve"] = summarize_curve(curve, local[q_star_column(local)].to_numpy())
         io.write_json(self.dir / "summary.json", summary)
         io.write_text(self.dir / "table.md", gap_table_markdown(summary))
         self.folder.finish("report", 0.0)
@@ -396,15 +542,20 @@ class Run:
         c = self.config
         summary = summarize(frame)
         usable = frame[frame["fault"] == NO_FAULT]
+        families = c.refine.families
+        candidates = log_px_candidates(c)
+        for name in families:  # L[q*] of every refined family, on the same datapoints
+            column = f"elbo_q_star_{name}"
+            summary["bounds"][column] = summarize_column(usable[column], usable[f"{column}_stderr"])
         summary["other_bounds"] = {name: summarize_column(usable[name], usable[f"{name}_stderr"])
-                                   for name in self.log_px_candidates}
+                                   for name in candidates}
         summary["log_px_source_counts"] = {k: int(v) for k, v in usable["log_px_source"].value_counts().items()}
-        summary["refinement"] = {
-            "mean_steps": float(frame["refine_steps"].mean()),
-            "max_steps_taken": int(frame["refine_steps"].max()),
-            "converged_fraction": float(frame["refine_converged"].mean()),
-            "diverged_count": int(frame["refine_diverged"].sum()),
-        }
+        summary["refinement"] = {name: {
+            "mean_steps": float(frame[f"refine_steps_{name}"].mean()),
+            "max_steps_taken": int(frame[f"refine_steps_{name}"].max()),
+            "converged_fraction": float(frame[f"refine_converged_{name}"].mean()),
+            "diverged_count": int(frame[f"refine_diverged_{name}"].sum()),
+        } for name in families}
         if c.ais.enabled:
             summary["ais"] = {
                 "mean_acceptance_rate": float(frame["ais_acceptance_rate"].mean()),
@@ -422,18 +573,25 @@ class Run:
             "datapoints": f"the first {c.eval.num_datapoints} of the {c.eval.split} split",
             "binarization": {"mode": c.data.binarization, "threshold": c.data.threshold,
                              "evaluation_stream_seed": c.seed if c.data.binarization == "dynamic" else None},
+            "likelihood": {"name": c.model.likelihood,
+                           "num_levels": dataset.num_levels if c.model.likelihood == "logistic" else 2,
+                           "bits": c.data.bits},
             "evaluation_data_sha256": hashlib.sha256(x.numpy().tobytes()).hexdigest(),
             "num_samples": {"elbo": c.eval.num_samples, "iwae_k": c.eval.num_samples,
                             "elbo_and_iwae_share_samples": True},
             "chunk_size": c.eval.chunk_size,
             "random_streams": RANDOM_STREAMS,
             "device": self.device.type,
-            "log_px": "per-datapoint max of " + ", ".join(self.log_px_candidates),
-            "refinement": {"family": c.refine.family, "init": c.refine.init,
-                           "preset": c.refine.procedure, **c.refine.resolved()._asdict()},
+            "log_px": "per-datapoint max of " + ", ".join(candidates),
+            "encoder_family": c.model.posterior,
+            "refinement": {"families": list(families), "init": c.refine.init, "preset": c.refine.procedure,
+                           "procedures": {name: effective_procedure(local_family(c, name),
+                                                                    c.refine.resolved(name))._asdict()
+                                          for name in families}},
             "ais": c.ais.model_dump(mode="json"),
+            **({"curve": c.curve.model_dump(mode="json")} if c.curve.enabled else {}),
             "model": c.model.model_dump(mode="json"),
-            "train": c.train.model_dump(mode="json"),
+            "train": hashed_sections(c.model_dump(mode="json"), "train")["train"],  # semi_amortized_* only when K > 0
         }
         summary["training"] = training
         summary["data"] = dataset.provenance
@@ -443,7 +601,7 @@ class Run:
     def execute(self) -> dict:
         """Run every stage that has not finished yet; returns the summary."""
         dataset = load_dataset(self.config.data.dataset, data_dir=self.config.data.data_dir,
-                               download=self.config.data.download)
+                               download=self.config.data.download, bits=self.config.data.bits)
         for split in ("train", "valid"):  # checked before anything is written
             check_values(dataset.split(split), f"{dataset.name} {split} split")
         x = evaluation_data(self.config, dataset)
@@ -460,7 +618,8 @@ class Run:
                         amortized = self.amortized_stage(decoder, encoder, x)
                         local = self.local_stage(decoder, encoder, x)
                         ais = self.ais_stage(decoder, encoder, x)
-                        summary = self.report_stage(x, amortized, local, ais, dataset, training) \
+                        curve = self.curve_stage(decoder, encoder, x, local)
+                        summary = self.report_stage(x, amortized, local, ais, curve, dataset, training) \
                             if self.ranks.is_main else None
                         is_done = True
                         return summary
@@ -487,6 +646,23 @@ class Run:
             raise error
         if message is not None:
             raise RunError(f"rank 0 could not open the run folder: {message}")
+
+
+def q_star_column(local: pd.DataFrame) -> str:
+    """The column of local.csv holding L[q*] of the diagonal Gaussian (the family a curve refines)."""
+    return "elbo_q_star_ffg" if "elbo_q_star_ffg" in local else "elbo_q_star"
+
+
+def _local_in_current_form(local: pd.DataFrame, own: str) -> pd.DataFrame:
+    """local.csv as this version writes it: a file from before flows (one family, unsuffixed columns)
+    gets its columns suffixed with the encoder's family; one from before refinement flagged divergence
+    gets no divergence."""
+    if "elbo_q_star" in local and f"elbo_q_star_{own}" not in local:
+        local = local.rename(columns={c: c.replace("q_star", f"q_star_{own}") if "q_star" in c else f"{c}_{own}"
+                                      for c in local.columns})
+    if f"refine_diverged_{own}" not in local:
+        local = local.assign(**{f"refine_diverged_{own}": False})
+    return local
 
 
 def comparable_config(previous: dict, current: dict) -> dict:
@@ -531,16 +707,17 @@ def open_run_config(run_dir: str | Path) -> ExperimentConfig:
 
 
 def open_run(run_dir: str | Path, *, num_datapoints: int | None = None
-             ) -> tuple[ExperimentConfig, Decoder, GaussianEncoder, torch.Tensor]:
+             ) -> tuple[ExperimentConfig, Decoder, torch.nn.Module, torch.Tensor]:
     """A trained run's config, networks (eval mode) and evaluation datapoints (N, D).
 
     ``num_datapoints`` replaces the run's ``eval.num_datapoints`` (same split, same binarisation).
     """
     run_dir = Path(run_dir)
     config = open_run_config(run_dir)
-    dataset = load_dataset(config.data.dataset, data_dir=config.data.data_dir, download=config.data.download)
+    dataset = load_dataset(config.data.dataset, data_dir=config.data.data_dir, download=config.data.download,
+                           bits=config.data.bits)
     checkpoint = load_checkpoint(run_dir / "checkpoint.pt", config, dataset.data_size)
-    decoder, encoder = build_networks(config, dataset.data_size)
+    decoder, encoder = networks_for(config, dataset)
     load_weights(run_dir / "checkpoint.pt", checkpoint, decoder, encoder)
     if num_datapoints is not None:
         config = config.model_copy(update={"eval": config.eval.model_copy(update={"num_datapoints": num_datapoints})})

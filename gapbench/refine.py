@@ -87,15 +87,27 @@ class RefineResult(NamedTuple):
 
 def _objective(model, family: LocalFamily, params: Mapping[str, torch.Tensor], x: torch.Tensor, *,
                num_samples: int, gradient: str, generator: RandomStream | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Differentiable surrogate (A,) whose gradient is the ELBO gradient, and the ELBO estimate (A,)."""
+    """Differentiable surrogate (A,) whose gradient is the ELBO gradient, and the ELBO estimate (A,).
+
+    With ``gradient="stl"`` log q is evaluated at the sampled z with the parameters held fixed, so only
+    the path through z carries gradient (Roeder et al., 2017). A posterior that needs more than z for
+    that (the auxiliary flow needs v too) provides ``rsample_and_log_prob_stl(num_samples, frozen=...)``
+    returning z, log q and the surrogate log q.
+    """
     posterior = family.posterior(params)
-    z, log_q = posterior.rsample_and_log_prob(num_samples, generator=generator)  # (S, A, Z), (S, A)
-    log_joint = model.log_prior(z) + model.log_likelihood(x, z)  # (S, A)
-    estimate = (log_joint - log_q).mean(0).detach()  # (A,)
     if gradient == "stl":
         frozen = family.posterior({k: v.detach() for k, v in params.items()})
-        log_q = frozen.log_prob(z)  # (S, A): only the path through z carries gradient
-    return (log_joint - log_q).mean(0), estimate
+        if hasattr(posterior, "rsample_and_log_prob_stl"):
+            z, log_q, log_q_path = posterior.rsample_and_log_prob_stl(num_samples, frozen=frozen, generator=generator)
+        else:
+            z, log_q = posterior.rsample_and_log_prob(num_samples, generator=generator)  # (S, A, Z), (S, A)
+            log_q_path = frozen.log_prob(z)  # (S, A): only the path through z carries gradient
+    else:
+        z, log_q = posterior.rsample_and_log_prob(num_samples, generator=generator)  # (S, A, Z), (S, A)
+        log_q_path = log_q
+    log_joint = model.log_prior(z) + model.log_likelihood(x, z)  # (S, A)
+    estimate = (log_joint - log_q).mean(0).detach()  # (A,)
+    return (log_joint - log_q_path).mean(0), estimate
 
 
 def refine_step(model, family: LocalFamily, x: torch.Tensor, state: ActiveSet, *, step: int,
@@ -120,18 +132,20 @@ def refine_step(model, family: LocalFamily, x: torch.Tensor, state: ActiveSet, *
     scales = family.step_scale(state.params)
     new_params, new_m, new_v = {}, {}, {}
     for (name, value), grad in zip(params.items(), grads):
-        grad = -grad  # ascent on the ELBO
-        m = state.exp_avg[name].mul(beta1).add_(grad, alpha=1 - beta1)
-        v = state.exp_avg_sq[name].mul(beta2).addcmul_(grad, grad, value=1 - beta2)
-        m_hat = m / (1 - beta1**step)
-        v_hat = v / (1 - beta2**step)
-        lr = state.learning_rate.view(-1, *([1] * (value.ndim - 1)))  # (A, 1, ...)
-        update = lr * m_hat / (v_hat.sqrt() + eps)
+        # Adam on the ascent gradient (the moments are the descent moments negated, bit for bit), the
+        # moments and the window's sum of iterates updated in place: a local flow holds ~10^5
+        # parameters per datapoint, so a batched step is bound by passes over memory, and every
+        # pass and every fresh buffer counts. No one else holds these tensors (_select copies rows).
+        m = state.exp_avg[name].mul_(beta1).add_(grad, alpha=1 - beta1)
+        v = state.exp_avg_sq[name].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        # update = lr * m_hat / (sqrt(v_hat) + eps), m_hat = m / (1 - beta1^t), v_hat = v / (1 - beta2^t)
+        lr = state.learning_rate.view(-1, *([1] * (value.ndim - 1))) / (1 - beta1**step)  # (A, 1, ...)
+        update = v.sqrt().div_((1 - beta2**step) ** 0.5).add_(eps).reciprocal_().mul_(m).mul_(lr)
         if name in scales:
-            update = update * scales[name]
-        new_params[name] = value.detach() - update
+            update.mul_(scales[name])
+        new_params[name] = update.add_(value.detach())  # value + update (ascent)
         new_m[name], new_v[name] = m, v
-    param_sum = {k: state.param_sum[k] + new_params[k] for k in new_params}
+    param_sum = {k: state.param_sum[k].add_(new_params[k]) for k in new_params}
     # the parameters the estimate was taken at (the driver stops a datapoint whose estimate is not finite)
     last_finite = {k: v.detach() for k, v in state.params.items()}
     state = state._replace(params=new_params, exp_avg=new_m, exp_avg_sq=new_v, param_sum=param_sum,
@@ -237,6 +251,9 @@ def refine(model, x: torch.Tensor, *, family: LocalFamily, init_params: Mapping[
     """
     if gradient not in GRADIENTS:
         raise ValueError(f"unknown gradient estimator {gradient!r}; choose one of {GRADIENTS}")
+    if gradient == "stl" and not getattr(family, "supports_stl", True):
+        raise ValueError(f"the {family.name!r} family cannot evaluate log q at a given z cheaply, which the 'stl' "
+                         "gradient needs; use gradient='reparam' (gapbench.measure.effective_procedure does)")
     if convergence not in CONVERGENCE_TESTS:
         raise ValueError(f"unknown convergence test {convergence!r}; choose one of {CONVERGENCE_TESTS}")
     for name, value in {"num_samples": num_samples, "max_steps": max_steps, "check_every": check_every,

@@ -9,6 +9,7 @@ depends on:
     amortized  seed, data, model, train, eval        amortized.csv
     local      ... and refine                        local.pt, local.csv
     ais        ... and ais (it may start from q*)    ais.csv
+    curve      ... eval, refine (it reads L[q*]), curve  curve.csv (only with curve.enabled)
     report     all of them and name                  datapoints.csv, summary.json, table.md
 
 A stage counts as finished when ``stages.json`` records it with the hash of the current config, its
@@ -22,6 +23,12 @@ interrupted training stage continues from its last saved epoch.
 A folder holding a run with another config is refused unless ``force``: then the stages whose
 config sections changed (and the stages that read them) are redone and the others are kept, so a
 change in ``eval`` or ``refine`` keeps the trained model.
+
+Keys that change no number are left out of the hashes (:func:`hashed_sections`): the
+``train.semi_amortized_*`` settings while ``train.semi_amortized_steps = 0`` (the plain VAE),
+``train.data_parallel`` while it is false, and the ``[curve]`` section while ``curve.enabled`` is
+false. So a folder written before those keys existed keeps its finished stages, and so does a run
+whose config changes only such a key.
 """
 
 from __future__ import annotations
@@ -36,23 +43,25 @@ from typing import Callable, Iterator
 
 from . import io
 
-STAGES = ("train", "amortized", "local", "ais", "report")
+STAGES = ("train", "amortized", "local", "ais", "curve", "report")
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {  # config sections whose values a stage's output depends on
     "train": ("seed", "data", "model", "train"),
     "amortized": ("seed", "data", "model", "train", "eval"),
     "local": ("seed", "data", "model", "train", "eval", "refine"),
     "ais": ("seed", "data", "model", "train", "eval", "refine", "ais"),
-    "report": ("name", "seed", "data", "model", "train", "eval", "refine", "ais"),
+    "curve": ("seed", "data", "model", "train", "eval", "refine", "curve"),
+    "report": ("name", "seed", "data", "model", "train", "eval", "refine", "ais", "curve"),
 }
 STAGE_READS: dict[str, tuple[str, ...]] = {  # the stages whose outputs a stage reads
     "train": (), "amortized": ("train",), "local": ("train",), "ais": ("train", "local"),
-    "report": ("train", "amortized", "local", "ais"),
+    "curve": ("train", "local"), "report": ("train", "amortized", "local", "ais", "curve"),
 }
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "train": ("checkpoint.pt", "train_history.csv"),
     "amortized": ("amortized.csv",),
     "local": ("local.pt", "local.csv"),
     "ais": ("ais.csv",),
+    "curve": ("curve.csv",),
     "report": ("datapoints.csv", "summary.json", "table.md"),
 }
 TRAIN_STATE = "train_state.pt"  # training's resume point, while the train stage is unfinished
@@ -64,12 +73,21 @@ class RunError(RuntimeError):
 
 
 def hashed_sections(resolved: dict, stage: str) -> dict:
-    """The config sections ``stage`` depends on, less ``train.data_parallel`` while it is false (as
-    before the key existed, so the stage records of older folders still match)."""
+    """The config sections ``stage`` depends on, less the keys that change no number: the
+    ``train.semi_amortized_*`` keys while ``semi_amortized_steps`` is 0 (the plain VAE),
+    ``train.data_parallel`` while it is false, and the ``curve`` section while it is disabled. Also the
+    form of configs from before those keys existed, so their stage records still match."""
     sections = {key: resolved.get(key) for key in STAGE_SECTIONS[stage]}
     train = sections.get("train")
-    if isinstance(train, dict) and not train.get("data_parallel"):
-        sections["train"] = {k: v for k, v in train.items() if k != "data_parallel"}
+    if isinstance(train, dict):
+        if not train.get("semi_amortized_steps"):
+            train = {k: v for k, v in train.items() if not k.startswith("semi_amortized_")}
+        if not train.get("data_parallel"):
+            train = {k: v for k, v in train.items() if k != "data_parallel"}
+        sections["train"] = train
+    curve = sections.get("curve", {})
+    if "curve" in sections and not (isinstance(curve, dict) and curve.get("enabled")):
+        del sections["curve"]
     return sections
 
 
@@ -177,7 +195,8 @@ def open_run_folder(path: str | Path, resolved: dict, *, force: bool, log: Calla
             if config_path.exists():
                 previous = _read_json(config_path, "delete the folder to start the run again")
                 if normalize is not None:
-                    previous = normalize(previous)
+                    recorded, previous = previous, normalize(previous)
+                    _rehash_records(path, recorded, previous, records)
             if previous is not None and previous != resolved:
                 _change_config(path, previous, resolved, records, force=force, log=log)
             if previous != resolved:
@@ -201,6 +220,19 @@ def _lock(fd: int, path: Path) -> None:
     except BlockingIOError:
         raise RunError(f"another gapbench process is running in {path}; wait for it to finish, "
                        "or choose another --out") from None
+
+
+def _rehash_records(path: Path, recorded: dict, normalized: dict, records: dict[str, dict]) -> None:
+    """A config written by an older version (keys added since missing) hashes differently from the
+    same config in this version's form; records made under it get the hash of the normalized form,
+    so a new key at its default redoes nothing."""
+    changed = False
+    for stage, record in records.items():
+        if record.get("config_sha256") == section_hash(recorded, stage) != section_hash(normalized, stage):
+            record["config_sha256"] = section_hash(normalized, stage)
+            changed = True
+    if changed:
+        io.write_json(path / "stages.json", records)
 
 
 def _adopt_legacy_records(path: Path, resolved: dict, records: dict[str, dict]) -> None:

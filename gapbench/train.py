@@ -4,6 +4,8 @@ Linear KL warm-up (Bowman et al., 2016; Sonderby et al., 2016): the weight beta 
 log p(z) - log q(z|x) rises linearly from 0 to 1 over the first ``warmup_epochs`` epochs.
 Optional learning-rate schedule of Burda et al. (2016), used by Cremer et al. (2018): in stage
 i = 0, 1, 2, ... the rate is lr * 10^(-i/7), and stage i lasts 3^i epochs.
+Optional semi-amortized training (Kim et al., 2018): the encoder's output refined by K SVI steps
+inside every training step (``gapbench.semi_amortized``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 from .data import binarize, check_values
 from .estimators import elbo
 from .posteriors import as_posterior, fork_seed
+from .semi_amortized import SemiAmortized, semi_amortized_gradients
 
 SCHEDULES = ("constant", "paper")
 
@@ -153,6 +156,7 @@ def train(decoder: nn.Module, encoder: nn.Module, train_x: torch.Tensor, valid_x
           epochs: int, batch_size: int, learning_rate: float, adam_eps: float, warmup_epochs: float, schedule: str,
           binarization: str, threshold: float, valid_every: int, valid_num_samples: int,
           early_stopping_patience: int, generator: torch.Generator,
+          semi_amortized: SemiAmortized = SemiAmortized(),
           on_epoch: Callable[[EpochRecord, bool], None] | None = None,
           resume_from: dict | None = None, on_checkpoint: Callable[[dict], None] | None = None,
           checkpoint_seconds: float = 0.0, progress: bool = True,
@@ -162,7 +166,8 @@ def train(decoder: nn.Module, encoder: nn.Module, train_x: torch.Tensor, valid_x
     Parameters
     ----------
     train_x, valid_x : (N, D) grey levels in [0, 1]; binarised here ("dynamic": resampled every
-        epoch for training, once for validation; "static": thresholded once)
+        epoch for training, once for validation; "static": thresholded once; "none": used as they
+        are, for a likelihood of grey levels)
     epochs : maximum number of epochs
     learning_rate, adam_eps : Adam's step size (initial, under the paper schedule) and epsilon
     warmup_epochs : epochs over which beta rises linearly from 0 to 1 (0: no warm-up)
@@ -171,6 +176,9 @@ def train(decoder: nn.Module, encoder: nn.Module, train_x: torch.Tensor, valid_x
     early_stopping_patience : stop after this many validation checks without improvement (0: never)
     generator : every random draw (shuffling, binarisation, z samples) comes from it; pass a fresh
         generator seeded as for the first call also when resuming
+    semi_amortized : with ``num_steps`` K > 0, every training step refines the encoder's output by K
+        SVI steps and trains on the refined ELBO (Kim et al., 2018; ``gapbench.semi_amortized``); the
+        epoch's train ELBO is then the refined posterior's. K = 0: the plain VAE
     on_epoch : called with each EpochRecord and whether it is the best so far
     resume_from : a snapshot passed to ``on_checkpoint`` by an earlier call with the same arguments;
         training continues after its epoch and ends exactly as an uninterrupted call would
@@ -183,7 +191,8 @@ def train(decoder: nn.Module, encoder: nn.Module, train_x: torch.Tensor, valid_x
         ``train`` with the same arguments: each minibatch is split over the ranks (rows rank, rank +
         world_size, ...) and DistributedDataParallel averages the gradients, so every rank takes the
         same Adam steps. Shuffling and binarisation come from ``generator`` on every rank alike; the z
-        samples of a rank from a stream forked from it per epoch and rank. None: one process.
+        samples of a rank from a stream forked from it per epoch and rank. None: one process. Not with
+        semi-amortized training (ValueError).
 
     Training stops early when an epoch's training ELBO is not finite (``stop_reason="diverged"``);
     the best weights from before are returned. It raises FloatingPointError when no validation ELBO
@@ -195,12 +204,15 @@ def train(decoder: nn.Module, encoder: nn.Module, train_x: torch.Tensor, valid_x
         raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose one of {SCHEDULES}")
     if not checkpoint_seconds >= 0:
         raise ValueError(f"checkpoint_seconds must be at least 0, got {checkpoint_seconds}")
+    if data_parallel is not None and semi_amortized.num_steps:
+        raise ValueError("semi-amortized training (semi_amortized.num_steps > 0) does not run data-parallel: "
+                         "train it in one process (train.data_parallel = false)")
     check_values(train_x, "training data")
     check_values(valid_x, "validation data")
     params = list(decoder.parameters()) + list(encoder.parameters())
     optimizer = torch.optim.Adam(params, lr=learning_rate, eps=adam_eps)
     valid_bin = binarize(valid_x, mode=binarization, threshold=threshold, generator=generator)
-    static_train = binarize(train_x, mode="static", threshold=threshold) if binarization == "static" else None
+    static_train = None if binarization == "dynamic" else binarize(train_x, mode=binarization, threshold=threshold)
     num_batches = math.ceil(train_x.shape[0] / batch_size)
     warmup_steps = round(warmup_epochs * num_batches)
     state = _Progress(0, 0, -math.inf, 0, 0, None, [], None)
@@ -235,9 +247,13 @@ def train(decoder: nn.Module, encoder: nn.Module, train_x: torch.Tensor, valid_x
                 batch = batch[rank::world_size]  # this rank's share of the minibatch
             step += 1
             beta = warmup_weight(step, warmup_steps)
-            loss, batch_elbo = loss_fn(batch, beta, noise)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if semi_amortized.num_steps == 0:
+                loss, batch_elbo = loss_fn(batch, beta, noise)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            else:
+                batch_elbo = semi_amortized_gradients(decoder, encoder, batch, settings=semi_amortized, beta=beta,
+                                                      generator=noise)
             optimizer.step()
             total += float(batch_elbo.sum())
         if data_parallel is not None:  # the epoch's ELBO sum over every rank's rows

@@ -8,6 +8,7 @@ POINT is where the process kills itself, with no chance to clean up (SIGKILL can
     amortized  in the amortized stage, before its second batch of datapoints
     local      in refinement of the second batch of datapoints, at step 10
     ais        in the AIS stage, in the second batch of datapoints, at annealing step 5
+    curve      in the curve stage, in the second batch of datapoints, at SVI step 5
     report     halfway through writing summary.json
     none       nowhere (the test kills it from outside)
 """
@@ -94,6 +95,18 @@ def install(point: str) -> None:
                 callback(step)
             return ais_of(*args, callback=deadly, **kwargs)
         experiment.ais_of = patched
+    elif point == "curve":
+        refinement_curve = experiment.refinement_curve
+
+        def patched(*args, callback=None, **kwargs):
+            calls["n"] += 1
+
+            def deadly(step):
+                if calls["n"] == 2 and step == 5:
+                    die()
+                callback(step)
+            return refinement_curve(*args, callback=deadly, **kwargs)
+        experiment.refinement_curve = patched
     elif point == "report":
         write_json = io.write_json
 

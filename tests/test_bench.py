@@ -11,9 +11,10 @@ import pytest
 from gapbench.bench.ais import bench_ais
 from gapbench.bench.iwae import bench_iwae, decoder_flops_per_row
 from gapbench.bench.refine import bench_refine
+from gapbench.bench.refine_flow import bench_refine_flow
 from gapbench.bench.scale import bench_scale
 from gapbench.cli import main
-from gapbench.models import Decoder
+from gapbench.models import ConvDecoder, Decoder
 
 from test_cli import DIGITS, QUICK
 
@@ -28,6 +29,14 @@ def tiny_run(tmp_path_factory):
 def test_flop_count_of_paper_decoder():
     decoder = Decoder(784, 50, (200, 200))
     assert decoder_flops_per_row(decoder) == 2 * (50 * 200 + 200 * 200 + 200 * 784)
+
+
+def test_flop_count_of_the_paper_conv_decoder():
+    """z (50) -> 256 x 4 x 4 -> deconvolutions 256 -> 128 -> 64 -> 6 (means and log-scales), kernel 4:
+    each input value of a deconvolution meets C_out * 16 weights."""
+    decoder = ConvDecoder((3, 32, 32), 50, (64, 128, 256))
+    expected = 2 * (50 * 256 * 16 + 256 * 16 * 128 * 16 + 128 * 64 * 64 * 16 + 64 * 256 * 6 * 16)
+    assert decoder_flops_per_row(decoder) == expected
 
 
 def test_bench_iwae_reports_figures(tiny_run):
@@ -81,4 +90,24 @@ def test_bench_scale_reports_figures(tiny_run):
     assert streams["iwae_overhead"] == pytest.approx(streams["streams"]["iwae_seconds"]
                                                      / streams["generator"]["iwae_seconds"] - 1)
     assert any("scaling efficiency" in line for line in lines)
+def test_bench_refine_flow_reports_figures(tiny_run, monkeypatch):
+    from gapbench.measure import RefineProcedure
+
+    # shorter than the real procedures (thousands of steps), which would only cost time here
+    paper = RefineProcedure.paper()._replace(max_steps=300)
+    flows = RefineProcedure.for_flows()._replace(max_steps=200)
+    monkeypatch.setattr(RefineProcedure, "paper", classmethod(lambda cls: paper))
+    monkeypatch.setattr(RefineProcedure, "for_flows", classmethod(lambda cls: flows))
+    lines = []
+    figures = bench_refine_flow(str(tiny_run), num_datapoints=4, reference_datapoints=2, paper_datapoints=1,
+                                num_samples=100, hidden_size=8, log=lines.append)
+    one, batched = figures["one_at_a_time"], figures["batched"]
+    assert figures["sizes"] == {"num_steps": 2, "hidden_size": 8}
+    assert figures["speedup"] == pytest.approx(one["seconds_per_datapoint"] * 4 / batched["seconds"])
+    assert figures["throughput_ratio"] == pytest.approx(
+        batched["datapoint_steps_per_second"] / one["datapoint_steps_per_second"])
+    assert figures["procedure"]["gradient"] == "stl" and figures["procedure"]["max_steps"] == 200
+    assert figures["paper_one_at_a_time"]["procedure"]["learning_rate"] == 1e-3
+    assert figures["speedup_over_paper"] > 0
+    assert any("batched vs one at a time" in line for line in lines)
     json.dumps(figures)

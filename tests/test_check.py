@@ -123,8 +123,8 @@ def test_a_rerun_passes(baseline, tmp_path, capsys):
     capsys.readouterr()
     assert main(["check", str(tmp_path / "again"), "--baseline", str(file)]) == 0
     out = capsys.readouterr().out
-    # 9 quantities (3 bounds, 3 gaps, IWAE-q, IWAE-q*, AIS): Bonferroni at alpha 0.01
-    assert f"over 9 quantities at alpha = 0.01, |z| > {z_threshold(0.01, 9):.2f} counts as moved" in out
+    # 10 quantities (3 bounds and L[q*_FFG], 3 gaps, IWAE-q, IWAE-q*_FFG, AIS): Bonferroni at alpha 0.01
+    assert f"over 10 quantities at alpha = 0.01, |z| > {z_threshold(0.01, 10):.2f} counts as moved" in out
     assert "PASS" in out and "MOVED" not in out
 
 

@@ -40,13 +40,14 @@ def test_run_writes_every_file(quick_run, capsys):
     assert settings["split"] == "train" and settings["num_datapoints"] == 24
     assert settings["num_samples"]["iwae_k"] == 200
     assert settings["binarization"]["mode"] == "dynamic"
-    assert settings["refinement"]["max_steps"] == 100 and settings["refinement"]["init"] == "encoder"
+    assert settings["refinement"]["procedures"]["ffg"]["max_steps"] == 100
+    assert settings["refinement"]["init"] == "encoder" and settings["refinement"]["families"] == ["ffg"]
     assert settings["ais"] == {"enabled": True, "num_chains": 4, "num_steps": 20, "schedule": "sigmoid",
                                "init": "encoder", "num_leapfrog": 10, "target_acceptance": 0.65, "step_size": 0.05,
                                "adaptation": "datapoint", "adaptation_rate": 0.1, "min_step_size": 1e-4,
                                "max_step_size": 0.5}
-    assert settings["log_px"] == "per-datapoint max of iwae_q, iwae_q_star, ais"
-    assert set(summary["other_bounds"]) == {"iwae_q", "iwae_q_star", "ais"}
+    assert settings["log_px"] == "per-datapoint max of iwae_q, iwae_q_star_ffg, ais"
+    assert set(summary["other_bounds"]) == {"iwae_q", "iwae_q_star_ffg", "ais"}
     assert 0 < summary["ais"]["mean_acceptance_rate"] < 1
     assert {"torch", "numpy", "gapbench", "python"} <= set(summary["versions"])
     assert summary["data"]["split"]["sizes"]["train"] == 1197
@@ -76,7 +77,7 @@ def test_same_config_gives_same_summary(quick_run, tmp_path):
 
 def test_log_px_is_the_max_of_iwae_and_ais_per_datapoint(quick_run):
     frame = pd.read_csv(quick_run / "datapoints.csv")
-    candidates = frame[["iwae_q", "iwae_q_star", "ais"]]
+    candidates = frame[["iwae_q", "iwae_q_star_ffg", "ais"]]
     assert np.array_equal(frame["log_px"].to_numpy(), candidates.max(axis=1).to_numpy())
     assert np.array_equal(frame["log_px_source"].to_numpy(), candidates.idxmax(axis=1).to_numpy())
     for column in ("ais_stderr", "ais_ess", "ais_acceptance_rate", "ais_step_size", "ais_divergence_rate"):
@@ -103,7 +104,7 @@ def test_ais_stage_can_be_disabled(tmp_path):
     assert main(["run", str(DIGITS), "--out", str(out), *QUICK, "--set", "ais.enabled=false"]) == 0
     assert not (out / "ais.csv").exists()
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["settings"]["log_px"] == "per-datapoint max of iwae_q, iwae_q_star" and "ais" not in summary
+    assert summary["settings"]["log_px"] == "per-datapoint max of iwae_q, iwae_q_star_ffg" and "ais" not in summary
     assert "ais" not in pd.read_csv(out / "datapoints.csv")
 
 

@@ -23,8 +23,9 @@ DIGITS = ROOT / "experiments" / "digits.toml"
 KILL_AT = Path(__file__).with_name("kill_at.py")
 # two batches of 12 datapoints, so the evaluation stages can be killed between batches
 ARGS = ["--set", "train.epochs=5", "--set", "train.warmup_epochs=1", "--set", "eval.num_datapoints=24",
-        "--set", "eval.batch_size=12", "--set", "eval.num_samples=200", "--set", "refine.max_steps=100", "--quiet"]
-RESULTS = ("summary.json", "datapoints.csv", "table.md", "amortized.csv", "local.csv", "ais.csv")
+        "--set", "eval.batch_size=12", "--set", "eval.num_samples=200", "--set", "refine.max_steps=100",
+        "--set", "curve.enabled=true", "--set", "curve.steps=[0,1,5,10]", "--set", "curve.eval_samples=50", "--quiet"]
+RESULTS = ("summary.json", "datapoints.csv", "table.md", "amortized.csv", "local.csv", "ais.csv", "curve.csv")
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +47,9 @@ def whole_run(tmp_path_factory):
 
 
 def gapbench_subprocess(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}  # this checkout's gapbench
+    # this checkout's gapbench first: an environment whose editable install points at another checkout
+    # (a git worktree) would otherwise run that one's code in the killed process
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     return subprocess.Popen([sys.executable, str(KILL_AT), *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -82,8 +85,10 @@ POINTS = {
     "amortized": (["train"], {"train": "skipped"}),
     "local": (["train", "amortized"], {"train": "skipped", "amortized": "skipped"}),
     "ais": (["train", "amortized", "local"], {"train": "skipped", "amortized": "skipped", "local": "skipped"}),
-    "report": (["train", "amortized", "local", "ais"],
-               {"train": "skipped", "amortized": "skipped", "local": "skipped", "ais": "skipped"}),
+    "curve": (["train", "amortized", "local", "ais"],
+              {"train": "skipped", "amortized": "skipped", "local": "skipped", "ais": "skipped"}),
+    "report": (["train", "amortized", "local", "ais", "curve"],
+               {"train": "skipped", "amortized": "skipped", "local": "skipped", "ais": "skipped", "curve": "skipped"}),
 }
 
 
@@ -158,6 +163,7 @@ def test_ctrl_c_exits_130_and_the_same_command_resumes(whole_run, tmp_path, caps
     ("eval.num_samples=300", ["train"], ["amortized", "local", "report"]),
     ("refine.max_steps=150", ["train", "amortized"], ["local", "report"]),
     ('name="renamed"', ["train", "amortized", "local"], ["report"]),
+    ("curve.learning_rate=0.1", ["train", "amortized", "local", "ais"], ["curve", "report"]),
     ("train.epochs=4", [], ["train", "amortized", "local", "report"]),
 ])
 def test_force_redoes_only_the_stages_a_change_affects(whole_run, tmp_path, capsys, override, kept, redone):
@@ -186,9 +192,33 @@ def test_a_run_folder_from_before_config_hashes_is_resumed_not_redone(whole_run,
     (run / "stages.json").write_text(json.dumps({k: {"seconds": v["seconds"], "finished_at": v["finished_at"]}
                                                  for k, v in stages.items() if k != "report"}))
     local = pd.read_csv(run / "local.csv")
-    local.drop(columns="refine_diverged").to_csv(run / "local.csv", index=False)
+    # as written before refinement flagged divergence and before flows suffixed the family
+    old_names = {c: c.replace("_ffg", "") for c in local.columns}
+    local.drop(columns="refine_diverged_ffg").rename(columns=old_names).to_csv(run / "local.csv", index=False)
     assert main(["run", str(DIGITS), "--out", str(run), *ARGS]) == 0
     err = capsys.readouterr().err
     assert "[train] skipped" in err and "[amortized] skipped" in err and "[local] skipped" in err
     assert json.loads((run / "stages.json").read_text())["train"] == stages["train"]
     assert (run / "summary.json").read_text() == (whole_run / "summary.json").read_text()
+
+
+def test_a_run_folder_from_before_a_new_key_is_resumed_not_redone(whole_run, tmp_path, capsys):
+    """A folder written by a version without model.posterior (its records hash the config without
+    that key): the key takes its default, the records are re-hashed, and nothing is redone."""
+    from gapbench.rundir import STAGES, section_hash
+
+    run = tmp_path / "run"
+    shutil.copytree(whole_run, run)
+    config = json.loads((run / "config.json").read_text())
+    for key in ("posterior", "flow_steps", "flow_hidden"):
+        del config["model"][key]
+    (run / "config.json").write_text(json.dumps(config))
+    stages = json.loads((run / "stages.json").read_text())
+    old = {stage: {**stages[stage], "config_sha256": section_hash(config, stage)} for stage in STAGES if stage in stages}
+    assert old["train"]["config_sha256"] != stages["train"]["config_sha256"]
+    (run / "stages.json").write_text(json.dumps(old))
+    assert main(["run", str(DIGITS), "--out", str(run), *ARGS]) == 0
+    err = capsys.readouterr().err
+    for stage in ("train", "amortized", "local", "report"):
+        assert f"[{stage}] skipped" in err, stage
+    assert json.loads((run / "stages.json").read_text()) == stages

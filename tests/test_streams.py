@@ -133,3 +133,54 @@ def test_a_datapoint_gets_the_same_results_in_any_batch():
         # equal up to float32 rounding: BLAS sums a row differently for another number of rows
         assert torch.allclose(part, full[indices], rtol=1e-5, atol=1e-5)
     assert steps.unique().numel() > 1  # datapoints stopped at different steps: the active set shrank
+
+
+def _evaluate_merged(indices):
+    """Per-datapoint numbers of the features merged from main, all with per-datapoint streams: a two-layer
+    model (its q(z1|x) q(z2|z1), AIS from its ancestral prior, a local hierarchical family started from
+    random layers), a planar local family at random initial weights, AIS from a flow encoder's fitted
+    diagonal Gaussian, and the refinement curve."""
+    from gapbench.curves import refinement_curve
+    from gapbench.estimators.ais import DEFAULT_AIS
+    from gapbench.measure import ais_of
+    from gapbench.models import HierarchicalDecoder
+    from gapbench.posteriors import HierarchicalEncoder, HierarchicalFamily, make_encoder, make_family
+
+    torch.manual_seed(0)
+    x = (torch.rand(8, 16) < 0.4).float()
+    batch = x[indices]
+    decoder2 = HierarchicalDecoder(16, 3, 2, (12,), (6,))
+    encoder2 = HierarchicalEncoder(16, 3, 2, (12,), (6,))
+    decoder, encoder = Decoder(16, 4, (12,), "elu"), GaussianEncoder(16, 4, (12,), "elu")
+    flow_encoder = make_encoder("planar", 16, 4, (12,), num_steps=2)
+
+    def streams(seed):
+        return DatapointStreams.from_seed(seed, indices)
+
+    procedure = RefineProcedure(max_steps=30, check_every=10)
+    two_layer = bounds_of(decoder2, encoder2(batch), batch, num_samples=50, chunk_size=None, generator=streams(1))
+    prior_ais = ais(decoder2, batch, init=None, num_chains=3, num_steps=8, generator=streams(2))
+    hier = local_posterior(decoder2, encoder2, batch, family=HierarchicalFamily(3, 2, (6,)), init="prior",
+                           procedure=procedure, generator=streams(3))
+    planar = local_posterior(decoder, encoder, batch, family=make_family("planar", num_steps=2), init="prior",
+                             procedure=procedure, generator=streams(4))
+    flow_ais = ais_of(decoder, batch, init="encoder", encoder=flow_encoder,
+                      procedure=DEFAULT_AIS._replace(num_chains=3, num_steps=8),
+                      generator=streams(5))
+    curve = refinement_curve(decoder, encoder, batch, steps=(0, 2, 5), eval_samples=40, generator=streams(6))
+    values = torch.cat([two_layer.elbo.value[:, None], prior_ais.value[:, None],
+                        hier.params["weight_0"].flatten(1), planar.params["w"].flatten(1), flow_ais.value[:, None],
+                        curve.elbo.T], 1)
+    return values, curve, (decoder, encoder, batch)
+
+
+def test_merged_features_give_a_datapoint_the_same_results_in_any_batch():
+    full, curve, (decoder, encoder, batch) = _evaluate_merged(list(range(8)))
+    for indices in ([6, 1, 3], [5]):
+        part, _, _ = _evaluate_merged(indices)
+        assert torch.allclose(part, full[indices], rtol=1e-5, atol=1e-5)
+    # the curve's evaluation noise is replayed at every k: L_0 is the encoder's ELBO with the forked streams
+    forked = DatapointStreams.from_seed(6, range(8)).fork()
+    first = elbo(decoder, encoder(batch), batch, num_samples=40, generator=forked)
+    assert torch.allclose(curve.elbo[0], first.value, rtol=1e-6, atol=1e-6)
+    assert bool((curve.gain_stderr[0] == 0).all()) and bool((curve.gain_stderr[1:] > 0).all())

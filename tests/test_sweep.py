@@ -72,7 +72,7 @@ def test_sweep_runs_and_aggregates_over_seeds(sweep_file, tmp_path, capsys):
         assert row["amortization"] == pytest.approx(values.mean())
         assert row["amortization_sd"] == pytest.approx(values.std(ddof=1))
         assert row["amortization_se"] == pytest.approx(values.std(ddof=1) / math.sqrt(2))
-        assert summaries[0]["settings"]["refinement"]["check_every"] == steps
+        assert summaries[0]["settings"]["refinement"]["procedures"]["ffg"]["check_every"] == steps
     # the command prints the same table, and writes it as CSV
     assert main(["aggregate", str(out), "--out", str(tmp_path / "agg.csv")]) == 0
     printed = capsys.readouterr().out

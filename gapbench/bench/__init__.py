@@ -23,6 +23,20 @@ def _refine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refine_flow(args: argparse.Namespace) -> int:
+    import torch
+
+    from .refine_flow import bench_refine_flow
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    figures = bench_refine_flow(args.run_dir, family=args.family, num_datapoints=args.num_datapoints,
+                                reference_datapoints=args.reference_datapoints,
+                                paper_datapoints=args.paper_datapoints, num_samples=args.num_samples,
+                                init=args.init, num_steps=args.steps, hidden_size=args.hidden)
+    _write(figures, args.out)
+    return 0
+
+
 def _iwae(args: argparse.Namespace) -> int:
     from .iwae import bench_iwae
     figures = bench_iwae(args.run_dir, num_datapoints=args.num_datapoints, num_samples=args.k,
@@ -62,6 +76,22 @@ def add_bench_parser(sub) -> None:
                         help="where gapbench's procedure starts (default: the config default, encoder)")
     refine.add_argument("--out", help="also write the figures as JSON here")
     refine.set_defaults(func=_refine)
+    flow = kinds.add_parser("refine-flow", help="local flow refinement: batched over datapoints vs one at a time")
+    flow.add_argument("run_dir", help="a trained run folder (gapbench run ... --out RUN_DIR)")
+    flow.add_argument("--family", choices=["flow", "planar", "iaf"], default="flow")
+    flow.add_argument("--num-datapoints", type=int, default=1000)
+    flow.add_argument("--reference-datapoints", type=int, default=10,
+                      help="datapoints refined one at a time (time scaled per datapoint)")
+    flow.add_argument("--paper-datapoints", type=int, default=0,
+                      help="also time the paper's procedure one at a time on this many datapoints (slow)")
+    flow.add_argument("--num-samples", type=int, default=1000, help="samples for each final L[q*]")
+    flow.add_argument("--init", choices=["encoder", "prior"], default=None,
+                      help="where refinement starts (default: the config default, encoder)")
+    flow.add_argument("--steps", type=int, default=None, help="flow steps (default: the run's model.flow_steps)")
+    flow.add_argument("--hidden", type=int, default=None, help="flow width (default: the run's model.flow_hidden)")
+    flow.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    flow.add_argument("--out", help="also write the figures as JSON here")
+    flow.set_defaults(func=_refine_flow)
     iw = kinds.add_parser("iwae", help="IWAE-k GFLOP/s against a plain matmul, and peak memory against k")
     iw.add_argument("run_dir")
     iw.add_argument("--num-datapoints", type=int, default=1000)

@@ -1,8 +1,9 @@
 """Benchmark: IWAE-k throughput against the machine's matmul throughput, and memory against k.
 
 FLOPs counted: the decoder's matrix multiplications, 2 * fan_in * fan_out per Linear layer per
-(sample, datapoint) row; elementwise work (activations, the Bernoulli log-density, log-sum-exp) is
-real cost but not counted, so the ratio is a lower bound on how well the matmul units are used.
+(sample, datapoint) row, and the multiply-adds of its (transposed) convolutions; elementwise work
+(activations, the likelihood, log-sum-exp) is real cost but not counted, so the ratio is a lower
+bound on how well the matmul units are used.
 """
 
 from __future__ import annotations
@@ -22,8 +23,30 @@ from ..estimators import iwae
 
 
 def decoder_flops_per_row(decoder: nn.Module) -> int:
-    """2 * in * out summed over the Linear layers: FLOPs of one forward pass of one z."""
-    return sum(2 * m.in_features * m.out_features for m in decoder.modules() if isinstance(m, nn.Linear))
+    """FLOPs of one forward pass of one z: 2 * in * out per Linear layer, and 2 multiply-adds per
+    weight use of each convolution (Conv2d: 2 (C_in / groups) k_h k_w per output value;
+    ConvTranspose2d: 2 (C_out / groups) k_h k_w per input value), counted by hooks on a pass of z = 0."""
+    flops = [0]
+
+    def count(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if isinstance(module, nn.Linear):
+            flops[0] += 2 * module.in_features * module.out_features * (output.numel() // output.shape[-1])
+        elif isinstance(module, nn.Conv2d):
+            k = module.kernel_size[0] * module.kernel_size[1]
+            flops[0] += 2 * module.in_channels // module.groups * k * output.numel()
+        elif isinstance(module, nn.ConvTranspose2d):
+            k = module.kernel_size[0] * module.kernel_size[1]
+            flops[0] += 2 * module.out_channels // module.groups * k * inputs[0].numel()
+
+    hooks = [m.register_forward_hook(count) for m in decoder.modules()
+             if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d))]
+    try:
+        with torch.no_grad():
+            decoder.logits(torch.zeros(1, 1, decoder.latent_size))  # one row: (K, B, Z) = (1, 1, Z)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return flops[0]
 
 
 def matmul_gflops(size: int = 4096, repeats: int = 3) -> float:

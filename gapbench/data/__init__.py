@@ -1,11 +1,11 @@
-"""Datasets (digits, Fashion-MNIST, MNIST) with fixed splits and provenance, and binarisation.
+"""Datasets (digits, Fashion-MNIST, MNIST, CIFAR-10) with fixed splits and provenance, and binarisation.
 
 The lowest layer of gapbench: it imports nothing from the rest of the package.
 """
 
 from gapbench.data.binarize import BINARIZE_MODES, binarize
-from gapbench.data.dataset import (DATASETS, SPLITS, Dataset, check_binary, check_finite, check_values,
-                                   load_dataset)
+from gapbench.data.dataset import (DATASETS, SPLITS, Dataset, check_binary, check_finite, check_levels,
+                                   check_values, load_dataset)
 from gapbench.data.errors import DataError
 from gapbench.data.idx import read_idx, write_idx
 
@@ -18,6 +18,7 @@ __all__ = [
     "binarize",
     "check_binary",
     "check_finite",
+    "check_levels",
     "check_values",
     "load_dataset",
     "read_idx",

@@ -2,7 +2,7 @@
 
 import torch
 
-BINARIZE_MODES: tuple[str, ...] = ("static", "dynamic")
+BINARIZE_MODES: tuple[str, ...] = ("static", "dynamic", "none")
 
 
 def binarize(
@@ -18,13 +18,14 @@ def binarize(
     - ``"dynamic"``: ``b ~ Bernoulli(x)`` elementwise, so ``E[b] = x``; a fresh draw every call
       (the training loop calls it once per epoch). Dynamic binarisation of MNIST follows
       Salakhutdinov & Murray (2008), "On the Quantitative Analysis of Deep Belief Networks".
+    - ``"none"``: ``x`` itself, for likelihoods of grey levels (the discretised logistic).
 
     Parameters
     ----------
     x : torch.Tensor
         Grey levels in [0, 1], any shape, floating point, e.g. ``(B, D)``.
     mode : str
-        ``"static"`` or ``"dynamic"``.
+        ``"static"``, ``"dynamic"`` or ``"none"``.
     threshold : float
         Cut-off for ``"static"``, strictly between 0 and 1.
     generator : torch.Generator, optional
@@ -33,7 +34,7 @@ def binarize(
     Returns
     -------
     torch.Tensor
-        Same shape and dtype as ``x``, values in {0, 1}.
+        Same shape and dtype as ``x``, values in {0, 1} (``"none"``: ``x`` itself).
 
     Raises
     ------
@@ -46,4 +47,6 @@ def binarize(
         return (x > threshold).to(x.dtype)
     if mode == "dynamic":
         return torch.bernoulli(x, generator=generator)
+    if mode == "none":
+        return x
     raise ValueError(f"unknown binarisation mode {mode!r}; choose one of {BINARIZE_MODES}")

@@ -11,7 +11,7 @@ import torch
 
 from gapbench.data.errors import DataError
 
-DATASETS: tuple[str, ...] = ("digits", "fashion-mnist", "mnist")
+DATASETS: tuple[str, ...] = ("digits", "fashion-mnist", "mnist", "cifar10")
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 
 
@@ -75,6 +75,27 @@ def check_binary(x: torch.Tensor, name: str) -> None:
         )
 
 
+def check_levels(x: torch.Tensor, num_levels: int, name: str) -> None:
+    """Check that ``x`` (any shape) holds only the levels k / (L - 1), k = 0..L-1, with L = ``num_levels``:
+    what a discretised likelihood over L levels is a distribution of (float32 rounding tolerated).
+
+    Raises
+    ------
+    DataError
+        If ``x`` has NaN, infinite, out-of-range or in-between values.
+    """
+    check_finite(x, name)
+    check_values(x, name)
+    scaled = x * (num_levels - 1)  # (..) should be integers 0..L-1
+    num_bad = int(((scaled - scaled.round()).abs() > 1e-3).sum())
+    if num_bad:
+        raise DataError(
+            f"{name}: {num_bad} of {x.numel()} values are not among the {num_levels} levels k / {num_levels - 1} "
+            f"that the discretised likelihood is a distribution of. Fix: pass the dataset's pixel levels "
+            f"unchanged (no binarisation, no rescaling)."
+        )
+
+
 def array_record(array: np.ndarray) -> dict:
     """Shape and sha256 of the raw bytes of a decoded uint8 array, for provenance."""
     return {
@@ -90,12 +111,13 @@ class Dataset:
     Construction checks shapes, dtype and values, so every Dataset is valid.
     """
 
-    name: str  # "digits" | "fashion-mnist" | "mnist"
+    name: str  # "digits" | "fashion-mnist" | "mnist" | "cifar10"
     train: torch.Tensor  # (N_train, D) float32 grey levels in [0, 1]
     valid: torch.Tensor  # (N_valid, D)
     test: torch.Tensor  # (N_test, D)
-    image_shape: tuple[int, int]  # (H, W) with H * W = D: (8, 8) or (28, 28)
+    image_shape: tuple[int, ...]  # (H, W) or (C, H, W), product D: (8, 8), (28, 28) or (3, 32, 32)
     provenance: dict  # JSON-serialisable: sources, sha256 of decoded uint8 arrays, split rule/sizes
+    num_levels: int = 256  # L: values are k / (L - 1), k = 0..L-1 (digits: 17; CIFAR-10 with b bits: 2^b)
 
     def __post_init__(self) -> None:
         size = math.prod(self.image_shape)
@@ -113,6 +135,11 @@ class Dataset:
             json.dumps(self.provenance)
         except TypeError as error:
             raise TypeError(f"Dataset provenance must be JSON-serialisable: {error}") from None
+
+    @property
+    def channels_first_shape(self) -> tuple[int, int, int]:
+        """``image_shape`` as (C, H, W); grey-level images have C = 1."""
+        return tuple(self.image_shape) if len(self.image_shape) == 3 else (1, *self.image_shape)  # type: ignore[return-value]
 
     def split(self, name: str) -> torch.Tensor:
         """The ``(N, D)`` tensor of split ``name``: ``"train"``, ``"valid"`` or ``"test"``."""
@@ -135,6 +162,7 @@ def load_dataset(
     *,
     data_dir: str | os.PathLike[str] | None = None,
     download: bool = True,
+    bits: int = 8,
 ) -> Dataset:
     """Load a dataset by name with its fixed train/valid/test split.
 
@@ -142,12 +170,16 @@ def load_dataset(
     ----------
     name : str
         One of ``DATASETS``: ``"digits"`` (scikit-learn's bundled 8x8 digits, offline),
-        ``"fashion-mnist"`` or ``"mnist"`` (original IDX files, see ``gapbench.data.mnist``).
+        ``"fashion-mnist"`` or ``"mnist"`` (original IDX files, see ``gapbench.data.mnist``),
+        ``"cifar10"`` (the python-version pickles, see ``gapbench.data.cifar10``).
     data_dir : str or os.PathLike, optional
-        Directory searched first for the IDX files (itself and ``data_dir/<name>``).
+        Directory searched first for the files (itself and ``data_dir/<name>``).
         Unused for ``"digits"``.
     download : bool
-        Whether to download missing IDX files into the user cache. Unused for ``"digits"``.
+        Whether to download missing files into the user cache. Unused for ``"digits"``.
+    bits : int
+        ``"cifar10"`` only: keep the high ``bits`` of each 8-bit level (2^bits levels); the other
+        datasets refuse anything but 8.
 
     Returns
     -------
@@ -158,8 +190,12 @@ def load_dataset(
     DataError
         If the name is unknown, or the files cannot be found, fetched or read.
     """
-    from gapbench.data import digits, mnist  # here, because both import Dataset from this module
+    from gapbench.data import cifar10, digits, mnist  # here, because they import Dataset from this module
 
+    if bits != 8 and name != "cifar10":
+        raise DataError(f"bits = {bits} applies to cifar10 only. Fix: leave bits at 8 for {name!r}.")
+    if name == "cifar10":
+        return cifar10.load_cifar10(data_dir=data_dir, download=download, bits=bits)
     if name == "digits":
         return digits.load_digits()
     if name in ("fashion-mnist", "mnist"):

@@ -68,4 +68,5 @@ def load_digits() -> Dataset:
         test=to_tensor(splits["test"]),
         image_shape=(8, 8),
         provenance=provenance,
+        num_levels=MAX_LEVEL + 1,
     )

@@ -266,6 +266,10 @@ def _initial(init: Posterior | Distribution | None, model, x: torch.Tensor, num_
         latent_size = latent_size or getattr(model, "latent_size", None)
         if latent_size is None:
             raise ValueError("AIS from the prior needs latent_size= (the model has no latent_size attribute)")
+        sample_prior = getattr(model, "sample_prior", None)
+        if callable(sample_prior):  # a prior that is not N(0, I), e.g. p(z2) p(z1|z2) of a two-layer model
+            z = sample_prior((num_chains, x.shape[0]), generator=generator, dtype=x.dtype, device=x.device)
+            return z.detach(), None  # (C, B, Z) ~ p(z)
         z = random_normal((num_chains, x.shape[0], latent_size), generator=generator, dtype=x.dtype,
                           device=x.device, batch_dim=1)  # (C, B, Z) ~ N(0, I)
         return z, None
@@ -295,7 +299,8 @@ def ais(model, x: torch.Tensor, *, init: Posterior | Distribution | None = None,
     model : has ``log_prior(z)`` and ``log_likelihood(x, z)``, both (C, B) for z (C, B, Z)
     x : (B, D)
     init : q(z), a Posterior or torch Distribution with batch shape (B,) and event shape (Z,)
-        (e.g. the encoder's output) with a log density; None starts from the prior N(0, I)
+        (e.g. the encoder's output) with a log density; None starts from the prior: draws of
+        ``model.sample_prior(shape, generator=...)`` where the model has it, else N(0, I)
     num_chains : C, independent chains (importance samples) per datapoint (paper: 100)
     num_steps : T, annealing steps: T - 1 intermediate distributions, one HMC transition each
         (paper: 5000 to 10000)

@@ -39,7 +39,8 @@ class BDMCEstimate(NamedTuple):
 
 def simulate(model, num_datapoints: int, *, latent_size: int | None = None,
              generator: torch.Generator | None, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw (x, z) from the model: z ~ N(0, I), x ~ p(x|z) with ``model.sample_x``.
+    """Draw (x, z) from the model: z ~ p(z) (``model.sample_prior(shape, generator=...)`` where the model
+    has it, else N(0, I)), x ~ p(x|z) with ``model.sample_x``.
 
     Returns
     -------
@@ -51,7 +52,11 @@ def simulate(model, num_datapoints: int, *, latent_size: int | None = None,
         raise ValueError("simulate needs latent_size= (the model has no latent_size attribute)")
     if not callable(getattr(model, "sample_x", None)):
         raise TypeError(f"{type(model).__name__} cannot simulate data: it needs sample_x(z, *, generator)")
-    z = torch.randn(num_datapoints, latent_size, generator=generator, dtype=dtype)  # (N, Z)
+    sample_prior = getattr(model, "sample_prior", None)
+    if callable(sample_prior):  # a prior that is not N(0, I), e.g. a two-layer model's p(z2) p(z1|z2)
+        z = sample_prior((num_datapoints,), generator=generator, dtype=dtype)  # (N, Z)
+    else:
+        z = torch.randn(num_datapoints, latent_size, generator=generator, dtype=dtype)  # (N, Z)
     return model.sample_x(z, generator=generator), z
 
 

@@ -4,10 +4,23 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from .likelihoods import bernoulli_log_prob, gaussian_log_prob, standard_normal_log_prob
+from .conv import ConvDecoder, ConvTrunk
+from .hierarchical import HierarchicalDecoder
+from .hierarchical_linear_gaussian import HierarchicalLinearGaussian, linear_conditional_joint
+from .likelihoods import (
+    LIKELIHOODS,
+    BernoulliLikelihood,
+    DiscretizedLogisticLikelihood,
+    bernoulli_log_prob,
+    discretized_logistic_log_prob,
+    discretized_logistic_sample,
+    gaussian_log_prob,
+    make_likelihood,
+    standard_normal_log_prob,
+)
 from .linear_gaussian import LinearGaussian
 from .mlp import ACTIVATIONS, mlp
-from .vae import Decoder
+from .vae import Decoder, DecoderBase
 
 
 @runtime_checkable
@@ -20,6 +33,8 @@ class Model(Protocol):
 
 
 __all__ = [
-    "ACTIVATIONS", "Decoder", "LinearGaussian", "Model", "bernoulli_log_prob", "gaussian_log_prob",
-    "mlp", "standard_normal_log_prob",
+    "ACTIVATIONS", "LIKELIHOODS", "BernoulliLikelihood", "ConvDecoder", "ConvTrunk", "Decoder", "DecoderBase",
+    "DiscretizedLogisticLikelihood", "HierarchicalDecoder", "HierarchicalLinearGaussian", "LinearGaussian", "Model",
+    "bernoulli_log_prob", "discretized_logistic_log_prob", "discretized_logistic_sample", "gaussian_log_prob",
+    "linear_conditional_joint", "make_likelihood", "mlp", "standard_normal_log_prob",
 ]

@@ -37,6 +37,7 @@ from __future__ import annotations
 import re
 
 import torch
+from torch import nn
 
 from ..models.likelihoods import gaussian_log_prob
 from .flowbase import (ConditionedNets, FlowEncoder, FlowFamily, FlowPosterior, linear, log_gate, mlp_params,
@@ -189,14 +190,15 @@ class AuxiliaryFlowEncoder(FlowEncoder):
 
     Parameters
     ----------
-    data_size, latent_size, hidden_sizes, activation : as :class:`FlowEncoder`
+    data_size, latent_size, hidden_sizes, activation, trunk : as :class:`FlowEncoder`
     num_steps : coupling steps (paper: 2)
     flow_hidden : hidden width of the flow's networks (paper: 100)
     """
 
     def __init__(self, data_size: int, latent_size: int, hidden_sizes: tuple[int, ...] = (200, 200),
-                 activation: str = "elu", *, num_steps: int = 2, flow_hidden: int = 100):
-        super().__init__(data_size, latent_size, hidden_sizes, activation)
+                 activation: str = "elu", *, num_steps: int = 2, flow_hidden: int = 100,
+                 trunk: nn.Module | None = None):
+        super().__init__(data_size, latent_size, hidden_sizes, activation, trunk=trunk)
         self.num_steps = num_steps
         self.flow_hidden = flow_hidden
         self.nets = ConditionedNets(net_names(num_steps), self.feature_size, latent_size, flow_hidden)

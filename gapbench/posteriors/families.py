@@ -7,30 +7,37 @@ only ever indexes them along dimension 0, so any family written this way is refi
 
 from __future__ import annotations
 
-from typing import Mapping, Protocol
+from typing import Any, Mapping, Protocol
 
 import torch
 
+from .base import Posterior
+from .coupling import AuxiliaryFlowFamily
 from .gaussian import DiagonalGaussian
+from .iaf import IAFFamily
+from .planar import PlanarFlowFamily
 
 
 class LocalFamily(Protocol):
     """A variational family with free per-datapoint parameters."""
 
     name: str
+    supports_stl: bool  # whether ``posterior(params).log_prob(z)`` exists for the "sticking the landing" gradient
 
     def init_params(
         self, num_datapoints: int, latent_size: int, *, like: torch.Tensor,
-        init_from: DiagonalGaussian | None = None,
+        init_from: Any = None, generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Initial parameters, each of shape (B, ...); ``like`` gives dtype and device."""
+        """Initial parameters, each of shape (B, ...); ``like`` gives dtype and device; ``init_from``
+        is None (start from the prior), a DiagonalGaussian, or a posterior of the same family;
+        ``generator`` draws any random initial values."""
         ...
 
-    def posterior(self, params: Mapping[str, torch.Tensor]) -> DiagonalGaussian:
+    def posterior(self, params: Mapping[str, torch.Tensor]) -> Posterior:
         """The Posterior these parameters describe."""
         ...
 
-    def step_scale(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def step_scale(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor | float]:
         """Per-element factors for the optimiser's steps (missing names: 1), e.g. a length scale."""
         ...
 
@@ -39,14 +46,15 @@ class DiagonalGaussianFamily:
     """Local FFG: a free mean and log-variance per datapoint, parameters ``{"mean", "log_var"}``."""
 
     name = "ffg"
+    supports_stl = True
 
     def init_params(
         self, num_datapoints: int, latent_size: int, *, like: torch.Tensor,
-        init_from: DiagonalGaussian | None = None,
+        init_from: DiagonalGaussian | None = None, generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
         """From the prior N(0, I) (Cremer et al., 2018) or from a given FFG (the encoder's output).
 
-        Returns ``{"mean": (B, Z), "log_var": (B, Z)}``, detached copies.
+        Returns ``{"mean": (B, Z), "log_var": (B, Z)}``, detached copies (``generator`` is unused).
         """
         if init_from is None:
             zeros = like.new_zeros(num_datapoints, latent_size)  # (B, Z)
@@ -76,12 +84,31 @@ class DiagonalGaussianFamily:
         return {"mean": torch.exp(0.5 * params["log_var"])}
 
 
-FAMILIES: dict[str, LocalFamily] = {"ffg": DiagonalGaussianFamily()}
+FAMILIES: dict[str, LocalFamily] = {
+    "ffg": DiagonalGaussianFamily(),  # fully factorised Gaussian
+    "flow": AuxiliaryFlowFamily(),  # Cremer et al. (2018): auxiliary variable, 2 coupling steps, width 100
+    "planar": PlanarFlowFamily(),  # Rezende & Mohamed (2015): 10 planar layers
+    "iaf": IAFFamily(),  # Kingma et al. (2016): 2 IAF steps, MADE width 100
+}
+FLOW_FAMILIES = ("flow", "planar", "iaf")
 
 
 def get_family(name: str) -> LocalFamily:
-    """Look a family up by name (``"ffg"``)."""
+    """Look a family up by name (``"ffg"``, ``"flow"``, ``"planar"``, ``"iaf"``) with its default sizes."""
     try:
         return FAMILIES[name]
     except KeyError:
         raise ValueError(f"unknown variational family {name!r}; choose one of {sorted(FAMILIES)}") from None
+
+
+def make_family(name: str, *, num_steps: int | None = None, hidden_size: int | None = None) -> LocalFamily:
+    """A family with chosen sizes: ``num_steps`` coupling or IAF steps, or planar layers (None: the
+    default of ``FAMILIES``); ``hidden_size`` the width of the coupling and MADE networks (None:
+    default; planar flows have none). The FFG takes no sizes."""
+    default = get_family(name)
+    if name == "ffg":
+        return default
+    if name == "planar":
+        return PlanarFlowFamily(num_layers=num_steps or default.num_layers)  # type: ignore[attr-defined]
+    return type(default)(num_steps=num_steps or default.num_steps,  # type: ignore[attr-defined,call-arg]
+                         hidden_size=hidden_size or default.hidden_size)  # type: ignore[attr-defined]

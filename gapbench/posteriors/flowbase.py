@@ -119,6 +119,30 @@ class FlowPosterior:
         raise NotImplementedError
 
 
+class InvertibleFlowPosterior(FlowPosterior):
+    """A flow with an exact density: subclasses give ``flow(eps0) -> (eps_T, log |det|)`` and its
+    inverse ``inverse(eps_T) -> eps0`` (closed form or numerical)."""
+
+    def flow(self, eps0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def inverse(self, eps: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def rsample_and_log_prob(self, num_samples: int, *, generator: torch.Generator | None
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """z (K, B, Z) and log q(z) = log q(z_0) - sum of the steps' log |det|, (K, B)."""
+        eps0 = self.base_noise(num_samples, generator=generator)  # (K, B, Z)
+        eps, log_det = self.flow(eps0)
+        return self.to_latent(eps), self.base_log_prob(eps0) - log_det
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """log q(z) at given z (K, B, Z) through the inverse; returns (K, B)."""
+        eps0 = self.inverse((z - self.params["mean"]) * torch.exp(-0.5 * self.params["log_var"]))
+        _, log_det = self.flow(eps0)
+        return self.base_log_prob(eps0) - log_det
+
+
 class FlowFamily:
     """Local form of a flow family: every parameter free per datapoint, (B, ...) tensors.
 
@@ -197,18 +221,25 @@ class FlowEncoder(nn.Module):
     latent_size : Z
     hidden_sizes : the trunk's hidden widths (paper: (200, 200)); () uses x itself as features
     activation : the trunk's nonlinearity
+    trunk : a module mapping x (B, D) to features (B, F), with attribute ``feature_size`` (F), used
+        instead of the MLP (e.g. ``gapbench.models.conv.ConvTrunk``); ``hidden_sizes`` is then unused
     """
 
     def __init__(self, data_size: int, latent_size: int, hidden_sizes: tuple[int, ...] = (200, 200),
-                 activation: str = "elu"):
+                 activation: str = "elu", *, trunk: nn.Module | None = None):
         super().__init__()
         self.data_size = data_size
         self.latent_size = latent_size
-        if hidden_sizes:
+        if trunk is not None:
+            self.trunk = trunk
+        elif hidden_sizes:
             self.trunk: nn.Module = nn.Sequential(mlp([data_size, *hidden_sizes], activation), ACTIVATIONS[activation]())
         else:
             self.trunk = nn.Identity()
-        self.feature_size = hidden_sizes[-1] if hidden_sizes else data_size
+        if trunk is not None:
+            self.feature_size = int(trunk.feature_size)
+        else:
+            self.feature_size = hidden_sizes[-1] if hidden_sizes else data_size
         self.base = nn.Linear(self.feature_size, 2 * latent_size)
 
     def base_params(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -25,9 +25,18 @@ from __future__ import annotations
 import re
 
 import torch
+from torch import nn
 
-from .flowbase import (ConditionedNets, FlowEncoder, FlowFamily, FlowPosterior, linear, log_gate, mlp_params,
-                       mlp_shapes)
+from .flowbase import (
+    ConditionedNets,
+    FlowEncoder,
+    FlowFamily,
+    InvertibleFlowPosterior,
+    linear,
+    log_gate,
+    mlp_params,
+    mlp_shapes,
+)
 
 _STEP = re.compile(r"s(\d+)\.w1")
 
@@ -52,7 +61,7 @@ def made_masks(latent_size: int, hidden_size: int, *, reverse: bool, dtype: torc
     return into_hidden.to(dtype), into_output.to(dtype)
 
 
-class InverseAutoregressiveFlow(FlowPosterior):
+class InverseAutoregressiveFlow(InvertibleFlowPosterior):
     """q(z|x) for B datapoints: a diagonal Gaussian base followed by T IAF steps."""
 
     @staticmethod
@@ -93,18 +102,6 @@ class InverseAutoregressiveFlow(FlowPosterior):
             eps = x
         return eps
 
-    def rsample_and_log_prob(self, num_samples: int, *, generator: torch.Generator | None
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
-        """z (K, B, Z) and log q(z) = log q(z_0) - sum of the steps' log |det|, (K, B)."""
-        eps0 = self.base_noise(num_samples, generator=generator)  # (K, B, Z)
-        eps, log_det = self.flow(eps0)
-        return self.to_latent(eps), self.base_log_prob(eps0) - log_det
-
-    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        """log q(z) at given z (K, B, Z) through the inverse (Z passes per step); returns (K, B)."""
-        eps0 = self.inverse((z - self.params["mean"]) * torch.exp(-0.5 * self.params["log_var"]))
-        _, log_det = self.flow(eps0)
-        return self.base_log_prob(eps0) - log_det
 
 
 class IAFFamily(FlowFamily):
@@ -138,14 +135,15 @@ class IAFEncoder(FlowEncoder):
 
     Parameters
     ----------
-    data_size, latent_size, hidden_sizes, activation : as :class:`FlowEncoder`
+    data_size, latent_size, hidden_sizes, activation, trunk : as :class:`FlowEncoder`
     num_steps : T
     flow_hidden : MADE's hidden width H
     """
 
     def __init__(self, data_size: int, latent_size: int, hidden_sizes: tuple[int, ...] = (200, 200),
-                 activation: str = "elu", *, num_steps: int = 2, flow_hidden: int = 100):
-        super().__init__(data_size, latent_size, hidden_sizes, activation)
+                 activation: str = "elu", *, num_steps: int = 2, flow_hidden: int = 100,
+                 trunk: nn.Module | None = None):
+        super().__init__(data_size, latent_size, hidden_sizes, activation, trunk=trunk)
         self.num_steps = num_steps
         self.flow_hidden = flow_hidden
         self.nets = ConditionedNets(step_names(num_steps), self.feature_size, latent_size, flow_hidden)

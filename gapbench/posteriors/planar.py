@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .flowbase import FlowEncoder, FlowFamily, FlowPosterior
+from .flowbase import FlowEncoder, FlowFamily, InvertibleFlowPosterior
 from .noise import random_normal
 
 LOG_E_MINUS_1 = math.log(math.e - 1.0)  # softplus(LOG_E_MINUS_1) = 1
@@ -36,7 +36,7 @@ def constrained_u(u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return u + (m - wu) * w / w_sq
 
 
-class PlanarFlow(FlowPosterior):
+class PlanarFlow(InvertibleFlowPosterior):
     """q(z|x) for B datapoints: a diagonal Gaussian base followed by L planar layers."""
 
     @staticmethod
@@ -76,18 +76,6 @@ class PlanarFlow(FlowPosterior):
             eps = eps - u_hat[:, layer] * torch.tanh(alpha + bias).unsqueeze(-1)
         return eps
 
-    def rsample_and_log_prob(self, num_samples: int, *, generator: torch.Generator | None
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
-        """z (K, B, Z) and log q(z) = log q(z_0) - sum of the layers' log |det|, (K, B)."""
-        eps0 = self.base_noise(num_samples, generator=generator)  # (K, B, Z)
-        eps, log_det = self.flow(eps0)
-        return self.to_latent(eps), self.base_log_prob(eps0) - log_det
-
-    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        """log q(z) at given z (K, B, Z) through the (numerical) inverse; returns (K, B)."""
-        eps0 = self.inverse((z - self.params["mean"]) * torch.exp(-0.5 * self.params["log_var"]))
-        _, log_det = self.flow(eps0)
-        return self.base_log_prob(eps0) - log_det
 
 
 class PlanarFlowFamily(FlowFamily):
@@ -121,13 +109,14 @@ class PlanarFlowEncoder(FlowEncoder):
 
     Parameters
     ----------
-    data_size, latent_size, hidden_sizes, activation : as :class:`FlowEncoder`
+    data_size, latent_size, hidden_sizes, activation, trunk : as :class:`FlowEncoder`
     num_layers : L
     """
 
     def __init__(self, data_size: int, latent_size: int, hidden_sizes: tuple[int, ...] = (200, 200),
-                 activation: str = "elu", *, num_layers: int = 10):
-        super().__init__(data_size, latent_size, hidden_sizes, activation)
+                 activation: str = "elu", *, num_layers: int = 10,
+                 trunk: nn.Module | None = None):
+        super().__init__(data_size, latent_size, hidden_sizes, activation, trunk=trunk)
         self.num_layers = num_layers
         z, layers = latent_size, num_layers
         self.head = nn.Linear(self.feature_size, layers * (2 * z + 1))

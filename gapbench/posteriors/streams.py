@@ -144,6 +144,12 @@ class DatapointStreams:
         words = self._words(num_lead, per_datapoint)  # (L, B, P)
         return _uniform_bits(words, dtype, high=True).to(dtype).reshape(tuple(shape))
 
+    def fork(self) -> "DatapointStreams":
+        """New streams for the same datapoints, independent of these: each keyed by its datapoint's
+        next word (these streams advance by one word). Per datapoint, unlike :meth:`fork_seed`."""
+        words = self._words(1, 1).view(-1)  # (B,)
+        return DatapointStreams(mix64(words + GAMMA))
+
     def fork_seed(self) -> int:
         """One 62-bit seed from all these streams (for code that can only use torch's global stream):
         it depends on every datapoint of the batch, so it is not per-datapoint."""

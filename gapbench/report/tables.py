@@ -1,29 +1,43 @@
-"""Gap tables from a run's summary: Markdown for the terminal and README-style reports."""
+"""Gap tables from run summaries: one run's table, and the cross-family table of Cremer, Li &
+Duvenaud (2018, Table 2) in Markdown, CSV and LaTeX."""
 
 from __future__ import annotations
 
-ROWS = (
-    ("bounds", "log_px", "log p̂(x)"),
-    ("bounds", "elbo_q_star", "L[q*]"),
-    ("bounds", "elbo_q", "L[q]"),
-    ("gaps", "approximation", "approximation gap"),
-    ("gaps", "amortization", "amortization gap"),
-    ("gaps", "inference", "inference gap"),
-)
+import csv
+import io
+import math
+from typing import Sequence
+
+FAMILY_LABELS = {"ffg": "FFG", "flow": "Flow", "iaf": "IAF", "planar": "Planar", "hierarchical": "Hier"}
+# rows of L[q*]: the flows above the FFG, as in Table 2; the two-layer model's q(z1) q(z2|z1) last
+FAMILY_ORDER = ("flow", "iaf", "planar", "ffg", "hierarchical")
+GAP_ROWS = (("approximation", "approximation gap"), ("amortization", "amortization gap"),
+            ("inference", "inference gap"))
+
+
+def _label(family: str) -> str:
+    return FAMILY_LABELS.get(family, family)
 
 
 def gap_table_markdown(summary: dict, *, digits: int = 3) -> str:
-    """A Markdown table of the bounds and gaps: mean, standard error over datapoints and Monte Carlo
-    standard error, in nats.
+    """A Markdown table of one run's bounds and gaps: mean, standard error over datapoints and Monte
+    Carlo standard error, in nats.
 
-    ``summary`` is the dict written to ``summary.json`` (``{"bounds": ..., "gaps": ...}``); a line
+    ``summary`` is the dict written to ``summary.json``. L[q*] gets one row per refined family
+    (``bounds.elbo_q_star_<family>``); a summary without those shows the single ``elbo_q_star``. A line
     under the table counts the datapoints left out for numerical faults, if any.
     """
+    bounds = summary["bounds"]
+    star_rows = [(f"elbo_q_star_{f}", f"L[q*_{_label(f)}]") for f in FAMILY_ORDER if f"elbo_q_star_{f}" in bounds]
+    rows = [("bounds", "log_px", "log p̂(x)"),
+            *[("bounds", key, label) for key, label in (star_rows or [("elbo_q_star", "L[q*]")])],
+            ("bounds", "elbo_q", "L[q]"),
+            *[("gaps", key, label) for key, label in GAP_ROWS]]
     lines = [
         "| quantity | mean (nats) | ± stderr | ± MC stderr |",
         "|---|---:|---:|---:|",
     ]
-    for block, key, label in ROWS:
+    for block, key, label in rows:
         entry = summary[block][key]
         mc = entry.get("mc_stderr", float("nan"))
         lines.append(f"| {label} | {entry['mean']:.{digits}f} | {entry['stderr']:.{digits}f} | {mc:.{digits}f} |")
@@ -32,4 +46,124 @@ def gap_table_markdown(summary: dict, *, digits: int = 3) -> str:
         counts = ", ".join(f"{name}: {count}" for name, count in faults["counts"].items())
         lines += ["", f"{faults['num_faulty']} of {faults['num_datapoints']} datapoints had numerical faults "
                       f"({counts}) and are left out of the means; see datapoints.csv, column fault."]
+    return "\n".join(lines) + "\n"
+
+
+# --- the cross-family table (Table 2) -----------------------------------------------------------------
+
+def encoder_family(summary: dict) -> str:
+    """The family of a run's encoder (runs made before flows existed: "ffg")."""
+    return summary.get("settings", {}).get("encoder_family", "ffg")
+
+
+def local_bound(summary: dict, family: str) -> dict | None:
+    """L[q*_family] of a run, or None where that family was not refined. Runs made before flows
+    recorded one family (``settings.refinement.family``) under ``bounds.elbo_q_star``."""
+    bounds = summary["bounds"]
+    if f"elbo_q_star_{family}" in bounds:
+        return bounds[f"elbo_q_star_{family}"]
+    refinement = summary.get("settings", {}).get("refinement", {})
+    if "families" not in refinement and refinement.get("family", "ffg") == family:
+        return bounds.get("elbo_q_star")
+    return None
+
+
+def cross_family_rows(summaries: Sequence[dict], labels: Sequence[str] | None = None) -> list[dict]:
+    """The table in long form: one dict per (quantity, model) with its mean and standard errors.
+
+    Quantities, as in Cremer et al. (2018, Table 2): log p̂(x), L[q*] of every refined family (flows
+    first), L[q], and the approximation, amortization and inference gaps; each model's gaps use its
+    own encoder's family. ``labels`` name the columns (default: q_FFG, q_Flow, ... by encoder family,
+    with the run name added where two runs share a family).
+    """
+    labels = list(labels) if labels is not None else column_labels(summaries)
+    families = [f for f in FAMILY_ORDER if any(local_bound(s, f) is not None for s in summaries)]
+    quantities = [("log_px", "log p̂(x)", lambda s: s["bounds"]["log_px"])]
+    quantities += [(f"elbo_q_star_{f}", f"L[q*_{_label(f)}]", lambda s, f=f: local_bound(s, f)) for f in families]
+    quantities += [("elbo_q", "L[q]", lambda s: s["bounds"]["elbo_q"])]
+    quantities += [(key, label.replace(" gap", ""), lambda s, key=key: s["gaps"][key]) for key, label in GAP_ROWS]
+    rows = []
+    for key, name, get in quantities:
+        for summary, label in zip(summaries, labels):
+            entry = get(summary) or {}
+            rows.append({
+                "quantity": key, "label": name, "model": label,
+                "run": summary.get("settings", {}).get("name", ""), "encoder_family": encoder_family(summary),
+                "mean": entry.get("mean", math.nan), "stderr": entry.get("stderr", math.nan),
+                "mc_stderr": entry.get("mc_stderr", math.nan), "num_datapoints": entry.get("num_datapoints", 0),
+            })
+    return rows
+
+
+def column_labels(summaries: Sequence[dict]) -> list[str]:
+    """q_FFG, q_Flow, ... by encoder family; the run name is added where two runs share a family."""
+    families = [encoder_family(s) for s in summaries]
+    labels = []
+    for summary, family in zip(summaries, families):
+        label = f"q_{_label(family)}"
+        if families.count(family) > 1:
+            label += f" ({summary.get('settings', {}).get('name', '?')})"
+        labels.append(label)
+    return labels
+
+
+def _grid(rows: list[dict]) -> tuple[list[str], list[str], dict[tuple[str, str], dict]]:
+    quantities = list(dict.fromkeys(r["label"] for r in rows))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    return quantities, models, {(r["label"], r["model"]): r for r in rows}
+
+
+def _cell(row: dict, digits: int, plus_minus: str) -> str:
+    if not math.isfinite(row["mean"]):
+        return "—" if plus_minus == " ± " else "--"
+    return f"{row['mean']:.{digits}f}{plus_minus}{row['stderr']:.{digits}f}"
+
+
+def cross_family_markdown(rows: list[dict], *, digits: int = 2) -> str:
+    """Markdown: quantities down, models across; cells 'mean ± standard error over datapoints'."""
+    quantities, models, cell = _grid(rows)
+    lines = ["| | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
+    for q in quantities:
+        lines.append(f"| {q} | " + " | ".join(_cell(cell[q, m], digits, " ± ") for m in models) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def cross_family_csv(rows: list[dict]) -> str:
+    """CSV in long form (one line per quantity and model), every number at full precision."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+_LATEX_QUANTITY = {"log p̂(x)": r"$\log \hat p(x)$", "L[q]": r"$\mathcal{L}[q]$",
+                   "approximation": "Approximation", "amortization": "Amortization", "inference": "Inference"}
+
+
+def _latex_label(label: str) -> str:
+    if label in _LATEX_QUANTITY:
+        return _LATEX_QUANTITY[label]
+    if label.startswith("L[q*_"):
+        return r"$\mathcal{L}[q^*_{\mathrm{" + label[5:-1] + "}}]$"
+    return label
+
+
+def _latex_model(model: str) -> str:
+    family, _, rest = model.partition(" ")
+    name = family[2:] if family.startswith("q_") else family
+    return r"$q_{\mathrm{" + name + "}}$" + (" " + rest.replace("_", r"\_") if rest else "")
+
+
+def cross_family_latex(rows: list[dict], *, digits: int = 2) -> str:
+    """A booktabs LaTeX tabular laid out like Cremer et al. (2018, Table 2), mean ± standard error."""
+    quantities, models, cell = _grid(rows)
+    lines = [r"\begin{tabular}{l" + "r" * len(models) + "}", r"\toprule",
+             " & ".join(["", *[_latex_model(m) for m in models]]) + r" \\", r"\midrule"]
+    for q in quantities:
+        if q == "approximation":
+            lines.append(r"\midrule")
+        cells = [_cell(cell[q, m], digits, r" $\pm$ ") for m in models]
+        lines.append(" & ".join([_latex_label(q), *cells]) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"

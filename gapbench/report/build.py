@@ -1,0 +1,79 @@
+"""``gapbench report``: the cross-family table of finished runs, optionally beside a published table,
+and their figures, written as Markdown, CSV, LaTeX, PNG and PDF."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .. import io
+from .published import (PublishedError, comparison_csv, comparison_markdown, comparison_rows, gap_consistency,
+                        load_published, source_line)
+from .tables import column_labels, cross_family_csv, cross_family_latex, cross_family_markdown, cross_family_rows
+
+NOTE = "(mean ± standard error over datapoints, nats; gaps use each model's encoder family)"
+
+
+class ReportError(ValueError):
+    """Runs that cannot be reported; the message names the problem and the fix."""
+
+
+def read_summaries(run_dirs: list[str | Path]) -> list[dict]:
+    summaries = []
+    for run_dir in run_dirs:
+        path = Path(run_dir) / "summary.json"
+        if not path.is_file():
+            raise ReportError(f"{run_dir} has no summary.json; finish the run first (gapbench run ... --out {run_dir})")
+        summaries.append(json.loads(path.read_text()))
+    return summaries
+
+
+def pairing_note(summaries: list[dict]) -> str:
+    hashes = {s.get("settings", {}).get("evaluation_data_sha256") for s in summaries}
+    return "" if len(hashes) == 1 else (
+        "\nnote: the runs were evaluated on different datapoints (evaluation_data_sha256 differs); "
+        "their columns are not paired.\n")
+
+
+def make_report(run_dirs: list[str | Path], out: str | Path | None, *, compare: str | Path | None = None,
+                figures: bool = True) -> tuple[str, list[Path]]:
+    """The report's text (printed by the CLI) and the files written under ``out`` (none without it)."""
+    summaries = read_summaries(run_dirs)
+    table = load_published(compare) if compare is not None else None
+    rows = cross_family_rows(summaries)
+    note = pairing_note(summaries)
+    text = cross_family_markdown(rows) + "\n" + NOTE + note
+    comparison = None
+    if table is not None:
+        comparison = comparison_rows(rows, summaries, table)
+        if all(r["published"] is None for r in comparison):
+            datasets = sorted({r["dataset"] for r in comparison})
+            raise PublishedError(f"{compare} has no numbers for these runs (datasets {', '.join(datasets)}; it has "
+                                 f"{', '.join(table['tables'])}); compare with a table for the same dataset")
+        text += ("\n\nBeside " + source_line(table) + " (difference: ours − paper):\n\n"
+                 + comparison_markdown(comparison))
+        for problem in gap_consistency(table):
+            text += f"\nwarning: published table not self-consistent: {problem}"
+    written: list[Path] = []
+    if out is None:
+        return text, written
+    out = Path(out)
+    try:
+        for name, content in (("gap_table.md", cross_family_markdown(rows) + note), ("gap_table.csv", cross_family_csv(rows)),
+                              ("gap_table.tex", cross_family_latex(rows))):
+            io.write_text(out / name, content)
+            written.append(out / name)
+        if comparison is not None:
+            io.write_text(out / "comparison.md", comparison_markdown(comparison))
+            io.write_text(out / "comparison.csv", comparison_csv(comparison))
+            written += [out / "comparison.md", out / "comparison.csv"]
+        if figures:
+            from .figures import gap_bars, gap_distributions, read_datapoints
+
+            labels = column_labels(summaries)
+            frames = [read_datapoints(run_dir) for run_dir in run_dirs]
+            written += gap_bars(frames, labels, out / "gap_bars")
+            written += gap_distributions(frames, labels, out / "gap_distributions")
+    except OSError as error:
+        raise ReportError(f"cannot write to {out}: {error.strerror}; choose a writable --out") from None
+    return text, written
