@@ -8,16 +8,17 @@ from .estimators import AISEstimate, AISProcedure, BDMCEstimate, Estimate, ais, 
 from .gaps import decompose, summarize
 from .measure import RefineProcedure, measure_gaps
 from .models import Decoder, HierarchicalDecoder, HierarchicalLinearGaussian, LinearGaussian, Model
-from .posteriors import DiagonalGaussian, GaussianEncoder, HierarchicalEncoder, HierarchicalFamily, as_posterior
+from .posteriors import (DatapointStreams, DiagonalGaussian, GaussianEncoder, HierarchicalEncoder, HierarchicalFamily,
+                         as_posterior)
 from .refine import RefineResult, refine
 from .semi_amortized import SemiAmortized
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AISEstimate", "AISProcedure", "BDMCEstimate", "CurveProcedure", "Decoder", "DiagonalGaussian", "Estimate",
-    "GaussianEncoder", "HierarchicalDecoder", "HierarchicalEncoder", "HierarchicalFamily", "HierarchicalLinearGaussian",
-    "LinearGaussian", "Model", "RefineProcedure", "RefineResult", "RefinementCurve", "SemiAmortized", "__version__", "ais",
-    "as_posterior", "bdmc", "decompose", "elbo", "iwae", "measure_gaps", "refine", "refinement_curve", "reverse_ais",
-    "simulate", "summarize",
+    "AISEstimate", "AISProcedure", "BDMCEstimate", "CurveProcedure", "DatapointStreams", "Decoder", "DiagonalGaussian",
+    "Estimate", "GaussianEncoder", "HierarchicalDecoder", "HierarchicalEncoder", "HierarchicalFamily",
+    "HierarchicalLinearGaussian", "LinearGaussian", "Model", "RefineProcedure", "RefineResult", "RefinementCurve",
+    "SemiAmortized", "__version__", "ais", "as_posterior", "bdmc", "decompose", "elbo", "iwae", "measure_gaps",
+    "refine", "refinement_curve", "reverse_ais", "simulate", "summarize",
 ]

@@ -36,7 +36,8 @@ BASELINE_FORMAT = "gapbench-baseline"
 BASELINE_VERSION = 1
 BLOCKS = ("bounds", "gaps", "other_bounds")
 DEFAULT_ALPHA = 0.01
-IGNORED_SETTINGS = ("name",)  # settings that do not change a number
+# settings that do not change a number, or only in the last bits (CPU and GPU arithmetic): the z-test judges those
+IGNORED_SETTINGS = ("name", "device")
 
 
 class CheckError(ValueError):

@@ -12,19 +12,51 @@ EXIT_INTERRUPTED = 130  # Ctrl-C
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .device import resolve_device
+    from .distributed import close_ranks, init_ranks, ranks_from_env
     from .experiment import run_experiment
     from .report import gap_table_markdown
+    from .sweep import aggregate, aggregate_markdown, expand, write_index
 
-    config = load_config(args.experiment, args.set)
-    out = Path(args.out) if args.out else Path("runs") / config.name
-    summary = run_experiment(config, out, force=args.force, progress=not args.quiet,
-                             log=lambda m: print(m, file=sys.stderr))
-    n = summary["settings"]["num_datapoints"]
-    print(f"\n{config.name}: {summary['settings']['dataset']}, {n} {summary['settings']['split']} datapoints, "
-          f"k = {summary['settings']['num_samples']['iwae_k']}\n")
-    print(gap_table_markdown(summary))
-    print(f"run folder: {out}")
+    points = expand(args.experiment, args.set)  # one point unless the file has a [sweep] table
+    ranks = ranks_from_env()  # set by torchrun; one rank otherwise
+    device = resolve_device(args.device, local_rank=ranks.local_rank)
+    out = Path(args.out) if args.out else Path("runs") / points[0].config.name
+    init_ranks(ranks, device)  # once for every run of a sweep
+    try:
+        for point in points:
+            folder = out / point.label if point.label else out
+            if point.label and ranks.is_main:
+                print(f"\n== {point.label} ({folder})", file=sys.stderr)
+            summary = run_experiment(point.config, folder, force=args.force, progress=not args.quiet,
+                                     log=lambda m: print(m, file=sys.stderr), device=device, ranks=ranks)
+            if summary is None:  # not rank 0: rank 0 wrote the folder and prints the table
+                continue
+            s = summary["settings"]
+            print(f"\n{point.config.name}{' ' + point.label if point.label else ''}: {s['dataset']}, "
+                  f"{s['num_datapoints']} {s['split']} datapoints, k = {s['num_samples']['iwae_k']}\n")
+            print(gap_table_markdown(summary))
+            print(f"run folder: {folder}")
+    except BaseException:
+        close_ranks(ranks, wait=False)
+        raise
+    close_ranks(ranks)
+    if len(points) > 1 and ranks.is_main:
+        write_index(out, args.experiment, points)
+        print(f"\nsweep of {len(points)} runs in {out}; mean over seeds ± standard error, standard deviation:\n")
+        print(aggregate_markdown(aggregate([out / p.label for p in points])))
+    return 0
+
+
+def _aggregate(args: argparse.Namespace) -> int:
+    from . import io
+    from .sweep import aggregate, aggregate_markdown, run_folders
+
+    table = aggregate(run_folders(args.run_dirs))
+    print(aggregate_markdown(table))
+    if args.out:
+        io.write_csv(Path(args.out), table)
+        print(f"aggregate written to {args.out}", file=sys.stderr)
     return 0
 
 
@@ -125,14 +157,24 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure the approximation and amortization gaps of amortized inference "
                     "(Cremer, Li & Duvenaud, 2018).")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="train (or load), refine, estimate and report one experiment")
+    run = sub.add_parser("run", help="train (or load), refine, estimate and report one experiment (every run of "
+                                     "its [sweep]); under torchrun the evaluation is sharded over the processes")
     run.add_argument("experiment", help="experiment TOML file, e.g. experiments/digits.toml")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set train.epochs=5 (repeatable)")
     run.add_argument("--out", help="run folder (default: runs/<name>)")
     run.add_argument("--force", action="store_true", help="redo every stage, even in a folder with another config")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--device", default="cpu", metavar="cpu|cuda|auto",
+                     help="where every stage runs: cpu (default), cuda (cuda:N; under torchrun each process takes "
+                          "the GPU of its LOCAL_RANK) or auto (cuda when PyTorch finds a GPU)")
     run.set_defaults(func=_run)
+    agg = sub.add_parser("aggregate", help="mean and spread over seeds of the bounds and gaps of several runs "
+                                           "(a sweep folder, or run folders)")
+    agg.add_argument("run_dirs", nargs="+", metavar="DIR",
+                     help="run folders, or a sweep folder (its sub-folders with summary.json)")
+    agg.add_argument("--out", help="also write the table as CSV here")
+    agg.set_defaults(func=_aggregate)
     check = sub.add_parser("check", help="compare a run's bounds and gaps with a baseline; exit 1 when one "
                                          "moved beyond chance")
     check.add_argument("run_dir", help="a finished run folder (or its summary.json)")

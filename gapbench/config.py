@@ -94,11 +94,20 @@ class TrainConfig(Section):
     valid_every: int = Field(1, ge=1)  # epochs between validation ELBO checks
     valid_num_samples: int = Field(10, ge=1)  # samples per validation datapoint
     early_stopping_patience: int = Field(0, ge=0)  # validation checks without improvement (0: off)
+    data_parallel: bool = False  # under torchrun: every rank trains on a share of each minibatch (DDP)
     semi_amortized_steps: int = Field(0, ge=0)  # K SVI steps refining the encoder's output per training step (0: plain VAE)
     semi_amortized_lr: float = Field(SemiAmortized().learning_rate, gt=0.0)  # step size of those SGD steps
     semi_amortized_max_grad_norm: float = Field(SemiAmortized().max_grad_norm, gt=0.0)  # per-datapoint clipping
     semi_amortized_gradient: Literal["unrolled", "stop"] = "unrolled"  # through the steps, or stop-gradient
     snapshot_every: int = Field(0, ge=0)  # save the weights every N epochs for `gapbench track` (0: never)
+
+    @model_validator(mode="after")
+    def _semi_amortized_in_one_process(self) -> "TrainConfig":
+        if self.data_parallel and self.semi_amortized_steps:
+            raise ValueError("train.data_parallel = true does not combine with semi-amortized training "
+                             f"(train.semi_amortized_steps = {self.semi_amortized_steps}): the refinement steps run "
+                             "in one process; set train.data_parallel = false or train.semi_amortized_steps = 0")
+        return self
 
     def semi_amortized(self) -> SemiAmortized:
         """The keyword argument ``semi_amortized`` of ``gapbench.train.train``."""
@@ -372,11 +381,17 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *,
     ``ignore_unknown``: see :func:`parse_config`.
     """
     path = Path(path)
+    return parse_config(apply_overrides(read_raw(path), overrides or []), source=str(path),
+                        ignore_unknown=ignore_unknown)
+
+
+def read_raw(path: str | Path) -> dict[str, Any]:
+    """The unvalidated dict of a TOML (or JSON) experiment file; ConfigError if missing or malformed."""
+    path = Path(path)
     if not path.is_file():
         raise ConfigError(f"experiment file {path} does not exist; pass a TOML file such as experiments/digits.toml")
     text = path.read_text()
     try:
-        raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        return json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
         raise ConfigError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {error}") from None
-    return parse_config(apply_overrides(raw, overrides or []), source=str(path), ignore_unknown=ignore_unknown)

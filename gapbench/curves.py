@@ -34,7 +34,7 @@ import torch
 from .estimators import elbo_from_stats
 from .estimators.log_weights import empty_stats, log_weights, resolve_chunk_size
 from .measure import amortized_posterior, frozen
-from .posteriors import DiagonalGaussian, DiagonalGaussianFamily, fork_seed
+from .posteriors import DatapointStreams, DiagonalGaussian, DiagonalGaussianFamily, RandomStream, fork_seed
 from .refine import GRADIENTS, ActiveSet, refine_step
 
 DEFAULT_STEPS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500)
@@ -79,14 +79,32 @@ def _check(steps: Sequence[int], num_samples: int, learning_rate: float, gradien
     return sorted(steps)
 
 
+class _EvaluationNoise:
+    """The evaluation noise of a curve, replayed at every k: a seed for a fresh torch.Generator, or per-datapoint
+    streams (:class:`DatapointStreams`, forked from the curve's) set back to their starting state."""
+
+    def __init__(self, generator: RandomStream | None):
+        if isinstance(generator, DatapointStreams):
+            self.seed, self.streams = None, generator.fork()
+            self.state = self.streams.get_state()
+        else:
+            self.seed, self.streams = fork_seed(generator), None
+
+    def replay(self, device: torch.device) -> RandomStream:
+        if self.streams is None:
+            return torch.Generator(device=device).manual_seed(self.seed)
+        self.streams.set_state(self.state)
+        return self.streams
+
+
 @torch.no_grad()
 def _evaluate(model, q: DiagonalGaussian, x: torch.Tensor, *, num_samples: int, chunk_size: int | None,
-              seed: int, reference: list[torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor,
-                                                                        torch.Tensor, list[torch.Tensor]]:
+              noise: _EvaluationNoise, reference: list[torch.Tensor] | None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """ELBO (B,), its stderr (B,), the stderr of its difference from ``reference`` (B,) and the
-    log-weight chunks, from the noise of ``seed``, in the chunks ``gapbench.elbo`` uses (so the
+    log-weight chunks, from the replayed ``noise``, in the chunks ``gapbench.elbo`` uses (so with a seed the
     estimate equals ``elbo(model, q, x, generator=Generator().manual_seed(seed))`` exactly)."""
-    generator = torch.Generator(device=x.device).manual_seed(seed)
+    generator = noise.replay(x.device)
     step = resolve_chunk_size(chunk_size, num_samples, x.shape[0])
     stats, diff_stats, chunks = empty_stats(), empty_stats(), []
     for start in range(0, num_samples, step):
@@ -102,7 +120,7 @@ def _evaluate(model, q: DiagonalGaussian, x: torch.Tensor, *, num_samples: int, 
 
 def refinement_curve(model, encoder: Callable, x: torch.Tensor, *, steps: Sequence[int] = DEFAULT_STEPS,
                      num_samples: int = 10, learning_rate: float = 0.05, gradient: str = "stl",
-                     eval_samples: int = 1000, chunk_size: int | None = None, generator: torch.Generator | None,
+                     eval_samples: int = 1000, chunk_size: int | None = None, generator: RandomStream | None,
                      callback: Callable[[int], None] | None = None) -> RefinementCurve:
     """The ELBO of every datapoint of x (B, D) after k SVI steps from the encoder's output, for k in ``steps``.
 
@@ -112,8 +130,9 @@ def refinement_curve(model, encoder: Callable, x: torch.Tensor, *, steps: Sequen
     encoder : x (B, D) -> a diagonal Gaussian (``Independent(Normal(mu, sigma), 1)`` or DiagonalGaussian)
     steps : step counts k (distinct, >= 0); the SVI runs to the largest
     num_samples, learning_rate, gradient : the SVI steps (see :class:`CurveProcedure`)
-    eval_samples : samples per ELBO estimate; the noise is drawn once (a seed from ``generator``)
-        and replayed at every k
+    eval_samples : samples per ELBO estimate; the noise is drawn once (a seed from ``generator``, or with
+        per-datapoint streams, :class:`DatapointStreams`, streams forked from each datapoint's) and
+        replayed at every k
     chunk_size : samples per chunk of the estimates (None: automatic)
     generator : random stream: the evaluation seed first, then the SVI steps' noise
     callback : called with the step number after each SVI step (e.g. a progress bar)
@@ -125,7 +144,7 @@ def refinement_curve(model, encoder: Callable, x: torch.Tensor, *, steps: Sequen
                          f"{type(q).__name__}")
     family = DiagonalGaussianFamily()
     params = family.init_params(x.shape[0], q.mean.shape[-1], like=q.mean, init_from=q)  # (B, Z) each
-    eval_seed = fork_seed(generator)
+    eval_noise = _EvaluationNoise(generator)
     num_datapoints, device = x.shape[0], x.device
     zeros64 = torch.zeros(num_datapoints, dtype=torch.float64, device=device)
     state = ActiveSet(
@@ -155,7 +174,7 @@ def refinement_curve(model, encoder: Callable, x: torch.Tensor, *, steps: Sequen
             if step in steps:
                 value, stderr, gain_stderr, chunks = _evaluate(
                     model, family.posterior(state.params), x, num_samples=eval_samples, chunk_size=chunk_size,
-                    seed=eval_seed, reference=reference)
+                    noise=eval_noise, reference=reference)
                 reference = chunks if reference is None else reference
                 rows.append((value, stderr, gain_stderr))
     value, stderr, gain_stderr = (torch.stack(column) for column in zip(*rows))  # (S, B) each

@@ -6,6 +6,11 @@ run killed at any moment resumes where it stopped and ends with the same numbers
 a run with another config is refused unless ``force``, which redoes only the stages the change
 affects (see ``gapbench.rundir``).
 
+The evaluation stages (amortized, local, ais, curve) draw every datapoint's noise from its own stream
+(``datapoint_streams``), so a datapoint's numbers depend on the seed and its index only. Under
+torchrun each rank evaluates a shard of the datapoints and rank 0, which alone owns the folder and
+trains, gathers the rows and writes the same files as one process (``gapbench.distributed``).
+
 Files of a run folder:
     config.json        the resolved configuration (every default filled in)
     checkpoint.pt      best decoder and encoder weights, with the config (torch.load(weights_only=True))
@@ -32,6 +37,7 @@ import platform
 import shutil
 import time
 import zlib
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable
 
@@ -43,18 +49,22 @@ from . import io
 from .checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint, load_train_state,
                           load_weights)
 from .config import ConfigError, ExperimentConfig
-from .data import Dataset, binarize, check_binary, check_levels, check_values, load_dataset
-from .gaps import NO_FAULT, best_bound, decompose, estimate_columns, find_faults, summarize, summarize_column
 from .curves import curve_frame, refinement_curve, summarize_curve
+from .data import Dataset, binarize, check_binary, check_levels, check_values, load_dataset
+from .device import row_bytes, rows_that_fit, samples_per_chunk
+from .distributed import ONE_PROCESS, Ranks, broadcast, close_ranks, gather, init_ranks, shard
+from .gaps import NO_FAULT, best_bound, decompose, estimate_columns, find_faults, summarize, summarize_column
 from .measure import ais_diagnostics, ais_of, bounds_of, effective_procedure, local_posterior
 from .models import ConvDecoder, ConvTrunk, Decoder, DecoderBase, HierarchicalDecoder
-from .posteriors import HierarchicalEncoder, HierarchicalFamily, LocalFamily, make_encoder, make_family
+from .posteriors import (DatapointStreams, HierarchicalEncoder, HierarchicalFamily, LocalFamily, make_encoder,
+                         make_family)
 from .report import gap_table_markdown
 from .rundir import TRAIN_STATE, RunError, RunFolder, hashed_sections, open_run_folder
 from .train import ResumeError, train
 
-__all__ = ["CHECKPOINT_FORMAT", "Run", "RunError", "build_networks", "evaluation_data", "load_checkpoint",
-           "networks_for", "open_run", "open_run_config", "run_experiment", "stage_generator"]
+__all__ = ["CHECKPOINT_FORMAT", "Run", "RunError", "build_networks", "datapoint_streams", "evaluation_data",
+           "load_checkpoint", "networks_for", "open_run", "open_run_config", "run_experiment", "stage_generator",
+           "stage_seed"]
 
 # The random stream of each stage, fixed by name: adding a stage changes no other stage's numbers.
 STAGE_STREAMS = {"train": 1, "amortized": 2, "local": 3, "report": 4, "ais": 5, "curve": 6}
@@ -64,12 +74,29 @@ TRAIN_STATE_SECONDS = 10.0
 SNAPSHOTS = "snapshots"  # train.snapshot_every: weights every N epochs, for `gapbench track`
 
 
-def stage_generator(seed: int, stage: str, part: str | None = None) -> torch.Generator:
-    """An independent random stream per (seed, stage[, part]), so a resumed stage repeats exactly;
-    ``part`` names a piece of a stage whose numbers must not depend on the others (a local family)."""
+RANDOM_STREAMS = ("per datapoint: SplitMix64 counter streams keyed by (seed, stage, datapoint index), "
+                  "independent of batch, shard and number of ranks")
+
+
+def stage_seed(seed: int, stage: str, part: str | None = None) -> int:
+    """A 63-bit seed per (seed, stage[, part]); ``part`` names a piece of a stage whose numbers must
+    not depend on the others (a local family)."""
     entropy = [seed, STAGE_STREAMS[stage]] + ([zlib.crc32(part.encode())] if part is not None else [])
     state = np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)
-    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+    return int(state[0] >> np.uint64(1))
+
+
+def stage_generator(seed: int, stage: str, part: str | None = None, *,
+                    device: torch.device | str = "cpu") -> torch.Generator:
+    """An independent random stream per (seed, stage[, part]), so a resumed stage repeats exactly (training)."""
+    return torch.Generator(device=device).manual_seed(stage_seed(seed, stage, part))
+
+
+def datapoint_streams(seed: int, stage: str, indices: range | list[int], device: torch.device | str = "cpu", *,
+                      part: str | None = None) -> DatapointStreams:
+    """The evaluation stages' streams: datapoint i of the split draws from its own stream of (seed,
+    stage[, part], i), so its numbers do not depend on its batch, its shard or the number of ranks."""
+    return DatapointStreams.from_seed(stage_seed(seed, stage, part), list(indices), device=device)
 
 
 def build_networks(config: ExperimentConfig, data_size: int, *, image_shape: tuple[int, ...] | None = None,
@@ -167,19 +194,71 @@ class Run:
     """One run folder and the stages that fill it (see ``gapbench.rundir`` for the bookkeeping)."""
 
     def __init__(self, config: ExperimentConfig, out_dir: str | Path, *, force: bool = False,
-                 progress: bool = True, log: Callable[[str], None] = print):
+                 progress: bool = True, log: Callable[[str], None] = print,
+                 device: torch.device | str = "cpu", ranks: Ranks = ONE_PROCESS):
         self.config = config
         self.dir = Path(out_dir)
         self.force = force
-        self.progress = progress
-        self.log = log
-        self.folder: RunFolder | None = None
+        self.ranks = ranks  # rank 0 owns the folder; every rank evaluates its shard of datapoints
+        self.progress = progress and ranks.is_main
+        self.log = log if ranks.is_main else (lambda message: None)
+        self.device = torch.device(device)
+        self.folder: RunFolder | None = None  # rank 0 only
+        self.data_size: int | None = None  # D, known once the dataset is loaded
+
+    @property
+    def data_parallel(self) -> bool:
+        return self.config.train.data_parallel and self.ranks.is_distributed
+
+    def _is_finished(self, stage: str) -> bool:
+        """Rank 0's answer, on every rank."""
+        return broadcast(self.folder.is_finished(stage) if self.ranks.is_main else None, self.ranks)
+
+    def _gather(self, frames: list[pd.DataFrame]) -> pd.DataFrame | None:
+        """Every rank's rows on rank 0, in datapoint order; None on the other ranks."""
+        parts = gather(pd.concat(frames, ignore_index=True) if frames else None, self.ranks)
+        return None if parts is None else pd.concat([p for p in parts if p is not None], ignore_index=True)
+
+    def _chunk_size(self, num_datapoints: int, *, with_gradient: bool) -> int | None:
+        """Samples (IWAE) or chains (AIS) per chunk: ``eval.chunk_size`` when set (IWAE), else from the
+        GPU's free memory, else None (the estimators' CPU defaults)."""
+        if self.config.eval.chunk_size is not None and not with_gradient:
+            return self.config.eval.chunk_size
+        m = self.config.model
+        latent, hidden = m.latent_size, list(m.decoder_hidden)
+        if m.kind == "hierarchical":  # z = (z1, z2) and the network of p(z1|z2)
+            latent, hidden = latent + m.latent_size_2, hidden + list(m.prior_hidden)
+        if m.kind == "conv":  # stride-2 layers: channels c_i at a quarter of the previous size (D bounds H x W)
+            hidden = hidden + [2 * c * self.data_size // 4 ** (i + 1) for i, c in enumerate(m.conv_channels)]
+        rows = rows_that_fit(self.device, row_bytes(self.data_size, latent, hidden, with_gradient=with_gradient))
+        return samples_per_chunk(rows, num_datapoints)
+
+    def networks(self, dataset: Dataset) -> tuple[Decoder, torch.nn.Module, dict]:
+        """The trained networks on this run's device, on every rank: rank 0 trains (or loads) them and
+        sends the weights to the others, so no rank needs rank 0's file system; with
+        ``train.data_parallel`` every rank trains (DistributedDataParallel) and holds the same weights."""
+        self.data_size = dataset.data_size
+        parallel = self.data_parallel and not self._is_finished("train")  # every rank trains
+        if parallel and self.config.train.batch_size < self.ranks.world_size:
+            raise ConfigError(f"train.data_parallel splits each minibatch of train.batch_size = "
+                              f"{self.config.train.batch_size} over {self.ranks.world_size} processes; raise "
+                              "train.batch_size to at least the number of processes")
+        if self.ranks.is_main or parallel:
+            decoder, encoder, training = self.train_stage(dataset)
+        if self.ranks.is_distributed and not parallel:
+            shared = broadcast((_cpu(decoder.state_dict()), _cpu(encoder.state_dict()), training)
+                               if self.ranks.is_main else None, self.ranks)
+            if not self.ranks.is_main:
+                decoder, encoder = networks_for(self.config, dataset)
+                decoder.load_state_dict(shared[0]), encoder.load_state_dict(shared[1])
+                training = shared[2]
+        return decoder.to(self.device).eval(), encoder.to(self.device).eval(), training
 
     # --- stages -------------------------------------------------------------------------------
     def train_stage(self, dataset: Dataset) -> tuple[Decoder, torch.nn.Module, dict]:
         path = self.dir / "checkpoint.pt"
         decoder, encoder = networks_for(self.config, dataset)
-        if self.folder.is_finished("train"):
+        if self.ranks.is_main and self.folder.is_finished("train"):
             checkpoint = load_checkpoint(path, self.config, dataset.data_size)
             load_weights(path, checkpoint, decoder, encoder)
             (self.dir / TRAIN_STATE).unlink(missing_ok=True)  # left if killed right after the record
@@ -194,27 +273,35 @@ class Run:
     def _train(self, decoder: Decoder, encoder: torch.nn.Module, dataset: Dataset) -> dict:
         """Train (continuing from train_state.pt where it fits), write the checkpoint, record the stage."""
         state_path = self.dir / TRAIN_STATE
-        config_sha256 = self.folder.stage_hash("train")
-        resume = load_train_state(state_path, config_sha256) if state_path.exists() else None
-        if resume is None and state_path.exists():
+        main = self.ranks.is_main  # with train.data_parallel every rank trains; rank 0 alone writes
+        config_sha256 = self.folder.stage_hash("train") if main else None
+        resume = load_train_state(state_path, config_sha256) if main and state_path.exists() else None
+        if self.data_parallel:
+            resume = broadcast(resume, self.ranks)
+        if main and resume is None and state_path.exists():
             self.log(f"[train] {state_path} is from another config; starting from scratch")
-        self.folder.start("train")
+        if main:
+            self.folder.start("train")
         if resume is not None:
             self.log(f"[train] resuming after epoch {resume['epoch']} ({state_path})")
         t = self.config.train
-        if resume is None:
+        decoder.to(self.device), encoder.to(self.device)
+        if main and resume is None:
             shutil.rmtree(self.dir / SNAPSHOTS, ignore_errors=True)  # from an earlier training
         try:
             result = train(
-                decoder, encoder, dataset.train, dataset.valid, epochs=t.epochs, batch_size=t.batch_size,
+                decoder, encoder, dataset.train.to(self.device), dataset.valid.to(self.device), epochs=t.epochs,
+                batch_size=t.batch_size,
                 learning_rate=t.learning_rate, adam_eps=t.adam_eps, warmup_epochs=t.warmup_epochs, schedule=t.schedule,
                 binarization=self.config.data.binarization, threshold=self.config.data.threshold,
                 valid_every=t.valid_every, valid_num_samples=t.valid_num_samples,
                 early_stopping_patience=t.early_stopping_patience, semi_amortized=t.semi_amortized(),
-                on_epoch=self._snapshot(decoder, encoder) if t.snapshot_every else None,
-                generator=stage_generator(self.config.seed, "train"), resume_from=resume,
-                on_checkpoint=lambda state: io.save_torch(state_path, {**state, "config_sha256": config_sha256}),
+                on_epoch=self._snapshot(decoder, encoder) if t.snapshot_every and main else None,
+                generator=stage_generator(self.config.seed, "train", device=self.device), resume_from=resume,
+                on_checkpoint=(lambda state: io.save_torch(state_path, {**state, "config_sha256": config_sha256}))
+                if main else None,
                 checkpoint_seconds=TRAIN_STATE_SECONDS, progress=self.progress,
+                data_parallel=(self.ranks.rank, self.ranks.world_size) if self.data_parallel else None,
             )
         except ResumeError as error:
             raise RunError(f"{state_path} does not fit this run ({error}); delete it to start training "
@@ -225,10 +312,12 @@ class Run:
             "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
             "config": self.config.model_dump(mode="json"), "data_size": dataset.data_size,
             "posterior": self.config.model.posterior,
-            "decoder": result.decoder_state, "encoder": result.encoder_state,
+            "decoder": _cpu(result.decoder_state), "encoder": _cpu(result.encoder_state),
             "best_epoch": result.best_epoch, "best_valid_elbo": result.best_valid_elbo,
             "epochs_run": len(result.history), "stop_reason": result.stop_reason,
         }
+        if not main:
+            return checkpoint
         io.write_csv(self.dir / "train_history.csv", pd.DataFrame([r._asdict() for r in result.history]))
         io.save_torch(self.dir / "checkpoint.pt", checkpoint)
         self.folder.finish("train", sum(r.seconds for r in result.history))
@@ -247,64 +336,81 @@ class Run:
         def save(record, is_best: bool) -> None:
             if record.epoch % every == 0 or record.epoch == self.config.train.epochs:
                 io.save_torch(self.dir / SNAPSHOTS / f"epoch_{record.epoch:05d}.pt",
-                              {"epoch": record.epoch, "decoder": decoder.state_dict(), "encoder": encoder.state_dict()})
+                              {"epoch": record.epoch, "decoder": _cpu(decoder.state_dict()),
+                               "encoder": _cpu(encoder.state_dict())})
         return save
 
     def _batches(self, x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-        size = self.config.eval.batch_size
-        return [(start, x[start:start + size]) for start in range(0, x.shape[0], size)]
+        """This rank's datapoints in batches of ``eval.batch_size``: (index of the first, (b, D) on the device)."""
+        size, mine = self.config.eval.batch_size, shard(x.shape[0], self.ranks)
+        return [(start, x[start:min(start + size, mine.stop)].to(self.device))
+                for start in range(mine.start, mine.stop, size)]
+
+    def _streams(self, stage: str, offset: int, batch: torch.Tensor, *, part: str | None = None) -> DatapointStreams:
+        return datapoint_streams(self.config.seed, stage, range(offset, offset + batch.shape[0]), self.device,
+                                 part=part)
 
     def amortized_stage(self, decoder, encoder, x: torch.Tensor) -> pd.DataFrame:
         path = self.dir / "amortized.csv"
-        if self.folder.is_finished("amortized"):
+        if self._is_finished("amortized"):
             self.log(f"[amortized] skipped: finished ({path})")
-            return io.read_csv(path)
-        self.folder.start("amortized")
+            return io.read_csv(path) if self.ranks.is_main else None
+        if self.ranks.is_main:
+            self.folder.start("amortized")
         from tqdm.auto import tqdm
         e = self.config.eval
         start = time.perf_counter()
-        generator = stage_generator(self.config.seed, "amortized")
         frames = []
-        for _, batch in tqdm(self._batches(x), desc="L[q], IWAE", unit="batch", disable=not self.progress):
+        for offset, batch in tqdm(self._batches(x), desc="L[q], IWAE", unit="batch", disable=not self.progress):
             with torch.no_grad():
                 q = encoder(batch)
-            pair = bounds_of(decoder, q, batch, num_samples=e.num_samples, chunk_size=e.chunk_size,
-                             generator=generator)
+            pair = bounds_of(decoder, q, batch, num_samples=e.num_samples,
+                             chunk_size=self._chunk_size(batch.shape[0], with_gradient=False),
+                             generator=self._streams("amortized", offset, batch))
             frames.append(pd.DataFrame({**estimate_columns("elbo_q", pair.elbo),
                                         **estimate_columns("iwae_q", pair.iwae)}))
-        frame = pd.concat(frames, ignore_index=True)
-        io.write_csv(path, frame)
-        self.folder.finish("amortized", time.perf_counter() - start)
+        frame = self._gather(frames)
+        if self.ranks.is_main:
+            io.write_csv(path, frame)
+            self.folder.finish("amortized", time.perf_counter() - start)
         return frame
 
     def local_stage(self, decoder, encoder, x: torch.Tensor) -> pd.DataFrame:
         """Refine every family of ``refine.families`` for every datapoint; one frame, columns per family."""
         path = self.dir / "local.csv"
-        if self.folder.is_finished("local"):
+        if self._is_finished("local"):
             self.log(f"[local] skipped: finished ({path})")
-            return io.read_csv(path)
-        self.folder.start("local")
+            return io.read_csv(path) if self.ranks.is_main else None
+        if self.ranks.is_main:
+            self.folder.start("local")
         start = time.perf_counter()
         frames, params = [], {}
         for name in self.config.refine.families:
             frame, params[name] = self._refine_family(decoder, encoder, x, name)
             frames.append(frame)
-        frame = pd.concat(frames, axis=1)
-        io.save_torch(self.dir / "local.pt", params)
-        io.write_csv(path, frame)
-        self.folder.finish("local", time.perf_counter() - start)
+        frame = self._gather([pd.concat(frames, axis=1)] if frames and len(frames[0]) else [])
+        all_params = gather(params, self.ranks)  # every rank's {family: {name: (b, ...)}}, in shard order
+        if self.ranks.is_main:
+            saved = {}
+            for name in self.config.refine.families:
+                parts = [p[name] for p in all_params if p and p[name]]  # ranks without datapoints hold {}
+                saved[name] = {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
+            io.save_torch(self.dir / "local.pt", saved)
+            io.write_csv(path, frame)
+            self.folder.finish("local", time.perf_counter() - start)
         return frame
 
     def _refine_family(self, decoder, encoder, x: torch.Tensor, name: str) -> tuple[pd.DataFrame, dict]:
-        """q*_name for every datapoint, batch by batch: the per-datapoint columns and the parameters.
-        Each family draws from its own stream, so adding a family changes no other family's numbers."""
+        """q*_name for this rank's datapoints, batch by batch: the per-datapoint columns and the parameters
+        (on the CPU). Each family draws from its own streams (per datapoint, keyed by the family's name
+        too), so adding a family changes no other family's numbers."""
         from tqdm.auto import tqdm
         e, r = self.config.eval, self.config.refine
         family = local_family(self.config, name)
         procedure = r.resolved(name)
-        generator = stage_generator(self.config.seed, "local", name)
         frames, params = [], []
         for offset, batch in self._batches(x):
+            generator = self._streams("local", offset, batch, part=name)
             with tqdm(desc=f"refine q*_{name} [{offset}:{offset + batch.shape[0]}]", unit="step",
                       disable=not self.progress) as bar:
                 def callback(step: int, num_active: int) -> None:
@@ -313,15 +419,17 @@ class Run:
                 result = local_posterior(decoder, encoder, batch, family=family, init=r.init,
                                          procedure=procedure, generator=generator, callback=callback)
             pair = bounds_of(decoder, family.posterior(result.params), batch, num_samples=e.num_samples,
-                             chunk_size=e.chunk_size, generator=generator)
+                             chunk_size=self._chunk_size(batch.shape[0], with_gradient=False), generator=generator)
             frames.append(pd.DataFrame({
                 **estimate_columns(f"elbo_q_star_{name}", pair.elbo),
                 **estimate_columns(f"iwae_q_star_{name}", pair.iwae),
-                f"refine_steps_{name}": result.num_steps.numpy(),
-                f"refine_converged_{name}": result.is_converged.numpy(),
-                f"refine_diverged_{name}": result.is_diverged.numpy(),
+                f"refine_steps_{name}": result.num_steps.cpu().numpy(),
+                f"refine_converged_{name}": result.is_converged.cpu().numpy(),
+                f"refine_diverged_{name}": result.is_diverged.cpu().numpy(),
             }))
-            params.append(result.params)
+            params.append(_cpu(result.params))
+        if not frames:  # a rank with no datapoints (more ranks than datapoints)
+            return pd.DataFrame(), {}
         return (pd.concat(frames, ignore_index=True),
                 {k: torch.cat([p[k] for p in params]) for k in params[0]})
 
@@ -331,33 +439,39 @@ class Run:
         if not a.enabled:
             return None
         path = self.dir / "ais.csv"
-        if self.folder.is_finished("ais"):
+        if self._is_finished("ais"):
             self.log(f"[ais] skipped: finished ({path})")
-            return io.read_csv(path)
-        self.folder.start("ais")
+            return io.read_csv(path) if self.ranks.is_main else None
+        if self.ranks.is_main:
+            self.folder.start("ais")
         from tqdm.auto import tqdm
         own = self.config.model.posterior  # AIS from q* starts from the encoder's family's q*
         family = local_family(self.config, own)
         q_star_params = None
-        if a.init == "q_star":
-            saved = torch.load(self.dir / "local.pt", weights_only=True)
-            q_star_params = saved.get(own, saved)  # before flows, local.pt held one family's tensors
+        if a.init == "q_star":  # rank 0 reads local.pt and sends it: no shared file system needed
+            saved = torch.load(self.dir / "local.pt", weights_only=True) if self.ranks.is_main else None
+            # before flows, local.pt held one family's tensors
+            q_star_params = broadcast(saved.get(own, saved) if saved is not None else None, self.ranks)
         start = time.perf_counter()
-        generator = stage_generator(self.config.seed, "ais")
         frames = []
         for offset, batch in self._batches(x):
             q_star = None
             if q_star_params is not None:
-                q_star = family.posterior({k: v[offset:offset + batch.shape[0]] for k, v in q_star_params.items()})
+                q_star = family.posterior({k: v[offset:offset + batch.shape[0]].to(self.device)
+                                           for k, v in q_star_params.items()})
             with tqdm(total=a.num_steps, desc=f"AIS [{offset}:{offset + batch.shape[0]}]", unit="step",
                       disable=not self.progress) as bar:
                 estimate = ais_of(decoder, batch, init=a.init, encoder=encoder, q_star=q_star,
-                                  procedure=a.procedure(), generator=generator, callback=lambda t: bar.update(1))
+                                  procedure=a.procedure(),
+                                  chunk_size=self._chunk_size(batch.shape[0], with_gradient=True),
+                                  generator=self._streams("ais", offset, batch),
+                                  callback=lambda t: bar.update(1))
             frames.append(pd.DataFrame({**estimate_columns("ais", estimate),
-                                        **{k: v.numpy() for k, v in ais_diagnostics(estimate).items()}}))
-        frame = pd.concat(frames, ignore_index=True)
-        io.write_csv(path, frame)
-        self.folder.finish("ais", time.perf_counter() - start)
+                                        **{k: v.cpu().numpy() for k, v in ais_diagnostics(estimate).items()}}))
+        frame = self._gather(frames)
+        if self.ranks.is_main:
+            io.write_csv(path, frame)
+            self.folder.finish("ais", time.perf_counter() - start)
         return frame
 
     def curve_stage(self, decoder, encoder, x: torch.Tensor, local: pd.DataFrame) -> pd.DataFrame | None:
@@ -367,26 +481,29 @@ class Run:
         if not c.enabled:
             return None
         path = self.dir / "curve.csv"
-        if self.folder.is_finished("curve"):
+        if self._is_finished("curve"):
             self.log(f"[curve] skipped: finished ({path})")
-            return io.read_csv(path)
-        self.folder.start("curve")
+            return io.read_csv(path) if self.ranks.is_main else None
+        if self.ranks.is_main:
+            self.folder.start("curve")
         from tqdm.auto import tqdm
         procedure = c.procedure()
-        elbo_q_star = local[q_star_column(local)].to_numpy()
+        # L[q*] of every datapoint: local.csv is rank 0's, so rank 0 sends the column to every rank
+        elbo_q_star = broadcast(local[q_star_column(local)].to_numpy() if self.ranks.is_main else None, self.ranks)
         start = time.perf_counter()
-        generator = stage_generator(self.config.seed, "curve")
         frames = []
         for offset, batch in self._batches(x):
             with tqdm(total=procedure.steps[-1], desc=f"curve [{offset}:{offset + batch.shape[0]}]", unit="step",
                       disable=not self.progress) as bar:
                 curve = refinement_curve(decoder, encoder, batch, **procedure._asdict(),
-                                         chunk_size=self.config.eval.chunk_size, generator=generator,
+                                         chunk_size=self.config.eval.chunk_size,
+                                         generator=self._streams("curve", offset, batch),
                                          callback=lambda step: bar.update(1))
             frames.append(curve_frame(curve, elbo_q_star[offset:offset + batch.shape[0]], offset=offset))
-        frame = pd.concat(frames, ignore_index=True)
-        io.write_csv(path, frame)
-        self.folder.finish("curve", time.perf_counter() - start)
+        frame = self._gather(frames)
+        if self.ranks.is_main:
+            io.write_csv(path, frame)
+            self.folder.finish("curve", time.perf_counter() - start)
         return frame
 
     def report_stage(self, x: torch.Tensor, amortized: pd.DataFrame, local: pd.DataFrame,
@@ -463,6 +580,8 @@ class Run:
             "num_samples": {"elbo": c.eval.num_samples, "iwae_k": c.eval.num_samples,
                             "elbo_and_iwae_share_samples": True},
             "chunk_size": c.eval.chunk_size,
+            "random_streams": RANDOM_STREAMS,
+            "device": self.device.type,
             "log_px": "per-datapoint max of " + ", ".join(candidates),
             "encoder_family": c.model.posterior,
             "refinement": {"families": list(families), "init": c.refine.init, "preset": c.refine.procedure,
@@ -487,20 +606,46 @@ class Run:
             check_values(dataset.split(split), f"{dataset.name} {split} split")
         x = evaluation_data(self.config, dataset)
         resolved = self.config.model_dump(mode="json")
-        with open_run_folder(self.dir, resolved, force=self.force, log=self.log,
-                             normalize=lambda previous: comparable_config(previous, resolved)) as self.folder:
+        joined = self.ranks.is_distributed and not torch.distributed.is_initialized()
+        init_ranks(self.ranks, self.device)
+        is_done = False
+        try:
+            with ExitStack() as stack:
+                self._open_folder(stack, resolved)
+                try:
+                    with torch.random.fork_rng(devices=[]):
+                        decoder, encoder, training = self.networks(dataset)
+                        amortized = self.amortized_stage(decoder, encoder, x)
+                        local = self.local_stage(decoder, encoder, x)
+                        ais = self.ais_stage(decoder, encoder, x)
+                        curve = self.curve_stage(decoder, encoder, x, local)
+                        summary = self.report_stage(x, amortized, local, ais, curve, dataset, training) \
+                            if self.ranks.is_main else None
+                        is_done = True
+                        return summary
+                except OSError as error:  # a full disk, a folder made read-only under a running process
+                    where = error.filename or self.dir
+                    raise RunError(f"cannot write {where}: {error.strerror or error}; make room or fix the "
+                                   "permissions, then rerun the same command to resume") from None
+        finally:
+            if joined:
+                close_ranks(self.ranks, wait=is_done)
+
+    def _open_folder(self, stack: ExitStack, resolved: dict) -> None:
+        """Rank 0 opens (and locks) the folder; a refusal stops every rank with rank 0's message."""
+        error = None
+        if self.ranks.is_main:
             try:
-                with torch.random.fork_rng(devices=[]):
-                    decoder, encoder, training = self.train_stage(dataset)
-                    amortized = self.amortized_stage(decoder, encoder, x)
-                    local = self.local_stage(decoder, encoder, x)
-                    ais = self.ais_stage(decoder, encoder, x)
-                    curve = self.curve_stage(decoder, encoder, x, local)
-                    return self.report_stage(x, amortized, local, ais, curve, dataset, training)
-            except OSError as error:  # a full disk, a folder made read-only under a running process
-                where = error.filename or self.dir
-                raise RunError(f"cannot write {where}: {error.strerror or error}; make room or fix the "
-                               "permissions, then rerun the same command to resume") from None
+                self.folder = stack.enter_context(open_run_folder(
+                    self.dir, resolved, force=self.force, log=self.log,
+                    normalize=lambda previous: comparable_config(previous, resolved)))
+            except (RunError, ConfigError, OSError) as caught:
+                error = caught
+        message = broadcast(None if error is None else str(error), self.ranks)
+        if error is not None:
+            raise error
+        if message is not None:
+            raise RunError(f"rank 0 could not open the run folder: {message}")
 
 
 def q_star_column(local: pd.DataFrame) -> str:
@@ -538,9 +683,15 @@ def comparable_config(previous: dict, current: dict) -> dict:
 
 
 def run_experiment(config: ExperimentConfig, out_dir: str | Path, *, force: bool = False,
-                   progress: bool = True, log: Callable[[str], None] = print) -> dict:
-    """Run (or resume) an experiment into ``out_dir``; returns the summary dict."""
-    return Run(config, out_dir, force=force, progress=progress, log=log).execute()
+                   progress: bool = True, log: Callable[[str], None] = print,
+                   device: torch.device | str = "cpu", ranks: Ranks = ONE_PROCESS) -> dict | None:
+    """Run (or resume) an experiment into ``out_dir``; returns the summary dict (None on ranks other
+    than 0 of a distributed job: see ``gapbench.distributed``)."""
+    return Run(config, out_dir, force=force, progress=progress, log=log, device=device, ranks=ranks).execute()
+
+
+def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in tensors.items()}
 
 
 def open_run_config(run_dir: str | Path) -> ExperimentConfig:

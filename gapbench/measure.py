@@ -19,8 +19,8 @@ from .data import check_finite
 from .estimators import AISEstimate, AISProcedure, Estimate, elbo_from_stats, iwae_from_stats, weight_stats
 from .estimators.ais import DEFAULT_AIS
 from .gaps import gap_frame, summarize
-from .posteriors import (DiagonalGaussian, FlowFamily, FlowPosterior, HierarchicalFamily, HierarchicalPosterior,
-                         LocalFamily, as_posterior, get_family)
+from .posteriors import (DatapointStreams, DiagonalGaussian, FlowFamily, FlowPosterior, HierarchicalFamily,
+                         HierarchicalPosterior, LocalFamily, RandomStream, as_posterior, get_family)
 from .refine import RefineResult, refine
 
 INITS = ("prior", "encoder")
@@ -75,7 +75,7 @@ class BoundPair(NamedTuple):
 
 
 def bounds_of(model, posterior, x: torch.Tensor, *, num_samples: int, chunk_size: int | None,
-              generator: torch.Generator | None) -> BoundPair:
+              generator: RandomStream | None) -> BoundPair:
     """ELBO and IWAE-K of ``posterior`` from one pass of K samples per datapoint."""
     stats = weight_stats(model, posterior, x, num_samples=num_samples, chunk_size=chunk_size,
                          generator=generator)
@@ -117,14 +117,20 @@ def effective_procedure(family: str | LocalFamily, procedure: RefineProcedure | 
     return procedure
 
 
-def fit_diagonal(posterior, *, num_samples: int = 1000, generator: torch.Generator | None) -> DiagonalGaussian:
+def _fitting_noise(generator: RandomStream | None) -> RandomStream | None:
+    """The noise of :func:`fit_diagonal`: with per-datapoint streams, streams forked from each datapoint's
+    (so the fit does not depend on the batch); otherwise ``generator`` itself."""
+    return generator.fork() if isinstance(generator, DatapointStreams) else generator
+
+
+def fit_diagonal(posterior, *, num_samples: int = 1000, generator: RandomStream | None) -> DiagonalGaussian:
     """The diagonal Gaussian with the sample mean and variance of ``posterior``'s z: (B, Z) each."""
     with torch.no_grad():
         z, _ = posterior.rsample_and_log_prob(num_samples, generator=generator)  # (K, B, Z)
     return DiagonalGaussian(z.mean(0), torch.log(z.var(0)))
 
 
-def starting_point(family: LocalFamily, q, *, generator: torch.Generator | None):
+def starting_point(family: LocalFamily, q, *, generator: RandomStream | None):
     """What a local ``family`` starts from when it starts from the encoder's output ``q``: q itself when
     it is of the family (a flow encoder's output becomes per-datapoint parameters, the same
     distribution) or a diagonal Gaussian (the flow at the identity on top of it); otherwise the
@@ -135,12 +141,12 @@ def starting_point(family: LocalFamily, q, *, generator: torch.Generator | None)
         return q  # a two-layer encoder's q(z1|x) q(z2|z1) becomes per-datapoint parameters, the same distribution
     if isinstance(q, DiagonalGaussian):
         return q
-    return fit_diagonal(q, generator=generator)
+    return fit_diagonal(q, generator=_fitting_noise(generator))
 
 
 def local_posterior(model, encoder: Callable, x: torch.Tensor, *, family: str | LocalFamily = "ffg",
                     init: str = "prior", procedure: RefineProcedure | None = None,
-                    generator: torch.Generator | None,
+                    generator: RandomStream | None,
                     callback: Callable[[int, int], None] | None = None) -> RefineResult:
     """Refine a local posterior of ``family`` for every datapoint of x (B, D), all at once.
 
@@ -155,7 +161,8 @@ def local_posterior(model, encoder: Callable, x: torch.Tensor, *, family: str | 
     q = amortized_posterior(encoder, x)
     probe = torch.Generator(device=x.device).manual_seed(0)  # fixed: leaves the caller's stream alone
     z, _ = q.rsample_and_log_prob(1, generator=probe)  # (1, B, Z), shape probe
-    init_from = starting_point(local, q, generator=probe) if init == "encoder" else None
+    fit = generator if isinstance(generator, DatapointStreams) else probe  # forked there, only when it fits
+    init_from = starting_point(local, q, generator=fit) if init == "encoder" else None
     init_params = local.init_params(x.shape[0], z.shape[-1], like=z.detach(), init_from=init_from,
                                     generator=generator)
     with frozen(model):
@@ -164,10 +171,11 @@ def local_posterior(model, encoder: Callable, x: torch.Tensor, *, family: str | 
 
 
 def ais_of(model, x: torch.Tensor, *, init: str = "encoder", encoder: Callable | None = None,
-           q_star=None, procedure: AISProcedure = DEFAULT_AIS, generator: torch.Generator | None,
-           callback: Callable[[int], None] | None = None) -> AISEstimate:
+           q_star=None, procedure: AISProcedure = DEFAULT_AIS, chunk_size: int | None = None,
+           generator: RandomStream | None, callback: Callable[[int], None] | None = None) -> AISEstimate:
     """Forward AIS for every datapoint of x (B, D), started from the prior, the encoder's posterior
-    or the refined q* (``init`` = "prior", "encoder", "q_star"), with the model's parameters frozen."""
+    or the refined q* (``init`` = "prior", "encoder", "q_star"), with the model's parameters frozen;
+    ``chunk_size`` chains have their gradients evaluated together (None: about 4096 rows)."""
     if init not in AIS_INITS:
         raise ValueError(f"unknown AIS init {init!r}; choose one of {AIS_INITS}")
     if init == "encoder":
@@ -184,9 +192,12 @@ def ais_of(model, x: torch.Tensor, *, init: str = "encoder", encoder: Callable |
         # HMC needs the gradient of log q(z) at every leapfrog step: the auxiliary flow has no tractable
         # marginal q(z), planar flows and IAF only an iterative inverse. AIS is unbiased from any initial
         # distribution, so a flow's chains start from the diagonal Gaussian fitted to its samples.
-        q = fit_diagonal(q, generator=torch.Generator(device=x.device).manual_seed(0))
+        per_datapoint = isinstance(generator, DatapointStreams)  # then forked, so the fit is the datapoint's own
+        q = fit_diagonal(q, generator=_fitting_noise(generator) if per_datapoint
+                         else torch.Generator(device=x.device).manual_seed(0))
     with frozen(model):
-        return estimators.ais(model, x, init=q, **procedure._asdict(), generator=generator, callback=callback)
+        return estimators.ais(model, x, init=q, **procedure._asdict(), chunk_size=chunk_size, generator=generator,
+                              callback=callback)
 
 
 def ais_diagnostics(estimate: AISEstimate) -> dict[str, torch.Tensor]:
@@ -214,7 +225,7 @@ def measure_gaps(model, encoder: Callable, x: torch.Tensor, *, family: str | Loc
                  num_samples: int = 5000, chunk_size: int | None = None,
                  procedure: RefineProcedure | None = None, ais: AISProcedure | None = None,
                  ais_init: str = "encoder",
-                 generator: torch.Generator | None = None) -> tuple[pd.DataFrame, dict]:
+                 generator: RandomStream | None = None) -> tuple[pd.DataFrame, dict]:
     """Estimate L[q], L[q*], log p_hat(x) and the gaps for every datapoint of x.
 
     Parameters

@@ -41,7 +41,7 @@ from typing import Callable, Mapping, NamedTuple
 import torch
 
 from .estimators import log_weights
-from .posteriors import LocalFamily, fork_seed
+from .posteriors import DatapointStreams, LocalFamily, RandomStream, fork_seed
 
 GRADIENTS = ("stl", "reparam")
 CONVERGENCE_TESTS = ("window", "paired")
@@ -86,7 +86,7 @@ class RefineResult(NamedTuple):
 
 
 def _objective(model, family: LocalFamily, params: Mapping[str, torch.Tensor], x: torch.Tensor, *,
-               num_samples: int, gradient: str, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+               num_samples: int, gradient: str, generator: RandomStream | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable surrogate (A,) whose gradient is the ELBO gradient, and the ELBO estimate (A,).
 
     With ``gradient="stl"`` log q is evaluated at the sampled z with the parameters held fixed, so only
@@ -112,7 +112,7 @@ def _objective(model, family: LocalFamily, params: Mapping[str, torch.Tensor], x
 
 def refine_step(model, family: LocalFamily, x: torch.Tensor, state: ActiveSet, *, step: int,
                 num_samples: int, gradient: str, betas: tuple[float, float] = (0.9, 0.999),
-                eps: float = 1e-8, generator: torch.Generator | None) -> tuple[ActiveSet, torch.Tensor]:
+                eps: float = 1e-8, generator: RandomStream | None) -> tuple[ActiveSet, torch.Tensor]:
     """One Adam ascent step on the ELBO for the active datapoints.
 
     Parameters
@@ -178,7 +178,7 @@ def window_check(state: ActiveSet, *, check_every: int, min_improvement: float,
 @torch.no_grad()
 def paired_check(model, family: LocalFamily, x: torch.Tensor, state: ActiveSet, *, check_every: int,
                  check_samples: int, min_improvement: float, lr_decay: float,
-                 generator: torch.Generator) -> tuple[ActiveSet, torch.Tensor]:
+                 generator: RandomStream) -> tuple[ActiveSet, torch.Tensor]:
     """The paired test with common random numbers; returns the updated state and window means (A,).
 
     diff_s = log w(params, eps_s) - log w(anchor, eps_s), s = 1..check_samples, the same eps for
@@ -202,6 +202,11 @@ def paired_check(model, family: LocalFamily, x: torch.Tensor, state: ActiveSet, 
     return _record_check(state, improved, lr_decay=lr_decay), window_mean
 
 
+def _rows_of(generator: RandomStream, positions: torch.Tensor) -> RandomStream:
+    """The random stream of the active datapoints: their own streams when per-datapoint, else the same."""
+    return generator.select(positions) if isinstance(generator, DatapointStreams) else generator
+
+
 def _select(state: ActiveSet, keep: torch.Tensor) -> ActiveSet:
     """Keep the rows where ``keep`` (A,) is True."""
     def rows(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -216,7 +221,7 @@ def refine(model, x: torch.Tensor, *, family: LocalFamily, init_params: Mapping[
            num_samples: int, learning_rate: float, max_steps: int, check_every: int, patience: int,
            lr_decay: float = 1.0, min_improvement: float = 0.0, gradient: str = "stl",
            convergence: str = "paired", check_samples: int = 100,
-           generator: torch.Generator | None,
+           generator: RandomStream | None,
            callback: Callable[[int, int], None] | None = None) -> RefineResult:
     """Optimise a local posterior for each of B datapoints, all at once.
 
@@ -236,7 +241,8 @@ def refine(model, x: torch.Tensor, *, family: LocalFamily, init_params: Mapping[
     gradient : "stl" (sticking the landing) or "reparam"
     convergence : "paired" (common-random-number comparison with the anchor) or "window"
     check_samples : draws of noise per paired check
-    generator : random stream (keyword-only)
+    generator : random stream (keyword-only); with ``DatapointStreams`` every datapoint draws its
+        noise from its own stream, so its result does not depend on the rest of the batch
     callback : called as ``callback(step, num_active)`` after each step, e.g. for a progress bar
 
     Returns
@@ -282,13 +288,13 @@ def refine(model, x: torch.Tensor, *, family: LocalFamily, init_params: Mapping[
         candidate={k: v.clone() for k, v in out_params.items()},
         last_finite={k: v.clone() for k, v in out_params.items()},
     )
-    x_active = x
+    x_active, active_generator = x, generator
     step = 0
     while state.positions.numel() > 0 and step < max_steps:
         step += 1
         before = state.last_finite
         state, estimate = refine_step(model, family, x_active, state, step=step, num_samples=num_samples,
-                                      gradient=gradient, generator=generator)
+                                      gradient=gradient, generator=active_generator)
         # Non-finite parameters make the next estimate non-finite (z = mean + std * eps), so the
         # estimate alone detects divergence, one step later at most; checked every step so that no
         # convergence test sees it.
@@ -301,7 +307,7 @@ def refine(model, x: torch.Tensor, *, family: LocalFamily, init_params: Mapping[
             diverged[done] = True
             final_lr[done] = state.learning_rate[bad]
             state = _select(state, ~bad)
-            x_active = x[state.positions]
+            x_active, active_generator = x[state.positions], _rows_of(generator, state.positions)
             if state.positions.numel() == 0:
                 if callback is not None:
                     callback(step, 0)
@@ -311,7 +317,7 @@ def refine(model, x: torch.Tensor, *, family: LocalFamily, init_params: Mapping[
             if convergence == "paired":
                 state, window_mean = paired_check(model, family, x_active, state, check_every=check_every,
                                                   check_samples=check_samples, min_improvement=min_improvement,
-                                                  lr_decay=lr_decay, generator=generator)
+                                                  lr_decay=lr_decay, generator=active_generator)
             else:
                 state, window_mean = window_check(state, check_every=check_every,
                                                   min_improvement=min_improvement, lr_decay=lr_decay)
@@ -333,7 +339,7 @@ def refine(model, x: torch.Tensor, *, family: LocalFamily, init_params: Mapping[
             is_converged[done] = (state.num_bad_checks[stop] >= patience) & is_finite
             final_lr[done] = state.learning_rate[stop]
             state = _select(state, ~stop)
-            x_active = x[state.positions]
+            x_active, active_generator = x[state.positions], _rows_of(generator, state.positions)
         if callback is not None:
             callback(step, int(state.positions.numel()))
     history_tensor = (torch.stack(history) if history

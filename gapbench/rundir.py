@@ -25,9 +25,10 @@ config sections changed (and the stages that read them) are redone and the other
 change in ``eval`` or ``refine`` keeps the trained model.
 
 Keys that change no number are left out of the hashes (:func:`hashed_sections`): the
-``train.semi_amortized_*`` settings while ``train.semi_amortized_steps = 0`` (the plain VAE), and the
-``[curve]`` section while ``curve.enabled`` is false. So a folder written before those keys existed
-keeps its finished stages, and so does a run whose config changes only such a key.
+``train.semi_amortized_*`` settings while ``train.semi_amortized_steps = 0`` (the plain VAE),
+``train.data_parallel`` while it is false, and the ``[curve]`` section while ``curve.enabled`` is
+false. So a folder written before those keys existed keeps its finished stages, and so does a run
+whose config changes only such a key.
 """
 
 from __future__ import annotations
@@ -73,13 +74,17 @@ class RunError(RuntimeError):
 
 def hashed_sections(resolved: dict, stage: str) -> dict:
     """The config sections ``stage`` depends on, less the keys that change no number: the
-    ``train.semi_amortized_*`` keys while ``semi_amortized_steps`` is 0 (the plain VAE) and the
-    ``curve`` section while it is disabled. Also the form of configs from before those keys existed,
-    so their stage records still match."""
+    ``train.semi_amortized_*`` keys while ``semi_amortized_steps`` is 0 (the plain VAE),
+    ``train.data_parallel`` while it is false, and the ``curve`` section while it is disabled. Also the
+    form of configs from before those keys existed, so their stage records still match."""
     sections = {key: resolved.get(key) for key in STAGE_SECTIONS[stage]}
     train = sections.get("train")
-    if isinstance(train, dict) and not train.get("semi_amortized_steps"):
-        sections["train"] = {k: v for k, v in train.items() if not k.startswith("semi_amortized_")}
+    if isinstance(train, dict):
+        if not train.get("semi_amortized_steps"):
+            train = {k: v for k, v in train.items() if not k.startswith("semi_amortized_")}
+        if not train.get("data_parallel"):
+            train = {k: v for k, v in train.items() if k != "data_parallel"}
+        sections["train"] = train
     curve = sections.get("curve", {})
     if "curve" in sections and not (isinstance(curve, dict) and curve.get("enabled")):
         del sections["curve"]

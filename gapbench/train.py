@@ -20,7 +20,7 @@ from torch import nn
 
 from .data import binarize, check_values
 from .estimators import elbo
-from .posteriors import as_posterior
+from .posteriors import as_posterior, fork_seed
 from .semi_amortized import SemiAmortized, semi_amortized_gradients
 
 SCHEDULES = ("constant", "paper")
@@ -72,6 +72,17 @@ def negative_elbo(decoder, encoder, x: torch.Tensor, *, beta: float,
     kl_term = decoder.log_prior(z) - log_q  # (1, B)
     loss = -(log_lik + beta * kl_term).mean()
     return loss, (log_lik + kl_term)[0].detach()
+
+
+class WarmupLoss(nn.Module):
+    """:func:`negative_elbo` as a module, so that DistributedDataParallel sees the forward pass."""
+
+    def __init__(self, decoder: nn.Module, encoder: nn.Module):
+        super().__init__()
+        self.decoder, self.encoder = decoder, encoder
+
+    def forward(self, x: torch.Tensor, beta: float, generator: torch.Generator | None):
+        return negative_elbo(self.decoder, self.encoder, x, beta=beta, generator=generator)
 
 
 @torch.no_grad()
@@ -148,7 +159,8 @@ def train(decoder: nn.Module, encoder: nn.Module, train_x: torch.Tensor, valid_x
           semi_amortized: SemiAmortized = SemiAmortized(),
           on_epoch: Callable[[EpochRecord, bool], None] | None = None,
           resume_from: dict | None = None, on_checkpoint: Callable[[dict], None] | None = None,
-          checkpoint_seconds: float = 0.0, progress: bool = True) -> TrainResult:
+          checkpoint_seconds: float = 0.0, progress: bool = True,
+          data_parallel: tuple[int, int] | None = None) -> TrainResult:
     """Train ``decoder`` and ``encoder`` in place; return the best (validation-ELBO) weights.
 
     Parameters
@@ -175,6 +187,12 @@ def train(decoder: nn.Module, encoder: nn.Module, train_x: torch.Tensor, valid_x
         stops; e.g. to save it atomically for resuming. Which epochs get a snapshot depends on the
         clock, the result of a resumed training does not.
     progress : show a tqdm bar with the current ELBO
+    data_parallel : (rank, world_size) of an initialised torch.distributed group whose every rank calls
+        ``train`` with the same arguments: each minibatch is split over the ranks (rows rank, rank +
+        world_size, ...) and DistributedDataParallel averages the gradients, so every rank takes the
+        same Adam steps. Shuffling and binarisation come from ``generator`` on every rank alike; the z
+        samples of a rank from a stream forked from it per epoch and rank. None: one process. Not with
+        semi-amortized training (ValueError).
 
     Training stops early when an epoch's training ELBO is not finite (``stop_reason="diverged"``);
     the best weights from before are returned. It raises FloatingPointError when no validation ELBO
@@ -186,6 +204,9 @@ def train(decoder: nn.Module, encoder: nn.Module, train_x: torch.Tensor, valid_x
         raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose one of {SCHEDULES}")
     if not checkpoint_seconds >= 0:
         raise ValueError(f"checkpoint_seconds must be at least 0, got {checkpoint_seconds}")
+    if data_parallel is not None and semi_amortized.num_steps:
+        raise ValueError("semi-amortized training (semi_amortized.num_steps > 0) does not run data-parallel: "
+                         "train it in one process (train.data_parallel = false)")
     check_values(train_x, "training data")
     check_values(valid_x, "validation data")
     params = list(decoder.parameters()) + list(encoder.parameters())
@@ -197,6 +218,11 @@ def train(decoder: nn.Module, encoder: nn.Module, train_x: torch.Tensor, valid_x
     state = _Progress(0, 0, -math.inf, 0, 0, None, [], None)
     if resume_from is not None:  # after the validation draw above, exactly as the first call made it
         state = _restore(resume_from, decoder, encoder, optimizer, generator)
+    loss_fn: nn.Module = WarmupLoss(decoder, encoder)
+    if data_parallel is not None:
+        from torch.nn.parallel import DistributedDataParallel
+        rank, world_size = data_parallel
+        loss_fn = DistributedDataParallel(loss_fn)
     last_checkpoint = time.perf_counter()
     bar = tqdm(range(state.epoch + 1, epochs + 1), desc="train", unit="epoch", initial=state.epoch,
                total=epochs, disable=not progress or state.stop_reason is not None)
@@ -209,22 +235,32 @@ def train(decoder: nn.Module, encoder: nn.Module, train_x: torch.Tensor, valid_x
             group["lr"] = lr
         data = static_train if static_train is not None else binarize(
             train_x, mode="dynamic", generator=generator)
-        order = torch.randperm(data.shape[0], generator=generator)
+        order = torch.randperm(data.shape[0], generator=generator, device=data.device)
+        noise = generator
+        if data_parallel is not None:  # the shared stream stays in step on every rank
+            noise = torch.Generator(device=data.device).manual_seed(fork_seed(generator) + rank)
         decoder.train(), encoder.train()
         total, step = 0.0, state.step
         for b in range(num_batches):
             batch = data[order[b * batch_size:(b + 1) * batch_size]]
+            if data_parallel is not None:
+                batch = batch[rank::world_size]  # this rank's share of the minibatch
             step += 1
             beta = warmup_weight(step, warmup_steps)
             if semi_amortized.num_steps == 0:
-                loss, batch_elbo = negative_elbo(decoder, encoder, batch, beta=beta, generator=generator)
+                loss, batch_elbo = loss_fn(batch, beta, noise)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
             else:
                 batch_elbo = semi_amortized_gradients(decoder, encoder, batch, settings=semi_amortized, beta=beta,
-                                                      generator=generator)
+                                                      generator=noise)
             optimizer.step()
             total += float(batch_elbo.sum())
+        if data_parallel is not None:  # the epoch's ELBO sum over every rank's rows
+            import torch.distributed as dist
+            summed = torch.tensor([total], dtype=torch.float64, device=data.device)
+            dist.all_reduce(summed)
+            total = float(summed.item())
         decoder.eval(), encoder.eval()
         best_elbo, best_epoch, bad_checks = state.best_elbo, state.best_epoch, state.bad_checks
         best_state = state.best_state

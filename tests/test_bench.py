@@ -12,6 +12,7 @@ from gapbench.bench.ais import bench_ais
 from gapbench.bench.iwae import bench_iwae, decoder_flops_per_row
 from gapbench.bench.refine import bench_refine
 from gapbench.bench.refine_flow import bench_refine_flow
+from gapbench.bench.scale import bench_scale
 from gapbench.cli import main
 from gapbench.models import ConvDecoder, Decoder
 
@@ -72,6 +73,23 @@ def test_bench_ais_reports_figures(tiny_run):
     json.dumps(figures)
 
 
+def test_bench_scale_reports_figures(tiny_run):
+    lines = []
+    figures = bench_scale(str(tiny_run), num_datapoints=6, processes=(1, 2), overrides=("eval.num_samples=50",),
+                          stream_datapoints=12, log=lines.append)
+    one, two = figures["scaling"]
+    assert (one["processes"], two["processes"]) == (1, 2) and one["scaling_efficiency"] == 1.0
+    for row in (one, two):
+        assert set(row["stage_seconds"]) == {"amortized", "local", "ais"}
+        assert row["datapoints_per_second"] == pytest.approx(6 / sum(row["stage_seconds"].values()))
+    assert two["scaling_efficiency"] == pytest.approx(two["datapoints_per_second"] / (2 * one["datapoints_per_second"]))
+    agreement = figures["agreement"]  # the same numbers from 1 and 2 processes
+    assert agreement["max_difference"] < 1e-4 and agreement["refine_steps_differ"] == []
+    assert agreement["max_difference"] == max(agreement["by_column"].values())
+    streams = figures["streams"]
+    assert streams["iwae_overhead"] == pytest.approx(streams["streams"]["iwae_seconds"]
+                                                     / streams["generator"]["iwae_seconds"] - 1)
+    assert any("scaling efficiency" in line for line in lines)
 def test_bench_refine_flow_reports_figures(tiny_run, monkeypatch):
     from gapbench.measure import RefineProcedure
 

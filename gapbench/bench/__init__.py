@@ -54,6 +54,15 @@ def _ais(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scale(args: argparse.Namespace) -> int:
+    from .scale import bench_scale
+    figures = bench_scale(args.run_dir, num_datapoints=args.num_datapoints, processes=tuple(args.processes),
+                          threads=args.threads, device=args.device, overrides=tuple(args.set),
+                          stream_datapoints=args.stream_datapoints)
+    _write(figures, args.out)
+    return 0
+
+
 def add_bench_parser(sub) -> None:
     bench = sub.add_parser("bench", help="speed and memory benchmarks on a trained run (prints figures)")
     kinds = bench.add_subparsers(dest="benchmark", required=True)
@@ -102,6 +111,20 @@ def add_bench_parser(sub) -> None:
     a.add_argument("--memory-datapoints", type=int, default=100)
     a.add_argument("--out", help="also write the figures as JSON here")
     a.set_defaults(func=_ais)
+    sc = kinds.add_parser("scale", help="full-evaluation throughput (datapoints/s) over 1, 2, ... torchrun processes, "
+                                        "scaling efficiency, and the cost of per-datapoint random streams")
+    sc.add_argument("run_dir")
+    sc.add_argument("--num-datapoints", type=int, default=1000)
+    sc.add_argument("--processes", type=int, nargs="*", default=[1, 2],
+                    help="process counts to time (default 1 2; none: only the streams' cost)")
+    sc.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
+    sc.add_argument("--device", default="cpu", help="cpu, cuda or auto (as gapbench run --device)")
+    sc.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for the timed runs, e.g. --set ais.num_chains=16 (repeatable)")
+    sc.add_argument("--stream-datapoints", type=int, default=None,
+                    help="datapoints for the streams-against-Generator timing (default: --num-datapoints)")
+    sc.add_argument("--out", help="also write the figures as JSON here")
+    sc.set_defaults(func=_scale)
 
 
 __all__ = ["add_bench_parser"]

@@ -42,7 +42,8 @@ from typing import Callable, NamedTuple
 import torch
 from torch.distributions import Distribution
 
-from ..posteriors import DiagonalGaussian, DistributionPosterior, Posterior, as_posterior
+from ..posteriors import (DiagonalGaussian, DistributionPosterior, Posterior, RandomStream, as_posterior,
+                          random_normal)
 from .hmc import HMCState, hmc_step
 from .iwae import iwae_from_stats
 from .log_weights import DEFAULT_ROWS_PER_CHUNK, empty_stats
@@ -184,7 +185,7 @@ def anneal(model, x: torch.Tensor, z: torch.Tensor, *, betas: torch.Tensor,
            step_size: float = DEFAULT_AIS.step_size, adaptation: str = DEFAULT_AIS.adaptation,
            adaptation_rate: float = DEFAULT_AIS.adaptation_rate, min_step_size: float = DEFAULT_AIS.min_step_size,
            max_step_size: float = DEFAULT_AIS.max_step_size, chunk_size: int | None = None,
-           generator: torch.Generator | None,
+           generator: RandomStream | None,
            callback: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Move chains z (C, B, Z) along ``betas`` and return their log-weights: the loop behind
     :func:`ais` and :func:`reverse_ais`.
@@ -259,7 +260,7 @@ def _estimate(log_w: torch.Tensor, z: torch.Tensor, diagnostics: dict, *, revers
 
 
 def _initial(init: Posterior | Distribution | None, model, x: torch.Tensor, num_chains: int,
-             latent_size: int | None, generator: torch.Generator | None):
+             latent_size: int | None, generator: RandomStream | None):
     """Initial chains (C, B, Z) and log q (None for the prior)."""
     if init is None:
         latent_size = latent_size or getattr(model, "latent_size", None)
@@ -269,8 +270,8 @@ def _initial(init: Posterior | Distribution | None, model, x: torch.Tensor, num_
         if callable(sample_prior):  # a prior that is not N(0, I), e.g. p(z2) p(z1|z2) of a two-layer model
             z = sample_prior((num_chains, x.shape[0]), generator=generator, dtype=x.dtype, device=x.device)
             return z.detach(), None  # (C, B, Z) ~ p(z)
-        z = torch.randn((num_chains, x.shape[0], latent_size), generator=generator, dtype=x.dtype,
-                        device=x.device)  # (C, B, Z) ~ N(0, I)
+        z = random_normal((num_chains, x.shape[0], latent_size), generator=generator, dtype=x.dtype,
+                          device=x.device, batch_dim=1)  # (C, B, Z) ~ N(0, I)
         return z, None
     posterior = as_posterior(init)
     log_init_fn = _log_prob_fn(posterior)
@@ -287,7 +288,7 @@ def ais(model, x: torch.Tensor, *, init: Posterior | Distribution | None = None,
         target_acceptance: float = DEFAULT_AIS.target_acceptance, step_size: float = DEFAULT_AIS.step_size,
         adaptation: str = DEFAULT_AIS.adaptation, adaptation_rate: float = DEFAULT_AIS.adaptation_rate,
         min_step_size: float = DEFAULT_AIS.min_step_size, max_step_size: float = DEFAULT_AIS.max_step_size,
-        latent_size: int | None = None, chunk_size: int | None = None, generator: torch.Generator | None,
+        latent_size: int | None = None, chunk_size: int | None = None, generator: RandomStream | None,
         callback: Callable[[int], None] | None = None) -> AISEstimate:
     """Forward AIS: a stochastic lower bound on log p(x) per datapoint.
 
@@ -339,7 +340,7 @@ def reverse_ais(model, x: torch.Tensor, z: torch.Tensor, *, init: Posterior | Di
                 target_acceptance: float = DEFAULT_AIS.target_acceptance, step_size: float = DEFAULT_AIS.step_size,
                 adaptation: str = DEFAULT_AIS.adaptation, adaptation_rate: float = DEFAULT_AIS.adaptation_rate,
                 min_step_size: float = DEFAULT_AIS.min_step_size, max_step_size: float = DEFAULT_AIS.max_step_size,
-                chunk_size: int | None = None, generator: torch.Generator | None,
+                chunk_size: int | None = None, generator: RandomStream | None,
                 callback: Callable[[int], None] | None = None) -> AISEstimate:
     """Reverse AIS from exact posterior samples: a stochastic upper bound on log p(x).
 

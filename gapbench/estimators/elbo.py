@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .estimate import Estimate
+from ..posteriors import RandomStream
 from .log_weights import WeightStats, weight_stats
 
 
@@ -20,7 +21,7 @@ def elbo_from_stats(stats: WeightStats) -> Estimate:
 
 
 def elbo(model, posterior, x: torch.Tensor, *, num_samples: int, chunk_size: int | None = None,
-         generator: torch.Generator | None) -> Estimate:
+         generator: RandomStream | None) -> Estimate:
     """Monte Carlo ELBO per datapoint.
 
     Parameters

@@ -19,6 +19,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from ..posteriors import RandomStream, random_normal, random_uniform
+
 LogDensityFn = Callable[[torch.Tensor], torch.Tensor]
 
 DIVERGENCE_THRESHOLD = 1000.0  # an energy error above this (nats) marks a divergent trajectory (BlackJAX's default)
@@ -138,7 +140,7 @@ def _where(mask: torch.Tensor, new: HMCState, old: HMCState) -> HMCState:
 
 
 def hmc_step(state: HMCState, logdensity_fn: LogDensityFn, *, step_size: torch.Tensor | float,
-             num_leapfrog: int, generator: torch.Generator | None,
+             num_leapfrog: int, generator: RandomStream | None,
              inverse_mass: torch.Tensor | None = None, divergence_threshold: float = DIVERGENCE_THRESHOLD,
              chunk_size: int | None = None) -> tuple[HMCState, HMCInfo]:
     """One HMC transition for every chain; it leaves pi invariant (Neal, 2011, section 3.2).
@@ -152,7 +154,8 @@ def hmc_step(state: HMCState, logdensity_fn: LogDensityFn, *, step_size: torch.T
     logdensity_fn : z (..., Z) -> log pi(z) (...); chains must not interact
     step_size : eps, float or tensor broadcastable to (...), one per chain
     num_leapfrog : L, gradient evaluations per transition
-    generator : random stream for the momentum and the accept decision (keyword-only)
+    generator : random stream for the momentum and the accept decision (keyword-only); with
+        ``DatapointStreams`` the datapoints are the last dimension of ``...`` (chains (C, B))
     inverse_mass : diagonal M^{-1}, broadcastable to (..., Z); None is the identity
     divergence_threshold : energy error (nats) above which a trajectory counts as divergent
     chunk_size : evaluate the gradient in chunks along the first dimension (see :func:`value_and_grad`)
@@ -162,7 +165,8 @@ def hmc_step(state: HMCState, logdensity_fn: LogDensityFn, *, step_size: torch.T
     the new state and an :class:`HMCInfo` of per-chain diagnostics
     """
     z = state.z
-    momentum = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)  # (..., Z) ~ N(0, I)
+    momentum = random_normal(z.shape, generator=generator, dtype=z.dtype, device=z.device,
+                             batch_dim=z.ndim - 2)  # (..., Z) ~ N(0, I)
     if inverse_mass is not None:
         momentum = momentum / inverse_mass.sqrt()  # ~ N(0, M)
     proposal, end_momentum = leapfrog(state, momentum, logdensity_fn, step_size=step_size,
@@ -173,8 +177,8 @@ def hmc_step(state: HMCState, logdensity_fn: LogDensityFn, *, step_size: torch.T
     is_finite = torch.isfinite(energy_change)
     energy_change = torch.where(is_finite, energy_change, torch.full_like(energy_change, float("inf")))
     acceptance_rate = torch.exp(torch.clamp(-energy_change, max=0.0))  # (...) in [0, 1]
-    uniform = torch.rand(acceptance_rate.shape, generator=generator, dtype=acceptance_rate.dtype,
-                         device=acceptance_rate.device)  # (...)
+    uniform = random_uniform(acceptance_rate.shape, generator=generator, dtype=acceptance_rate.dtype,
+                             device=acceptance_rate.device, batch_dim=acceptance_rate.ndim - 1)  # (...)
     is_accepted = uniform < acceptance_rate
     is_divergent = energy_change > divergence_threshold
     return _where(is_accepted, proposal, state), HMCInfo(acceptance_rate, is_accepted, is_divergent, energy_change)

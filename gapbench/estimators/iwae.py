@@ -12,6 +12,7 @@ import math
 import torch
 
 from .estimate import Estimate
+from ..posteriors import RandomStream
 from .log_weights import WeightStats, weight_stats
 
 
@@ -29,7 +30,7 @@ def iwae_from_stats(stats: WeightStats) -> Estimate:
 
 
 def iwae(model, posterior, x: torch.Tensor, *, num_samples: int, chunk_size: int | None = None,
-         generator: torch.Generator | None) -> Estimate:
+         generator: RandomStream | None) -> Estimate:
     """IWAE bound with K = ``num_samples`` importance samples per datapoint.
 
     Parameters

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..posteriors import Posterior, as_posterior
+from ..posteriors import Posterior, RandomStream, as_posterior
 
 # Rows (samples x datapoints) per chunk when the caller does not choose. About 4096 rows keeps a
 # chunk's activations in cache while the matmuls stay large: on 2 CPU cores with the paper's decoder,
@@ -20,7 +20,7 @@ DEFAULT_ROWS_PER_CHUNK = 4096
 
 
 def log_weights(model, posterior: Posterior, x: torch.Tensor, *, num_samples: int,
-                generator: torch.Generator | None) -> torch.Tensor:
+                generator: RandomStream | None) -> torch.Tensor:
     """log w = log p(z) + log p(x|z) - log q(z) for z ~ q; returns (K, B). Keeps the autograd graph."""
     z, log_q = posterior.rsample_and_log_prob(num_samples, generator=generator)  # (K, B, Z), (K, B)
     if z.ndim != 3 or z.shape[1] != x.shape[0]:
@@ -80,7 +80,7 @@ def resolve_chunk_size(chunk_size: int | None, num_samples: int, num_datapoints:
 
 @torch.no_grad()
 def weight_stats(model, posterior, x: torch.Tensor, *, num_samples: int, chunk_size: int | None = None,
-                 generator: torch.Generator | None) -> WeightStats:
+                 generator: RandomStream | None) -> WeightStats:
     """Draw ``num_samples`` samples from ``posterior`` in chunks and return their weight statistics.
 
     Parameters

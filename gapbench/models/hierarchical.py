@@ -26,6 +26,17 @@ from .mlp import mlp
 from .vae import Decoder
 
 
+def prior_noise(shape: tuple[int, ...], *, generator, dtype: torch.dtype,
+                device: torch.device | str | None) -> torch.Tensor:
+    """N(0, I) noise of ``shape = (*lead, size)`` from ``generator``: a ``torch.Generator`` (or None), or a
+    per-datapoint stream (anything else with a ``normal(shape, batch_dim=, dtype=)`` method, such as
+    ``gapbench.posteriors.DatapointStreams``), whose datapoints lie on the last leading dimension."""
+    per_datapoint = generator is not None and not isinstance(generator, torch.Generator)
+    if per_datapoint and callable(getattr(generator, "normal", None)):
+        return generator.normal(shape, batch_dim=len(shape) - 2, dtype=dtype).to(device=device)
+    return torch.randn(shape, generator=generator, dtype=dtype, device=device)
+
+
 class HierarchicalDecoder(Decoder):
     """p(z2) p(z1|z2) p(x|z1) over the joint latent z = concat(z1, z2).
 
@@ -75,7 +86,7 @@ class HierarchicalDecoder(Decoder):
     def sample_prior(self, shape: tuple[int, ...], *, generator: torch.Generator | None,
                      dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
         """Ancestral draws z2 ~ N(0, I), z1 ~ p(z1|z2); returns concat(z1, z2) of shape (*shape, Z1 + Z2)."""
-        z2 = torch.randn((*shape, self.latent_size_2), generator=generator, dtype=dtype, device=device)
+        z2 = prior_noise((*shape, self.latent_size_2), generator=generator, dtype=dtype, device=device)
         mean, log_var = self.conditional_prior(z2)  # (*shape, Z1) each
-        noise = torch.randn(mean.shape, generator=generator, dtype=dtype, device=device)
+        noise = prior_noise(tuple(mean.shape), generator=generator, dtype=dtype, device=device)
         return torch.cat([mean + torch.exp(0.5 * log_var) * noise, z2], dim=-1)

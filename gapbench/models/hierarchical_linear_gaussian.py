@@ -25,6 +25,7 @@ import math
 import torch
 from torch.distributions import MultivariateNormal
 
+from .hierarchical import prior_noise
 from .likelihoods import gaussian_log_prob, standard_normal_log_prob
 
 
@@ -90,8 +91,8 @@ class HierarchicalLinearGaussian:
                      dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.Tensor:
         """Ancestral draws z2 ~ N(0, I), z1 ~ p(z1|z2): (*shape, Z1 + Z2)."""
         dtype = self.A.dtype  # the model's precision, whatever the caller's data is
-        z2 = torch.randn((*shape, self.latent_size_2), generator=generator, dtype=dtype)
-        noise = torch.randn((*shape, self.latent_size_1), generator=generator, dtype=dtype)
+        z2 = prior_noise((*shape, self.latent_size_2), generator=generator, dtype=dtype, device=None)
+        noise = prior_noise((*shape, self.latent_size_1), generator=generator, dtype=dtype, device=None)
         return torch.cat([z2 @ self.A.T + self.a + self.var1.sqrt() * noise, z2], dim=-1)
 
     def sample_x(self, z: torch.Tensor, *, generator: torch.Generator | None) -> torch.Tensor:

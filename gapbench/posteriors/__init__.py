@@ -8,14 +8,16 @@ from .flowbase import FlowEncoder, FlowFamily, FlowPosterior
 from .gaussian import DiagonalGaussian
 from .hierarchical import HierarchicalEncoder, HierarchicalFamily, HierarchicalPosterior
 from .iaf import IAFEncoder, IAFFamily, InverseAutoregressiveFlow, made_masks
-from .noise import fork_seed, standard_normal
+from .noise import RandomStream, fork_seed, random_normal, random_uniform, standard_normal
 from .planar import PlanarFlow, PlanarFlowEncoder, PlanarFlowFamily
+from .streams import DatapointStreams
 
 __all__ = [
-    "AuxiliaryCouplingFlow", "AuxiliaryFlowEncoder", "AuxiliaryFlowFamily", "DiagonalGaussian",
+    "AuxiliaryCouplingFlow", "AuxiliaryFlowEncoder", "AuxiliaryFlowFamily", "DatapointStreams", "DiagonalGaussian",
     "DiagonalGaussianFamily", "DistributionPosterior", "ENCODERS", "FAMILIES", "FLOW_FAMILIES", "FlowEncoder",
     "FlowFamily", "FlowPosterior", "GaussianEncoder", "HierarchicalEncoder", "HierarchicalFamily",
     "HierarchicalPosterior", "IAFEncoder", "IAFFamily", "InverseAutoregressiveFlow",
-    "LocalFamily", "PlanarFlow", "PlanarFlowEncoder", "PlanarFlowFamily", "Posterior", "as_posterior",
-    "fork_seed", "get_family", "made_masks", "make_encoder", "make_family", "standard_normal",
+    "LocalFamily", "PlanarFlow", "PlanarFlowEncoder", "PlanarFlowFamily", "Posterior", "RandomStream", "as_posterior",
+    "fork_seed", "get_family", "made_masks", "make_encoder", "make_family", "random_normal", "random_uniform",
+    "standard_normal",
 ]

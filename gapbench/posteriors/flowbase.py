@@ -29,7 +29,7 @@ from torch import nn
 from ..models.likelihoods import standard_normal_log_prob
 from ..models.mlp import ACTIVATIONS, mlp
 from .gaussian import DiagonalGaussian
-from .noise import standard_normal
+from .noise import random_normal, standard_normal
 
 LOG_2 = math.log(2.0)
 
@@ -205,7 +205,8 @@ class FlowFamily:
 def random_weight(num_datapoints: int, shape: tuple[int, int], *, like: torch.Tensor,
                   generator: torch.Generator | None) -> torch.Tensor:
     """(B, O, I) weights with N(0, 1/I) entries (LeCun initialisation), one matrix per datapoint."""
-    w = torch.randn(num_datapoints, *shape, generator=generator, dtype=like.dtype, device=like.device)
+    w = random_normal((num_datapoints, *shape), generator=generator, dtype=like.dtype, device=like.device,
+                      batch_dim=0)  # (B, O, I)
     return w / math.sqrt(shape[1])
 
 

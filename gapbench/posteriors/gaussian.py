@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from .noise import standard_normal
+from .noise import RandomStream, standard_normal
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -30,7 +30,7 @@ class DiagonalGaussian(NamedTuple):
         return torch.exp(0.5 * self.log_var)
 
     def rsample_and_log_prob(
-        self, num_samples: int, *, generator: torch.Generator | None
+        self, num_samples: int, *, generator: RandomStream | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Reparameterised samples z = mean + std * eps and their log-density.
 

@@ -40,7 +40,8 @@ from ..models.likelihoods import standard_normal_log_prob
 from ..models.mlp import ACTIVATIONS, mlp
 from .flowbase import linear
 from .gaussian import LOG_2PI
-from .noise import standard_normal
+from .noise import RandomStream, random_uniform, standard_normal
+from .streams import DatapointStreams
 
 
 def _layer_names(num_layers: int) -> list[tuple[str, str]]:
@@ -84,7 +85,7 @@ class HierarchicalPosterior:
         return mean, log_var
 
     def rsample_and_log_prob(self, num_samples: int, *,
-                             generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+                             generator: RandomStream | None) -> tuple[torch.Tensor, torch.Tensor]:
         """z = concat(z1, z2) (K, B, Z1 + Z2) and log q(z1) + log q(z2|z1) (K, B)."""
         mean1, log_var1 = self.params["mean"], self.params["log_var"]
         z1_size = self.latent_size_1
@@ -176,11 +177,12 @@ class HierarchicalFamily:
 
     def init_params(self, num_datapoints: int, latent_size: int, *, like: torch.Tensor,
                     init_from: HierarchicalPosterior | None = None,
-                    generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                    generator: RandomStream | None = None) -> dict[str, torch.Tensor]:
         """From a hierarchical posterior (the encoder's output, exactly), or from the prior-like start
         q(z1) = N(0, I), q(z2|z1) = N(0, I): g's last layer zero, its hidden layers drawn as torch's
         nn.Linear default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), from ``generator`` (None: seed 0),
-        the same for every datapoint. Returns (B, ...) tensors."""
+        the same for every datapoint (with per-datapoint streams, :class:`DatapointStreams`, each
+        datapoint draws its own from its stream). Returns (B, ...) tensors."""
         if latent_size != self.latent_size_1 + self.latent_size_2:
             raise ValueError(f"latent size {latent_size} is not Z1 + Z2 = {self.latent_size_1 + self.latent_size_2}")
         if init_from is not None:
@@ -203,6 +205,11 @@ class HierarchicalFamily:
                 params[b] = like.new_zeros(num_datapoints, fan_out)
                 continue
             bound = 1.0 / math.sqrt(fan_in)
+            if isinstance(generator, DatapointStreams):  # each datapoint draws its own layer from its stream
+                draw = {"generator": generator, "dtype": like.dtype, "device": like.device, "batch_dim": 0}
+                params[w] = (2 * random_uniform((num_datapoints, fan_out, fan_in), **draw) - 1).to(like.device) * bound
+                params[b] = (2 * random_uniform((num_datapoints, fan_out), **draw) - 1).to(like.device) * bound
+                continue
             weight = (2 * torch.rand(fan_out, fan_in, generator=generator, dtype=like.dtype) - 1) * bound
             bias = (2 * torch.rand(fan_out, generator=generator, dtype=like.dtype) - 1) * bound
             params[w] = weight.to(like.device).expand(num_datapoints, -1, -1).clone()  # (B, O, I)

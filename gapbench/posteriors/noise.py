@@ -6,6 +6,10 @@ import math
 
 import torch
 
+from .streams import DatapointStreams
+
+RandomStream = torch.Generator | DatapointStreams  # what every ``generator=`` keyword accepts
+
 # torch's CPU float32 normal sampler fills blocks of 16 values; a draw whose size is not a multiple
 # of 16 redraws its tail, so two consecutive draws differ from one draw of the combined size. Padding
 # each sample's slice to a multiple of 16 keeps every draw aligned, so K samples drawn at once equal
@@ -16,7 +20,7 @@ _BLOCK = 16
 def standard_normal(
     shape: tuple[int, ...],
     *,
-    generator: torch.Generator | None,
+    generator: RandomStream | None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
@@ -28,12 +32,15 @@ def standard_normal(
     Parameters
     ----------
     shape : (K, *rest)
-    generator : the random stream (keyword-only; ``None`` uses torch's global stream)
+    generator : the random stream (keyword-only; ``None`` uses torch's global stream); with
+        :class:`DatapointStreams` the datapoints lie along dimension 1 and each draws from its own
 
     Returns
     -------
     Tensor of shape ``shape``.
     """
+    if isinstance(generator, DatapointStreams):
+        return generator.normal(shape, batch_dim=1, dtype=dtype)
     num_samples, rest = shape[0], tuple(shape[1:])
     per_sample = math.prod(rest)
     padded = -(-per_sample // _BLOCK) * _BLOCK  # round up to a multiple of the block
@@ -43,6 +50,25 @@ def standard_normal(
     return noise.reshape(num_samples, *rest)  # (K, *rest)
 
 
-def fork_seed(generator: torch.Generator | None) -> int:
+def random_normal(shape: tuple[int, ...], *, generator: RandomStream | None, dtype: torch.dtype,
+                  device: torch.device | str | None, batch_dim: int) -> torch.Tensor:
+    """``torch.randn(shape)`` from ``generator``; with :class:`DatapointStreams`, each datapoint
+    (along ``batch_dim``) draws from its own stream."""
+    if isinstance(generator, DatapointStreams):
+        return generator.normal(shape, batch_dim=batch_dim, dtype=dtype)
+    return torch.randn(shape, generator=generator, dtype=dtype, device=device)
+
+
+def random_uniform(shape: tuple[int, ...], *, generator: RandomStream | None, dtype: torch.dtype,
+                   device: torch.device | str | None, batch_dim: int) -> torch.Tensor:
+    """``torch.rand(shape)`` from ``generator``, per datapoint as :func:`random_normal`."""
+    if isinstance(generator, DatapointStreams):
+        return generator.uniform(shape, batch_dim=batch_dim, dtype=dtype)
+    return torch.rand(shape, generator=generator, dtype=dtype, device=device)
+
+
+def fork_seed(generator: RandomStream | None) -> int:
     """Draw a 62-bit seed from ``generator``, for code that can only use torch's global stream."""
+    if isinstance(generator, DatapointStreams):
+        return generator.fork_seed()
     return int(torch.randint(0, 2**62, (1,), generator=generator).item())

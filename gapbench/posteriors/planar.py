@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .flowbase import FlowEncoder, FlowFamily, InvertibleFlowPosterior
+from .noise import random_normal
 
 LOG_E_MINUS_1 = math.log(math.e - 1.0)  # softplus(LOG_E_MINUS_1) = 1
 
@@ -97,7 +98,8 @@ class PlanarFlowFamily(FlowFamily):
     def identity_params(self, num_datapoints: int, latent_size: int, *, like: torch.Tensor,
                         generator: torch.Generator | None) -> dict[str, torch.Tensor]:
         shape = (num_datapoints, self.num_layers, latent_size)
-        w = torch.randn(shape, generator=generator, dtype=like.dtype, device=like.device) / math.sqrt(latent_size)
+        w = random_normal(shape, generator=generator, dtype=like.dtype, device=like.device,
+                          batch_dim=0) / math.sqrt(latent_size)  # (B, L, Z)
         return {"u": like.new_zeros(shape), "w": w, "b": like.new_zeros(num_datapoints, self.num_layers)}
 
 
