@@ -116,16 +116,6 @@ def _bdmc(args: argparse.Namespace) -> int:
         io.write_csv(Path(args.out), frame)
         print(f"per-datapoint bounds written to {args.out}", file=sys.stderr)
     return 0
-def _table(args: argparse.Namespace) -> int:
-    from .report.build import make_report
-
-    text, written = make_report(args.runs, args.out, figures=False)
-    print(text)
-    if written:
-        print("written: " + ", ".join(str(p) for p in written), file=sys.stderr)
-    return 0
-
-
 def _track(args: argparse.Namespace) -> int:
     from .report.track_figure import track_figure
     from .track import track
@@ -203,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("runs", nargs="+", metavar="RUN_DIR",
                        help="run folders, e.g. one trained with an FFG encoder and one with a flow")
     table.add_argument("--out", help="also write gap_table.md, gap_table.csv and gap_table.tex here")
-    table.set_defaults(func=_table)
+    table.set_defaults(func=_report, compare=None, no_figures=True)  # gapbench report's tables alone
     tr = sub.add_parser("track", help="gaps over training: bounds and gaps of every training snapshot on training "
                                       "and validation datapoints (needs train.snapshot_every)")
     tr.add_argument("run_dir", help="a run trained with train.snapshot_every = N")

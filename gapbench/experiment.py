@@ -517,8 +517,7 @@ class Run:
         own = self.config.model.posterior  # the run's gaps compare L[q] with L[q*] of the encoder's family
         for column in ("elbo_q_star", "elbo_q_star_stderr", "elbo_q_star_ess", "refine_steps", "refine_converged",
                        "refine_diverged"):
-            frame[column] = frame[column.replace("q_star", f"q_star_{own}") if "q_star" in column
-                                  else f"{column}_{own}"]
+            frame[column] = frame[family_column(column, own)]
         candidates = log_px_candidates(self.config)
         frame = decompose(pd.concat([frame, best_bound(frame, candidates)], axis=1))
         flags = tuple(f"refine_diverged_{f}" for f in self.config.refine.families)
@@ -653,13 +652,18 @@ def q_star_column(local: pd.DataFrame) -> str:
     return "elbo_q_star_ffg" if "elbo_q_star_ffg" in local else "elbo_q_star"
 
 
+def family_column(column: str, family: str) -> str:
+    """The local.csv column of ``family`` for an unsuffixed name: elbo_q_star_stderr ->
+    elbo_q_star_<family>_stderr, refine_steps -> refine_steps_<family>."""
+    return column.replace("q_star", f"q_star_{family}") if "q_star" in column else f"{column}_{family}"
+
+
 def _local_in_current_form(local: pd.DataFrame, own: str) -> pd.DataFrame:
     """local.csv as this version writes it: a file from before flows (one family, unsuffixed columns)
     gets its columns suffixed with the encoder's family; one from before refinement flagged divergence
     gets no divergence."""
     if "elbo_q_star" in local and f"elbo_q_star_{own}" not in local:
-        local = local.rename(columns={c: c.replace("q_star", f"q_star_{own}") if "q_star" in c else f"{c}_{own}"
-                                      for c in local.columns})
+        local = local.rename(columns={c: family_column(c, own) for c in local.columns})
     if f"refine_diverged_{own}" not in local:
         local = local.assign(**{f"refine_diverged_{own}": False})
     return local

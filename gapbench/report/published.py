@@ -16,6 +16,8 @@ import json
 import math
 from pathlib import Path
 
+from .tables import table_grid
+
 PUBLISHED_FORMAT = "gapbench-published"
 GAP_NAMES = {"approximation": ("log_px", "elbo_q_star_{family}"), "amortization": ("elbo_q_star_{family}", "elbo_q"),
              "inference": ("log_px", "elbo_q")}
@@ -92,9 +94,7 @@ def comparison_rows(rows: list[dict], summaries: list[dict], table: dict) -> lis
 
 def comparison_markdown(rows: list[dict], *, digits: int = 2) -> str:
     """Quantities down; for each model: ours (mean ± standard error), published, difference."""
-    quantities = list(dict.fromkeys(r["label"] for r in rows))
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    cell = {(r["label"], r["model"]): r for r in rows}
+    quantities, models, cell = table_grid(rows)
     header = ["", *[part for m in models for part in (f"{m} ours", f"{m} paper", "difference")]]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (3 * len(models))]
 

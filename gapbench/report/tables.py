@@ -107,7 +107,8 @@ def column_labels(summaries: Sequence[dict]) -> list[str]:
     return labels
 
 
-def _grid(rows: list[dict]) -> tuple[list[str], list[str], dict[tuple[str, str], dict]]:
+def table_grid(rows: list[dict]) -> tuple[list[str], list[str], dict[tuple[str, str], dict]]:
+    """Long-form rows as a grid: the quantity labels, the model labels (in order), and the rows by (label, model)."""
     quantities = list(dict.fromkeys(r["label"] for r in rows))
     models = list(dict.fromkeys(r["model"] for r in rows))
     return quantities, models, {(r["label"], r["model"]): r for r in rows}
@@ -121,7 +122,7 @@ def _cell(row: dict, digits: int, plus_minus: str) -> str:
 
 def cross_family_markdown(rows: list[dict], *, digits: int = 2) -> str:
     """Markdown: quantities down, models across; cells 'mean ± standard error over datapoints'."""
-    quantities, models, cell = _grid(rows)
+    quantities, models, cell = table_grid(rows)
     lines = ["| | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
     for q in quantities:
         lines.append(f"| {q} | " + " | ".join(_cell(cell[q, m], digits, " ± ") for m in models) + " |")
@@ -157,7 +158,7 @@ def _latex_model(model: str) -> str:
 
 def cross_family_latex(rows: list[dict], *, digits: int = 2) -> str:
     """A booktabs LaTeX tabular laid out like Cremer et al. (2018, Table 2), mean ± standard error."""
-    quantities, models, cell = _grid(rows)
+    quantities, models, cell = table_grid(rows)
     lines = [r"\begin{tabular}{l" + "r" * len(models) + "}", r"\toprule",
              " & ".join(["", *[_latex_model(m) for m in models]]) + r" \\", r"\midrule"]
     for q in quantities:
