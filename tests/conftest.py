@@ -34,3 +34,13 @@ def torch_threads(num_threads: int):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a whole module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    its tensors are small, and on a shared 2-core machine two threads that wait for each other make
+    tiny models 5 to 10 times slower; module-wide, so every run in the module agrees."""
+    with torch_threads(1):
+        yield
+

@@ -14,13 +14,7 @@ from gapbench.posteriors import DiagonalGaussian
 from conftest import make_linear_gaussian
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are small; on a shared 2-core machine a second BLAS thread only adds waiting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per module
 
 
 def mean_and_stderr(values: torch.Tensor) -> tuple[float, float]:

@@ -17,7 +17,6 @@ import gapbench.experiment as experiment
 import gapbench.io as io
 from gapbench.cli import main
 
-from conftest import torch_threads
 from gapbench.data import load_dataset, write_idx
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,12 +32,7 @@ def finished_run(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """End-to-end runs of tiny models: one torch thread (two threads that wait for each other on a
-    shared 2-core machine make them 5 to 10 times slower). Module-wide, so every run agrees."""
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per module
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -12,7 +12,6 @@ import torch
 from gapbench.check import CheckError, compare, z_threshold
 from gapbench.cli import main
 
-from conftest import torch_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "experiments" / "digits.toml"
@@ -22,12 +21,7 @@ QUANTITIES = {"bounds": ("elbo_q", "elbo_q_star", "log_px"), "gaps": ("approxima
               "other_bounds": ("iwae_q", "iwae_q_star")}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """End-to-end runs of tiny models: one torch thread (two threads that wait for each other on a
-    shared 2-core machine make them 5 to 10 times slower). Module-wide, so every run agrees."""
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per module
 
 
 def summary(means: dict[str, float] | None = None, mc_stderr: float = 0.01, **extra) -> dict:

@@ -7,7 +7,6 @@ import shutil
 import pandas as pd
 import pytest
 import torch
-from conftest import torch_threads
 from test_cli import DIGITS, QUICK
 
 from gapbench.cli import main
@@ -19,10 +18,7 @@ CURVE = ["--set", "curve.enabled=true", "--set", "curve.steps=[0,1,3,10]", "--se
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per module
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,7 @@ from gapbench.posteriors import HierarchicalEncoder, HierarchicalFamily, Hierarc
 from gapbench.refine import refine
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per module
 
 
 def make_model(data_size=8, z1=3, z2=2, num_datapoints=6, seed=0):

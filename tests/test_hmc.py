@@ -9,13 +9,7 @@ import torch
 from gapbench.estimators.hmc import HMCState, hmc_init, hmc_step, kinetic_energy, leapfrog, value_and_grad
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny; on a shared 2-core machine a second BLAS thread only adds waiting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per module
 
 
 def oscillator(z):

@@ -1,7 +1,6 @@
 """The 2-D posterior figure's numbers against closed forms, and the figure on a small saved run."""
 
 import pytest
-import torch
 
 from gapbench.posteriors import DiagonalGaussian
 from gapbench.report.posterior_figure import kl_on_grid, main, true_posterior_grid

@@ -16,7 +16,6 @@ import torch
 
 from gapbench.cli import main
 
-from conftest import torch_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "experiments" / "digits.toml"
@@ -30,12 +29,7 @@ RESULTS = ("summary.json", "datapoints.csv", "table.md", "amortized.csv", "local
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """End-to-end runs of tiny models: one torch thread (two threads that wait for each other on a
-    shared 2-core machine make them 5 to 10 times slower). Module-wide, so every run agrees."""
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per module
 
 
 @pytest.fixture(scope="module")
