@@ -134,7 +134,8 @@ def _track(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from .report.build import make_report
 
-    text, written = make_report(args.runs, args.out, compare=args.compare, figures=not args.no_figures)
+    text, written = make_report(args.runs, args.out, compare=args.compare, transcription=args.transcription,
+                                figures=not args.no_figures)
     print(text)
     if written:
         print("written: " + ", ".join(str(p) for p in written), file=sys.stderr)
@@ -193,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("runs", nargs="+", metavar="RUN_DIR",
                        help="run folders, e.g. one trained with an FFG encoder and one with a flow")
     table.add_argument("--out", help="also write gap_table.md, gap_table.csv and gap_table.tex here")
-    table.set_defaults(func=_report, compare=None, no_figures=True)  # gapbench report's tables alone
+    table.set_defaults(func=_report, compare=None, transcription=None, no_figures=True)  # gapbench report's tables alone
     tr = sub.add_parser("track", help="gaps over training: bounds and gaps of every training snapshot on training "
                                       "and validation datapoints (needs train.snapshot_every)")
     tr.add_argument("run_dir", help="a run trained with train.snapshot_every = N")
@@ -206,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="finished run folders")
     report.add_argument("--compare", metavar="PAPER_TABLE",
                         help="a published table, e.g. results/published/cremer2018_table2.json")
+    report.add_argument("--transcription", metavar="NAME",
+                        help="compare with this transcription of the published table only (default: every one, "
+                             "each shown by name where they disagree)")
     report.add_argument("--out", help="write gap_table.{md,csv,tex}, comparison.{md,csv} and the figures "
                                       "(gap_bars, gap_distributions; PNG and PDF) here")
     report.add_argument("--no-figures", action="store_true", help="tables only")

@@ -29,14 +29,35 @@ def two_runs(tmp_path_factory):
 def test_the_committed_published_table_names_its_source_and_is_self_consistent():
     table = load_published(PAPER)
     assert table["source"]["table"].startswith("Table 2") and "Cremer" in table["source"]["authors"]
-    assert set(table["tables"]) == {"mnist", "fashion-mnist"}
+    assert table["verified"] is False  # nobody here has checked it against the PDF
+    assert set(table["transcriptions"]) == {"A", "B"}
+    for entry in table["transcriptions"].values():
+        assert entry["verified"] is False and entry["provenance"]
+        assert set(entry["tables"]) == {"mnist", "fashion-mnist"}
     assert gap_consistency(table) == []  # every gap is the difference of its bounds, to rounding
+
+
+def test_the_two_transcriptions_differ_exactly_in_the_rows_issue_14_names():
+    """A and B agree on log p(x) and both L[q*] rows; they differ in L[q] (and the gaps made from it) of
+    Fashion-MNIST FFG and flow and of MNIST flow."""
+    a, b = (load_published(PAPER)["transcriptions"][name]["tables"] for name in ("A", "B"))
+    differ = {(d, f, q) for d in a for f in a[d] for q in a[d][f] if a[d][f][q] != b[d][f][q]}
+    assert differ == {(d, f, q) for d, f in [("fashion-mnist", "ffg"), ("fashion-mnist", "flow"), ("mnist", "flow")]
+                      for q in ("elbo_q", "amortization", "inference")}
+    assert b["fashion-mnist"]["ffg"]["elbo_q"] == -104.75 and a["fashion-mnist"]["ffg"]["elbo_q"] == -101.60
+
+
+def test_one_transcription_can_be_chosen_and_an_unknown_one_is_refused():
+    table = load_published(PAPER, transcription="B")
+    assert list(table["transcriptions"]) == ["B"]
+    with pytest.raises(PublishedError, match="has no transcription 'C'; it has A, B"):
+        load_published(PAPER, transcription="C")
 
 
 def test_gap_consistency_catches_a_mistyped_number():
     table = load_published(PAPER)
-    table["tables"]["mnist"]["ffg"]["amortization"] = 1.43
-    assert gap_consistency(table) == ["mnist/ffg: amortization 1.43 but elbo_q_star_ffg - elbo_q = 1.34"]
+    table["transcriptions"]["B"]["tables"]["mnist"]["ffg"]["amortization"] = 1.43
+    assert gap_consistency(table) == ["B: mnist/ffg: amortization 1.43 but elbo_q_star_ffg - elbo_q = 1.34"]
 
 
 def _published(tmp_path, tables) -> Path:
@@ -72,6 +93,37 @@ def test_report_puts_ours_beside_the_published_numbers(two_runs, tmp_path, capsy
     assert (out / "gap_bars.png").read_bytes()[:4] == b"\x89PNG" and (out / "gap_bars.pdf").read_bytes()[:4] == b"%PDF"
 
 
+def test_where_transcriptions_disagree_the_comparison_shows_each_by_name(two_runs, tmp_path, capsys):
+    ffg_run, flow_run = two_runs
+    path = tmp_path / "two.json"
+    column = {"log_px": -30.0, "elbo_q": -31.0}
+    path.write_text(json.dumps({
+        "format": "gapbench-published", "format_version": 2, "verified": False,
+        "source": {"authors": "A. Author", "title": "A test table", "table": "Table 9"},
+        "transcriptions": {
+            "first": {"provenance": "typed in", "verified": False, "tables": {"digits": {"ffg": column}}},
+            "second": {"provenance": "remembered", "verified": True,
+                       "tables": {"digits": {"ffg": {**column, "elbo_q": -32.5}}}}}}))
+    out = tmp_path / "report"
+    assert main(["report", str(ffg_run), str(flow_run), "--compare", str(path), "--out", str(out),
+                 "--no-figures"]) == 0
+    printed = capsys.readouterr().out
+    assert "NOT verified against the paper: first" in printed and "remembered" in printed
+    elbo_q = json.loads((ffg_run / "summary.json").read_text())["bounds"]["elbo_q"]["mean"]
+    assert f"| first -31.00 / second -32.50 | first {elbo_q + 31:+.2f} / second {elbo_q + 32.5:+.2f} |" in printed
+    rows = pd.read_csv(out / "comparison.csv")
+    row = rows[(rows.quantity == "elbo_q") & (rows.encoder_family == "ffg")].iloc[0]
+    assert np.isnan(row.published) and not row.transcriptions_agree  # no single "paper" number
+    assert row.published_second == -32.5 and row.difference_first == pytest.approx(elbo_q + 31.0)
+    row = rows[(rows.quantity == "log_px") & (rows.encoder_family == "ffg")].iloc[0]
+    assert row.published == -30.0 and row.transcriptions_agree
+    assert "transcriptions first, second" in (out / "comparison.md").read_text()
+    # one of them only
+    assert main(["report", str(ffg_run), "--compare", str(path), "--transcription", "second", "--no-figures"]) == 0
+    printed = capsys.readouterr().out
+    assert "first" not in printed and f"| -32.50 | {elbo_q + 32.5:+.2f} |" in printed
+
+
 def test_figure_numbers_are_the_summarys(two_runs):
     """The bars of the encoder's own family are the summary's gaps."""
     for run in two_runs:
@@ -93,6 +145,9 @@ def test_report_against_a_table_for_another_dataset_exits_2(two_runs, capsys):
     ("{not json", "cannot be read as JSON"),
     ('{"format": "other"}', "is not a gapbench published table"),
     ('{"format": "gapbench-published", "tables": {"digits": {}}}', "does not name its source"),
+    ('{"format": "gapbench-published", "format_version": 7}', "has format_version 7, which this gapbench does not read"),
+    ('{"format": "gapbench-published", "format_version": 2, "source": {"authors": "a", "title": "t", "table": "1"}, '
+     '"transcriptions": {"A": {"tables": {"digits": {"ffg": {"log_px": -90}}}}}}', "must give its provenance"),
     ('{"format": "gapbench-published", "source": {"authors": "a", "title": "t", "table": "1"}, '
      '"tables": {"digits": {"ffg": {"log_px": "-90"}}}}', "must map quantities to numbers (not numbers: log_px)"),
 ])

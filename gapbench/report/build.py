@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 from .. import io
-from .published import (PublishedError, comparison_csv, comparison_markdown, comparison_rows, gap_consistency,
-                        load_published, source_line)
+from .published import (PublishedError, comparison_csv, comparison_markdown, comparison_rows, datasets_of,
+                        gap_consistency, has_published, load_published, source_line, transcription_lines)
 from .tables import column_labels, cross_family_csv, cross_family_latex, cross_family_markdown, cross_family_rows
 
 NOTE = "(mean ± standard error over datapoints, nats; gaps use each model's encoder family)"
@@ -35,23 +35,36 @@ def pairing_note(summaries: list[dict]) -> str:
         "their columns are not paired.\n")
 
 
+def provenance_note(table: dict) -> str:
+    """Which transcriptions of the published table the comparison uses, and whether each was verified."""
+    names = list(table["transcriptions"])
+    unverified = [n for n in names if not table["transcriptions"][n]["verified"]]
+    head = (f"transcription{'s' if len(names) > 1 else ''} {', '.join(names)}"
+            + (" (where they differ, each is shown by name)" if len(names) > 1 else ""))
+    warning = (f"; NOT verified against the paper: {', '.join(unverified)}" if unverified else "")
+    return head + warning + ".\n" + "\n".join(f"- {line}" for line in transcription_lines(table))
+
+
 def make_report(run_dirs: list[str | Path], out: str | Path | None, *, compare: str | Path | None = None,
-                figures: bool = True) -> tuple[str, list[Path]]:
-    """The report's text (printed by the CLI) and the files written under ``out`` (none without it)."""
+                transcription: str | None = None, figures: bool = True) -> tuple[str, list[Path]]:
+    """The report's text (printed by the CLI) and the files written under ``out`` (none without it).
+
+    ``compare``: a published table; ``transcription``: compare with that one of its transcriptions only
+    (default: all, with every one's number where they disagree)."""
     summaries = read_summaries(run_dirs)
-    table = load_published(compare) if compare is not None else None
+    table = load_published(compare, transcription=transcription) if compare is not None else None
     rows = cross_family_rows(summaries)
     note = pairing_note(summaries)
     text = cross_family_markdown(rows) + "\n" + NOTE + note
     comparison = None
     if table is not None:
         comparison = comparison_rows(rows, summaries, table)
-        if all(r["published"] is None for r in comparison):
+        if not any(has_published(r) for r in comparison):
             datasets = sorted({r["dataset"] for r in comparison})
             raise PublishedError(f"{compare} has no numbers for these runs (datasets {', '.join(datasets)}; it has "
-                                 f"{', '.join(table['tables'])}); compare with a table for the same dataset")
-        text += ("\n\nBeside " + source_line(table) + " (difference: ours − paper):\n\n"
-                 + comparison_markdown(comparison))
+                                 f"{', '.join(datasets_of(table))}); compare with a table for the same dataset")
+        text += ("\n\nBeside " + source_line(table) + " (difference: ours − paper), "
+                 + provenance_note(table) + "\n\n" + comparison_markdown(comparison))
         for problem in gap_consistency(table):
             text += f"\nwarning: published table not self-consistent: {problem}"
     written: list[Path] = []
@@ -64,7 +77,7 @@ def make_report(run_dirs: list[str | Path], out: str | Path | None, *, compare: 
             io.write_text(out / name, content)
             written.append(out / name)
         if comparison is not None:
-            io.write_text(out / "comparison.md", comparison_markdown(comparison))
+            io.write_text(out / "comparison.md", comparison_markdown(comparison) + "\n" + provenance_note(table) + "\n")
             io.write_text(out / "comparison.csv", comparison_csv(comparison))
             written += [out / "comparison.md", out / "comparison.csv"]
         if figures:
