@@ -19,6 +19,7 @@ from .data import check_finite
 from .estimators import AISEstimate, AISProcedure, Estimate, elbo_from_stats, iwae_from_stats, weight_stats
 from .estimators.ais import DEFAULT_AIS
 from .gaps import gap_frame, summarize
+from .log_px import selected_log_px
 from .posteriors import (DatapointStreams, DiagonalGaussian, FlowFamily, FlowPosterior, HierarchicalFamily,
                          HierarchicalPosterior, LocalFamily, RandomStream, as_posterior, get_family)
 from .refine import RefineResult, refine
@@ -200,6 +201,41 @@ def ais_of(model, x: torch.Tensor, *, init: str = "encoder", encoder: Callable |
                               callback=callback)
 
 
+def fresh_estimators(model, x: torch.Tensor, *, encoder: Callable, family: LocalFamily,
+                     q_star_params: dict[str, torch.Tensor], num_samples: int, chunk_size: int | None,
+                     ais: dict | None, generator: RandomStream | None,
+                     names: tuple[str, str] = ("iwae_q", "iwae_q_star")) -> dict[str, Callable]:
+    """The fresh estimators of ``gapbench.log_px.fresh_estimate`` for the datapoints of x (B, D): IWAE-K
+    under q (``names[0]``) and under q* of ``family`` with ``q_star_params`` (``names[1]``), and, with
+    ``ais`` (keyword arguments of :func:`ais_of` but ``generator``), AIS ("ais"). Each takes positions
+    (n,) into x. With per-datapoint streams a subset draws from its datapoints' streams; otherwise
+    from ``generator``, after the pilot's draws (so independent of them)."""
+    def streams(positions: torch.Tensor) -> RandomStream | None:
+        return generator.select(positions) if isinstance(generator, DatapointStreams) else generator
+
+    def under_q(positions: torch.Tensor) -> Estimate:
+        part = x[positions.to(x.device)]
+        return iwae_from_stats(weight_stats(model, amortized_posterior(encoder, part), part, num_samples=num_samples,
+                                            chunk_size=chunk_size, generator=streams(positions)))
+
+    def under_q_star(positions: torch.Tensor) -> Estimate:
+        part = x[positions.to(x.device)]
+        q_star = family.posterior({k: v[positions.to(v.device)] for k, v in q_star_params.items()})
+        return iwae_from_stats(weight_stats(model, q_star, part, num_samples=num_samples, chunk_size=chunk_size,
+                                            generator=streams(positions)))
+
+    fns = {names[0]: under_q, names[1]: under_q_star}
+    if ais is not None:
+        def by_ais(positions: torch.Tensor) -> Estimate:
+            start = dict(ais)
+            if start.get("q_star") is not None:
+                start["q_star"] = family.posterior({k: v[positions.to(v.device)] for k, v in q_star_params.items()})
+            estimate = ais_of(model, x[positions.to(x.device)], **start, generator=streams(positions))
+            return Estimate(estimate.value, estimate.stderr, estimate.ess)
+        fns["ais"] = by_ais
+    return fns
+
+
 def ais_diagnostics(estimate: AISEstimate) -> dict[str, torch.Tensor]:
     """The per-datapoint AIS diagnostics as columns: acceptance rate, final step size, divergences."""
     return {"ais_acceptance_rate": estimate.acceptance_rate, "ais_step_size": estimate.step_size,
@@ -269,11 +305,14 @@ def measure_gaps(model, encoder: Callable, x: torch.Tensor, *, family: str | Loc
               "iwae_q_star": local.iwae}
     extra: dict = {"refine_steps": result.num_steps, "refine_converged": result.is_converged,
                    "refine_diverged": result.is_diverged}
+    ais_start = None
     if ais is not None:
-        estimate = ais_of(model, x, init=ais_init, encoder=encoder, q_star=q_star, procedure=ais,
-                          generator=generator)
+        ais_start = {"init": ais_init, "encoder": encoder, "q_star": q_star, "procedure": ais}
+        estimate = ais_of(model, x, **ais_start, generator=generator)
         bounds["ais"] = estimate
         extra.update(ais_diagnostics(estimate))
-    frame = gap_frame(bounds, log_px_candidates=tuple(n for n in bounds if n.startswith(("iwae", "ais"))),
-                      extra=extra)
+    fresh = fresh_estimators(model, x, encoder=encoder, family=resolve_family(family), q_star_params=result.params,
+                             num_samples=num_samples, chunk_size=chunk_size, ais=ais_start, generator=generator)
+    candidates = tuple(n for n in bounds if n.startswith(("iwae", "ais")))
+    frame = gap_frame(bounds, log_px=lambda pilot: selected_log_px(pilot, candidates, fresh), extra=extra)
     return frame, summarize(frame)
