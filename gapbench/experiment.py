@@ -20,6 +20,8 @@ Files of a run folder:
     local.csv, local.pt   per datapoint and local family f of refine.families: L[q*_f], IWAE under q*_f,
                        refinement steps and flags (columns suffixed _f); the q* parameters ({f: {name: tensor}})
     ais.csv            per datapoint: AIS estimate of log p(x) with standard error, ESS and HMC diagnostics
+    log_px.csv         per datapoint: log p_hat(x), a fresh draw of the estimator chosen on the pilot bounds of
+                       amortized.csv, local.csv and ais.csv (``gapbench.log_px``), with stderr, ESS and source
     curve.csv          with curve.enabled, per datapoint and step count k: the ELBO after k SVI steps from
                        the encoder's output and the fraction of the amortization gap closed
     datapoints.csv     everything per datapoint, with log p_hat(x), the three gaps and numerical faults
@@ -53,8 +55,9 @@ from .curves import curve_frame, refinement_curve, summarize_curve
 from .data import Dataset, binarize, check_binary, check_levels, check_values, load_dataset
 from .device import row_bytes, rows_that_fit, samples_per_chunk
 from .distributed import ONE_PROCESS, Ranks, broadcast, close_ranks, gather, init_ranks, shard
-from .gaps import NO_FAULT, best_bound, decompose, estimate_columns, find_faults, summarize, summarize_column
-from .measure import ais_diagnostics, ais_of, bounds_of, effective_procedure, local_posterior
+from .gaps import NO_FAULT, decompose, estimate_columns, find_faults, summarize, summarize_column
+from .log_px import method_description, selected_log_px
+from .measure import ais_diagnostics, ais_of, bounds_of, effective_procedure, fresh_estimators, local_posterior
 from .models import ConvDecoder, ConvTrunk, Decoder, DecoderBase, HierarchicalDecoder
 from .posteriors import (DatapointStreams, HierarchicalEncoder, HierarchicalFamily, LocalFamily, make_encoder,
                          make_family)
@@ -67,7 +70,7 @@ __all__ = ["CHECKPOINT_FORMAT", "Run", "RunError", "build_networks", "datapoint_
            "stage_seed"]
 
 # The random stream of each stage, fixed by name: adding a stage changes no other stage's numbers.
-STAGE_STREAMS = {"train": 1, "amortized": 2, "local": 3, "report": 4, "ais": 5, "curve": 6}
+STAGE_STREAMS = {"train": 1, "amortized": 2, "local": 3, "report": 4, "ais": 5, "curve": 6, "log_px": 7}
 # Training saves train_state.pt at most this often: a save costs 20 ms (digits) to 100 ms (the
 # paper's Fashion-MNIST model), so this keeps it under 1% of training time; a kill loses at most this.
 TRAIN_STATE_SECONDS = 10.0
@@ -156,8 +159,8 @@ def local_family(config: ExperimentConfig, name: str) -> LocalFamily:
 
 
 def log_px_candidates(config: ExperimentConfig) -> tuple[str, ...]:
-    """The bounds whose per-datapoint maximum is log p_hat(x): IWAE under q and under every q*, and AIS
-    when the AIS stage runs."""
+    """The estimators log p_hat(x) chooses from per datapoint (``gapbench.log_px``): IWAE under q and
+    under every q*, and AIS when the AIS stage runs."""
     return ("iwae_q", *[f"iwae_q_star_{f}" for f in config.refine.families],
             *(("ais",) if config.ais.enabled else ()))
 
@@ -474,6 +477,52 @@ class Run:
             self.folder.finish("ais", time.perf_counter() - start)
         return frame
 
+    def log_px_stage(self, decoder, encoder, x: torch.Tensor, pilot: pd.DataFrame | None) -> pd.DataFrame:
+        """log p_hat(x) for every datapoint: the estimator chosen on the pilot bounds (``pilot``, rank 0's
+        frame of amortized.csv, local.csv and ais.csv side by side), drawn again from the datapoint's
+        streams of this stage, one part per estimator (``gapbench.log_px.selected_log_px``, as
+        ``measure_gaps``)."""
+        path = self.dir / "log_px.csv"
+        if self._is_finished("log_px"):
+            self.log(f"[log_px] skipped: finished ({path})")
+            return io.read_csv(path) if self.ranks.is_main else None
+        if self.ranks.is_main:
+            self.folder.start("log_px")
+        c = self.config
+        candidates = log_px_candidates(c)
+        columns = [n for name in candidates for n in (name, f"{name}_stderr", f"{name}_ess")]
+        if self.ranks.is_main and "ais_unhealthy" in pilot:
+            columns.append("ais_unhealthy")
+        pilot = broadcast(pilot[columns] if self.ranks.is_main else None, self.ranks)  # every rank chooses
+        saved = torch.load(self.dir / "local.pt", weights_only=True) if self.ranks.is_main else None
+        if saved is not None:  # one family's tensors at the top level: a folder from before flows
+            saved = {f: saved.get(f, saved) for f in c.refine.families}
+        q_star_params = broadcast(saved, self.ranks)
+        a = c.ais
+        start = time.perf_counter()
+        frames = []
+        for offset, batch in self._batches(x):
+            rows = slice(offset, offset + batch.shape[0])
+            q_stars = {f"iwae_q_star_{f}": (local_family(c, f), {k: v[rows].to(self.device) for k, v in
+                                                                 q_star_params[f].items()})
+                       for f in c.refine.families}
+            ais = None if not a.enabled else {
+                "init": a.init, "encoder": encoder, "procedure": a.procedure(),
+                "q_star": f"iwae_q_star_{c.model.posterior}" if a.init == "q_star" else None,
+                "chunk_size": self._chunk_size(batch.shape[0], with_gradient=True)}
+
+            def streams(name: str, positions: torch.Tensor, offset: int = offset) -> DatapointStreams:
+                return datapoint_streams(c.seed, "log_px", (positions + offset).tolist(), self.device, part=name)
+            fns = fresh_estimators(decoder, batch, encoder=encoder, q_stars=q_stars, num_samples=c.eval.num_samples,
+                                   chunk_size=self._chunk_size(batch.shape[0], with_gradient=False), ais=ais,
+                                   streams=streams)
+            frames.append(selected_log_px(pilot.iloc[rows].reset_index(drop=True), candidates, fns))
+        frame = self._gather(frames)
+        if self.ranks.is_main:
+            io.write_csv(path, frame)
+            self.folder.finish("log_px", time.perf_counter() - start)
+        return frame
+
     def curve_stage(self, decoder, encoder, x: torch.Tensor, local: pd.DataFrame) -> pd.DataFrame | None:
         """The refinement curve of every datapoint (``gapbench.curves``); None when ``curve.enabled`` is
         false. The fraction of the gap closed uses L[q*] of the local stage."""
@@ -506,22 +555,27 @@ class Run:
             self.folder.finish("curve", time.perf_counter() - start)
         return frame
 
+    def _pilot(self, amortized: pd.DataFrame, local: pd.DataFrame, ais: pd.DataFrame | None) -> pd.DataFrame:
+        """amortized.csv, local.csv (in this version's form) and ais.csv side by side: the pilot bounds."""
+        local = _local_in_current_form(local, self.config.model.posterior)
+        return pd.concat([amortized, local] + ([ais] if ais is not None else []), axis=1)
+
     def report_stage(self, x: torch.Tensor, amortized: pd.DataFrame, local: pd.DataFrame,
-                     ais: pd.DataFrame | None, curve: pd.DataFrame | None, dataset: Dataset, training: dict) -> dict:
+                     ais: pd.DataFrame | None, log_px: pd.DataFrame, curve: pd.DataFrame | None, dataset: Dataset,
+                     training: dict) -> dict:
         if self.folder.is_finished("report"):
             self.log(f"[report] skipped: finished ({self.dir / 'summary.json'})")
             return json.loads((self.dir / "summary.json").read_text())
         self.folder.start("report")
-        local = _local_in_current_form(local, self.config.model.posterior)
-        frame = pd.concat([amortized, local] + ([ais] if ais is not None else []), axis=1)
+        frame = pd.concat([self._pilot(amortized, local, ais), log_px], axis=1)
         own = self.config.model.posterior  # the run's gaps compare L[q] with L[q*] of the encoder's family
         for column in ("elbo_q_star", "elbo_q_star_stderr", "elbo_q_star_ess", "refine_steps", "refine_converged",
                        "refine_diverged"):
             frame[column] = frame[family_column(column, own)]
         candidates = log_px_candidates(self.config)
-        frame = decompose(pd.concat([frame, best_bound(frame, candidates)], axis=1))
+        frame = decompose(frame)
         flags = tuple(f"refine_diverged_{f}" for f in self.config.refine.families)
-        frame["fault"] = find_faults(frame, ("elbo_q", "elbo_q_star", *candidates), flags=flags)
+        frame["fault"] = find_faults(frame, ("elbo_q", "elbo_q_star", *candidates, "log_px"), flags=flags)
         frame.insert(0, "index", np.arange(len(frame)))
         io.write_csv(self.dir / "datapoints.csv", frame)
         summary = self.summary(frame, x, dataset, training)
@@ -548,6 +602,8 @@ class Run:
             summary["bounds"][column] = summarize_column(usable[column], usable[f"{column}_stderr"])
         summary["other_bounds"] = {name: summarize_column(usable[name], usable[f"{name}_stderr"])
                                    for name in candidates}
+        # the per-datapoint max of the pilot bounds: biased upward (a max of noisy estimates), in no gap
+        summary["other_bounds"]["max_pilot_bound"] = summarize_column(usable["max_pilot_bound"])
         summary["log_px_source_counts"] = {k: int(v) for k, v in usable["log_px_source"].value_counts().items()}
         summary["refinement"] = {name: {
             "mean_steps": float(frame[f"refine_steps_{name}"].mean()),
@@ -581,7 +637,7 @@ class Run:
             "chunk_size": c.eval.chunk_size,
             "random_streams": RANDOM_STREAMS,
             "device": self.device.type,
-            "log_px": "per-datapoint max of " + ", ".join(candidates),
+            "log_px": method_description(candidates),
             "encoder_family": c.model.posterior,
             "refinement": {"families": list(families), "init": c.refine.init, "preset": c.refine.procedure,
                            "procedures": {name: effective_procedure(local_family(c, name),
@@ -617,8 +673,11 @@ class Run:
                         amortized = self.amortized_stage(decoder, encoder, x)
                         local = self.local_stage(decoder, encoder, x)
                         ais = self.ais_stage(decoder, encoder, x)
+                        log_px = self.log_px_stage(decoder, encoder, x, self._pilot(amortized, local, ais)
+                                                   if self.ranks.is_main else None)
                         curve = self.curve_stage(decoder, encoder, x, local)
-                        summary = self.report_stage(x, amortized, local, ais, curve, dataset, training) \
+                        summary = self.report_stage(x, amortized, local, ais, log_px, curve, dataset,
+                                                    training) \
                             if self.ranks.is_main else None
                         is_done = True
                         return summary

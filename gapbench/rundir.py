@@ -9,6 +9,7 @@ depends on:
     amortized  seed, data, model, train, eval        amortized.csv
     local      ... and refine                        local.pt, local.csv
     ais        ... and ais (it may start from q*)    ais.csv
+    log_px     the same as ais                       log_px.csv
     curve      ... eval, refine (it reads L[q*]), curve  curve.csv (only with curve.enabled)
     report     all of them and name                  datapoints.csv, summary.json, table.md
 
@@ -43,24 +44,27 @@ from typing import Callable, Iterator
 
 from . import io
 
-STAGES = ("train", "amortized", "local", "ais", "curve", "report")
+STAGES = ("train", "amortized", "local", "ais", "log_px", "curve", "report")
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {  # config sections whose values a stage's output depends on
     "train": ("seed", "data", "model", "train"),
     "amortized": ("seed", "data", "model", "train", "eval"),
     "local": ("seed", "data", "model", "train", "eval", "refine"),
     "ais": ("seed", "data", "model", "train", "eval", "refine", "ais"),
+    "log_px": ("seed", "data", "model", "train", "eval", "refine", "ais"),
     "curve": ("seed", "data", "model", "train", "eval", "refine", "curve"),
     "report": ("name", "seed", "data", "model", "train", "eval", "refine", "ais", "curve"),
 }
 STAGE_READS: dict[str, tuple[str, ...]] = {  # the stages whose outputs a stage reads
     "train": (), "amortized": ("train",), "local": ("train",), "ais": ("train", "local"),
-    "curve": ("train", "local"), "report": ("train", "amortized", "local", "ais", "curve"),
+    "log_px": ("train", "amortized", "local", "ais"), "curve": ("train", "local"),
+    "report": ("train", "amortized", "local", "ais", "log_px", "curve"),
 }
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "train": ("checkpoint.pt", "train_history.csv"),
     "amortized": ("amortized.csv",),
     "local": ("local.pt", "local.csv"),
     "ais": ("ais.csv",),
+    "log_px": ("log_px.csv",),
     "curve": ("curve.csv",),
     "report": ("datapoints.csv", "summary.json", "table.md"),
 }

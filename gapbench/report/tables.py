@@ -41,6 +41,9 @@ def gap_table_markdown(summary: dict, *, digits: int = 3) -> str:
         entry = summary[block][key]
         mc = entry.get("mc_stderr", float("nan"))
         lines.append(f"| {label} | {entry['mean']:.{digits}f} | {entry['stderr']:.{digits}f} | {mc:.{digits}f} |")
+    method = summary.get("settings", {}).get("log_px")
+    if method:
+        lines += ["", f"log p̂(x): {method}."]
     faults = summary.get("faults") or {}
     if faults.get("num_faulty"):
         counts = ", ".join(f"{name}: {count}" for name, count in faults["counts"].items())
