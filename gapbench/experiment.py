@@ -20,6 +20,8 @@ Files of a run folder:
     local.csv, local.pt   per datapoint and local family f of refine.families: L[q*_f], IWAE under q*_f,
                        refinement steps and flags (columns suffixed _f); the q* parameters ({f: {name: tensor}})
     ais.csv            per datapoint: AIS estimate of log p(x) with standard error, ESS and HMC diagnostics
+    ais_calibration.json  with ais.calibration_datapoints: the BDMC sandwich width of the AIS settings on data
+                       simulated from the model (``gapbench.calibration``)
     log_px.csv         per datapoint: log p_hat(x), a fresh draw of the estimator chosen on the pilot bounds of
                        amortized.csv, local.csv and ais.csv (``gapbench.log_px``), with stderr, ESS and source
     curve.csv          with curve.enabled, per datapoint and step count k: the ELBO after k SVI steps from
@@ -50,6 +52,7 @@ import torch
 from . import io
 from .checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint, load_train_state,
                           load_weights)
+from .calibration import calibrate_ais, calibration_lines
 from .config import ConfigError, ExperimentConfig
 from .curves import curve_frame, refinement_curve, summarize_curve
 from .data import Dataset, binarize, check_binary, check_levels, check_values, load_dataset
@@ -70,7 +73,8 @@ __all__ = ["CHECKPOINT_FORMAT", "Run", "RunError", "build_networks", "datapoint_
            "stage_seed"]
 
 # The random stream of each stage, fixed by name: adding a stage changes no other stage's numbers.
-STAGE_STREAMS = {"train": 1, "amortized": 2, "local": 3, "report": 4, "ais": 5, "curve": 6, "log_px": 7}
+STAGE_STREAMS = {"train": 1, "amortized": 2, "local": 3, "report": 4, "ais": 5, "curve": 6, "log_px": 7,
+                 "calibration": 8}
 # Training saves train_state.pt at most this often: a save costs 20 ms (digits) to 100 ms (the
 # paper's Fashion-MNIST model), so this keeps it under 1% of training time; a kill loses at most this.
 TRAIN_STATE_SECONDS = 10.0
@@ -477,6 +481,31 @@ class Run:
             self.folder.finish("ais", time.perf_counter() - start)
         return frame
 
+    def calibration_stage(self, decoder, encoder) -> dict | None:
+        """BDMC with the run's AIS settings on ``ais.calibration_datapoints`` datapoints simulated from the
+        model (rank 0; ``gapbench.calibration``); None when that is 0 or AIS is off."""
+        a = self.config.ais
+        if not (a.enabled and a.calibration_datapoints):
+            return None
+        path = self.dir / "ais_calibration.json"
+        if self.folder.is_finished("calibration"):
+            self.log(f"[calibration] skipped: finished ({path})")
+            return json.loads(path.read_text())
+        self.folder.start("calibration")
+        from tqdm.auto import tqdm
+        start = time.perf_counter()
+        with tqdm(total=2 * a.num_steps, desc="AIS calibration (BDMC)", unit="step", disable=not self.progress) as bar:
+            calibration = calibrate_ais(decoder, encoder, num_datapoints=a.calibration_datapoints,
+                                        procedure=a.procedure(), init="prior" if a.init == "prior" else "encoder",
+                                        tolerance=a.calibration_tolerance,
+                                        generator=stage_generator(self.config.seed, "calibration", device=self.device),
+                                        callback=lambda t: bar.update(1))
+        io.write_json(path, calibration)
+        self.folder.finish("calibration", time.perf_counter() - start)
+        for line in calibration_lines(calibration):
+            self.log(f"[calibration] {line}")
+        return calibration
+
     def log_px_stage(self, decoder, encoder, x: torch.Tensor, pilot: pd.DataFrame | None) -> pd.DataFrame:
         """log p_hat(x) for every datapoint: the estimator chosen on the pilot bounds (``pilot``, rank 0's
         frame of amortized.csv, local.csv and ais.csv side by side), drawn again from the datapoint's
@@ -562,7 +591,7 @@ class Run:
 
     def report_stage(self, x: torch.Tensor, amortized: pd.DataFrame, local: pd.DataFrame,
                      ais: pd.DataFrame | None, log_px: pd.DataFrame, curve: pd.DataFrame | None, dataset: Dataset,
-                     training: dict) -> dict:
+                     training: dict, calibration: dict | None = None) -> dict:
         if self.folder.is_finished("report"):
             self.log(f"[report] skipped: finished ({self.dir / 'summary.json'})")
             return json.loads((self.dir / "summary.json").read_text())
@@ -579,6 +608,8 @@ class Run:
         frame.insert(0, "index", np.arange(len(frame)))
         io.write_csv(self.dir / "datapoints.csv", frame)
         summary = self.summary(frame, x, dataset, training)
+        if calibration is not None:
+            summary["ais_calibration"] = calibration
         if curve is not None:
             summary["curve"] = summarize_curve(curve, local[q_star_column(local)].to_numpy())
         io.write_json(self.dir / "summary.json", summary)
@@ -673,11 +704,12 @@ class Run:
                         amortized = self.amortized_stage(decoder, encoder, x)
                         local = self.local_stage(decoder, encoder, x)
                         ais = self.ais_stage(decoder, encoder, x)
+                        calibration = self.calibration_stage(decoder, encoder) if self.ranks.is_main else None
                         log_px = self.log_px_stage(decoder, encoder, x, self._pilot(amortized, local, ais)
                                                    if self.ranks.is_main else None)
                         curve = self.curve_stage(decoder, encoder, x, local)
                         summary = self.report_stage(x, amortized, local, ais, log_px, curve, dataset,
-                                                    training) \
+                                                    training, calibration) \
                             if self.ranks.is_main else None
                         is_done = True
                         return summary
