@@ -528,9 +528,11 @@ class Run:
             saved = {f: saved.get(f, saved) for f in c.refine.families}
         q_star_params = broadcast(saved, self.ranks)
         a = c.ais
+        from tqdm.auto import tqdm
         start = time.perf_counter()
         frames = []
-        for offset, batch in self._batches(x):
+        for offset, batch in tqdm(self._batches(x), desc="log p_hat(x), fresh draws", unit="batch",
+                                  disable=not self.progress):
             rows = slice(offset, offset + batch.shape[0])
             q_stars = {f"iwae_q_star_{f}": (local_family(c, f), {k: v[rows].to(self.device) for k, v in
                                                                  q_star_params[f].items()})
@@ -635,6 +637,17 @@ class Run:
                                    for name in candidates}
         # the per-datapoint max of the pilot bounds: biased upward (a max of noisy estimates), in no gap
         summary["other_bounds"]["max_pilot_bound"] = summarize_column(usable["max_pilot_bound"])
+        k = c.eval.num_samples
+        summary["estimators"] = {  # what produced each bound of "bounds" and "other_bounds"
+            "elbo_q": f"ELBO, {k} samples of the encoder's q", "iwae_q": f"IWAE-{k} under the encoder's q",
+            "elbo_q_star": f"ELBO, {k} samples of q*_{c.model.posterior} (the encoder's family)",
+            **{f"elbo_q_star_{f}": f"ELBO, {k} samples of q*_{f}" for f in families},
+            **{f"iwae_q_star_{f}": f"IWAE-{k} under q*_{f}" for f in families},
+            **({"ais": f"AIS, {c.ais.num_chains} chains x {c.ais.num_steps} steps from {c.ais.init}"}
+               if c.ais.enabled else {}),
+            "log_px": method_description(candidates),
+            "max_pilot_bound": "per-datapoint max of " + ", ".join(candidates) + " (diagnostic: biased upward, in no gap)",
+        }
         summary["log_px_source_counts"] = {k: int(v) for k, v in usable["log_px_source"].value_counts().items()}
         summary["refinement"] = {name: {
             "mean_steps": float(frame[f"refine_steps_{name}"].mean()),
