@@ -34,6 +34,7 @@ Files of a run folder:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -483,7 +484,8 @@ class Run:
 
     def calibration_stage(self, decoder, encoder) -> dict | None:
         """BDMC with the run's AIS settings on ``ais.calibration_datapoints`` datapoints simulated from the
-        model (rank 0; ``gapbench.calibration``); None when that is 0 or AIS is off."""
+        model (rank 0, on the CPU: a few dozen datapoints, and simulation draws on the CPU;
+        ``gapbench.calibration``); None when that is 0 or AIS is off."""
         a = self.config.ais
         if not (a.enabled and a.calibration_datapoints):
             return None
@@ -495,10 +497,11 @@ class Run:
         from tqdm.auto import tqdm
         start = time.perf_counter()
         with tqdm(total=2 * a.num_steps, desc="AIS calibration (BDMC)", unit="step", disable=not self.progress) as bar:
-            calibration = calibrate_ais(decoder, encoder, num_datapoints=a.calibration_datapoints,
+            cpu_decoder, cpu_encoder = (copy.deepcopy(network).cpu() for network in (decoder, encoder))
+            calibration = calibrate_ais(cpu_decoder, cpu_encoder, num_datapoints=a.calibration_datapoints,
                                         procedure=a.procedure(), init="prior" if a.init == "prior" else "encoder",
                                         tolerance=a.calibration_tolerance,
-                                        generator=stage_generator(self.config.seed, "calibration", device=self.device),
+                                        generator=stage_generator(self.config.seed, "calibration"),
                                         callback=lambda t: bar.update(1))
         io.write_json(path, calibration)
         self.folder.finish("calibration", time.perf_counter() - start)
@@ -635,8 +638,9 @@ class Run:
             summary["bounds"][column] = summarize_column(usable[column], usable[f"{column}_stderr"])
         summary["other_bounds"] = {name: summarize_column(usable[name], usable[f"{name}_stderr"])
                                    for name in candidates}
-        # the per-datapoint max of the pilot bounds: biased upward (a max of noisy estimates), in no gap
-        summary["other_bounds"]["max_pilot_bound"] = summarize_column(usable["max_pilot_bound"])
+        # the per-datapoint max of the pilot bounds: biased upward (a max of noisy estimates), in no gap and
+        # no regression check
+        summary["diagnostics"] = {"max_pilot_bound": summarize_column(usable["max_pilot_bound"])}
         k = c.eval.num_samples
         summary["estimators"] = {  # what produced each bound of "bounds" and "other_bounds"
             "elbo_q": f"ELBO, {k} samples of the encoder's q", "iwae_q": f"IWAE-{k} under the encoder's q",

@@ -47,8 +47,9 @@ def test_run_writes_every_file(quick_run, capsys):
                                "adaptation": "datapoint", "adaptation_rate": 0.1, "min_step_size": 1e-4,
                                "max_step_size": 0.5, "calibration_datapoints": 0, "calibration_tolerance": 0.2}
     assert "fresh draw" in settings["log_px"] and "iwae_q, iwae_q_star_ffg, ais" in settings["log_px"]
-    assert set(summary["other_bounds"]) == {"iwae_q", "iwae_q_star_ffg", "ais", "max_pilot_bound"}
-    assert set(summary["estimators"]) >= set(summary["bounds"]) | set(summary["other_bounds"])
+    assert set(summary["other_bounds"]) == {"iwae_q", "iwae_q_star_ffg", "ais"}
+    assert set(summary["diagnostics"]) == {"max_pilot_bound"}
+    assert set(summary["estimators"]) >= set(summary["bounds"]) | set(summary["other_bounds"]) | {"max_pilot_bound"}
     assert 0 < summary["ais"]["mean_acceptance_rate"] < 1
     assert {"torch", "numpy", "gapbench", "python"} <= set(summary["versions"])
     assert summary["data"]["split"]["sizes"]["train"] == 1197

@@ -36,7 +36,7 @@ def test_hierarchical_run_measures_every_bound(hierarchical_run):
     assert settings["encoder_family"] == "hierarchical" and settings["refinement"]["families"] == ["hierarchical"]
     assert settings["refinement"]["procedures"]["hierarchical"]["learning_rate"] == 0.2  # the FFG's preset
     assert summary["faults"]["num_faulty"] == 0
-    assert set(summary["other_bounds"]) == {"iwae_q", "iwae_q_star_hierarchical", "ais", "max_pilot_bound"}
+    assert set(summary["other_bounds"]) == {"iwae_q", "iwae_q_star_hierarchical", "ais"}
     frame = pd.read_csv(hierarchical_run / "datapoints.csv")
     assert len(frame) == 24 and frame[["elbo_q", "elbo_q_star", "ais", "log_px"]].notna().all().all()
     # refinement starts at the encoder's posterior, so it cannot end clearly below it
