@@ -163,7 +163,7 @@ class RefineConfig(Section):
 
 
 class AISConfig(Section):
-    enabled: bool = True  # run the AIS stage; log p_hat(x) then also takes AIS into its max
+    enabled: bool = True  # run the AIS stage; AIS is then one of the estimators log p_hat(x) chooses from
     num_chains: int = Field(16, ge=1)  # C, chains per datapoint (paper: 100)
     num_steps: int = Field(500, ge=1)  # T, annealing steps; T - 1 intermediate distributions (paper: 5000-10000)
     schedule: Literal["linear", "sigmoid"] = "sigmoid"  # spacing of the inverse temperatures
@@ -175,6 +175,8 @@ class AISConfig(Section):
     adaptation_rate: float = Field(0.1, ge=0.0)  # log step-size change per unit of acceptance error (0: fixed)
     min_step_size: float = Field(1e-4, gt=0.0)  # clamp of the adapted step sizes
     max_step_size: float = Field(0.5, gt=0.0)
+    calibration_datapoints: int = Field(0, ge=0)  # BDMC on this many datapoints simulated from the model (0: none)
+    calibration_tolerance: float = Field(0.2, gt=0.0)  # nats of BDMC sandwich width above which the report warns
 
     @model_validator(mode="after")
     def _step_size_within_clamp(self) -> "AISConfig":
@@ -184,7 +186,8 @@ class AISConfig(Section):
         return self
 
     def procedure(self) -> AISProcedure:
-        """The keyword arguments of ``gapbench.ais`` (everything here but ``enabled`` and ``init``)."""
+        """The keyword arguments of ``gapbench.ais`` (everything here but ``enabled``, ``init`` and the
+        ``calibration_*`` keys)."""
         return AISProcedure(**{k: getattr(self, k) for k in AISProcedure._fields})
 
 

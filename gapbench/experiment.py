@@ -20,6 +20,10 @@ Files of a run folder:
     local.csv, local.pt   per datapoint and local family f of refine.families: L[q*_f], IWAE under q*_f,
                        refinement steps and flags (columns suffixed _f); the q* parameters ({f: {name: tensor}})
     ais.csv            per datapoint: AIS estimate of log p(x) with standard error, ESS and HMC diagnostics
+    ais_calibration.json  with ais.calibration_datapoints: the BDMC sandwich width of the AIS settings on data
+                       simulated from the model (``gapbench.calibration``)
+    log_px.csv         per datapoint: log p_hat(x), a fresh draw of the estimator chosen on the pilot bounds of
+                       amortized.csv, local.csv and ais.csv (``gapbench.log_px``), with stderr, ESS and source
     curve.csv          with curve.enabled, per datapoint and step count k: the ELBO after k SVI steps from
                        the encoder's output and the fraction of the amortization gap closed
     datapoints.csv     everything per datapoint, with log p_hat(x), the three gaps and numerical faults
@@ -30,6 +34,7 @@ Files of a run folder:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -48,13 +53,15 @@ import torch
 from . import io
 from .checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint, load_train_state,
                           load_weights)
+from .calibration import calibrate_ais, calibration_lines
 from .config import ConfigError, ExperimentConfig
 from .curves import curve_frame, refinement_curve, summarize_curve
 from .data import Dataset, binarize, check_binary, check_levels, check_values, load_dataset
 from .device import row_bytes, rows_that_fit, samples_per_chunk
 from .distributed import ONE_PROCESS, Ranks, broadcast, close_ranks, gather, init_ranks, shard
-from .gaps import NO_FAULT, best_bound, decompose, estimate_columns, find_faults, summarize, summarize_column
-from .measure import ais_diagnostics, ais_of, bounds_of, effective_procedure, local_posterior
+from .gaps import NO_FAULT, decompose, estimate_columns, find_faults, summarize, summarize_column
+from .log_px import method_description, selected_log_px
+from .measure import ais_diagnostics, ais_of, bounds_of, effective_procedure, fresh_estimators, local_posterior
 from .models import ConvDecoder, ConvTrunk, Decoder, DecoderBase, HierarchicalDecoder
 from .posteriors import (DatapointStreams, HierarchicalEncoder, HierarchicalFamily, LocalFamily, make_encoder,
                          make_family)
@@ -67,7 +74,8 @@ __all__ = ["CHECKPOINT_FORMAT", "Run", "RunError", "build_networks", "datapoint_
            "stage_seed"]
 
 # The random stream of each stage, fixed by name: adding a stage changes no other stage's numbers.
-STAGE_STREAMS = {"train": 1, "amortized": 2, "local": 3, "report": 4, "ais": 5, "curve": 6}
+STAGE_STREAMS = {"train": 1, "amortized": 2, "local": 3, "report": 4, "ais": 5, "curve": 6, "log_px": 7,
+                 "calibration": 8}
 # Training saves train_state.pt at most this often: a save costs 20 ms (digits) to 100 ms (the
 # paper's Fashion-MNIST model), so this keeps it under 1% of training time; a kill loses at most this.
 TRAIN_STATE_SECONDS = 10.0
@@ -156,8 +164,8 @@ def local_family(config: ExperimentConfig, name: str) -> LocalFamily:
 
 
 def log_px_candidates(config: ExperimentConfig) -> tuple[str, ...]:
-    """The bounds whose per-datapoint maximum is log p_hat(x): IWAE under q and under every q*, and AIS
-    when the AIS stage runs."""
+    """The estimators log p_hat(x) chooses from per datapoint (``gapbench.log_px``): IWAE under q and
+    under every q*, and AIS when the AIS stage runs."""
     return ("iwae_q", *[f"iwae_q_star_{f}" for f in config.refine.families],
             *(("ais",) if config.ais.enabled else ()))
 
@@ -474,6 +482,81 @@ class Run:
             self.folder.finish("ais", time.perf_counter() - start)
         return frame
 
+    def calibration_stage(self, decoder, encoder) -> dict | None:
+        """BDMC with the run's AIS settings on ``ais.calibration_datapoints`` datapoints simulated from the
+        model (rank 0, on the CPU: a few dozen datapoints, and simulation draws on the CPU;
+        ``gapbench.calibration``); None when that is 0 or AIS is off."""
+        a = self.config.ais
+        if not (a.enabled and a.calibration_datapoints):
+            return None
+        path = self.dir / "ais_calibration.json"
+        if self.folder.is_finished("calibration"):
+            self.log(f"[calibration] skipped: finished ({path})")
+            return json.loads(path.read_text())
+        self.folder.start("calibration")
+        from tqdm.auto import tqdm
+        start = time.perf_counter()
+        with tqdm(total=2 * a.num_steps, desc="AIS calibration (BDMC)", unit="step", disable=not self.progress) as bar:
+            cpu_decoder, cpu_encoder = (copy.deepcopy(network).cpu() for network in (decoder, encoder))
+            calibration = calibrate_ais(cpu_decoder, cpu_encoder, num_datapoints=a.calibration_datapoints,
+                                        procedure=a.procedure(), init="prior" if a.init == "prior" else "encoder",
+                                        tolerance=a.calibration_tolerance,
+                                        generator=stage_generator(self.config.seed, "calibration"),
+                                        callback=lambda t: bar.update(1))
+        io.write_json(path, calibration)
+        self.folder.finish("calibration", time.perf_counter() - start)
+        for line in calibration_lines(calibration):
+            self.log(f"[calibration] {line}")
+        return calibration
+
+    def log_px_stage(self, decoder, encoder, x: torch.Tensor, pilot: pd.DataFrame | None) -> pd.DataFrame:
+        """log p_hat(x) for every datapoint: the estimator chosen on the pilot bounds (``pilot``, rank 0's
+        frame of amortized.csv, local.csv and ais.csv side by side), drawn again from the datapoint's
+        streams of this stage, one part per estimator (``gapbench.log_px.selected_log_px``, as
+        ``measure_gaps``)."""
+        path = self.dir / "log_px.csv"
+        if self._is_finished("log_px"):
+            self.log(f"[log_px] skipped: finished ({path})")
+            return io.read_csv(path) if self.ranks.is_main else None
+        if self.ranks.is_main:
+            self.folder.start("log_px")
+        c = self.config
+        candidates = log_px_candidates(c)
+        columns = [n for name in candidates for n in (name, f"{name}_stderr", f"{name}_ess")]
+        if self.ranks.is_main and "ais_unhealthy" in pilot:
+            columns.append("ais_unhealthy")
+        pilot = broadcast(pilot[columns] if self.ranks.is_main else None, self.ranks)  # every rank chooses
+        saved = torch.load(self.dir / "local.pt", weights_only=True) if self.ranks.is_main else None
+        if saved is not None:  # one family's tensors at the top level: a folder from before flows
+            saved = {f: saved.get(f, saved) for f in c.refine.families}
+        q_star_params = broadcast(saved, self.ranks)
+        a = c.ais
+        from tqdm.auto import tqdm
+        start = time.perf_counter()
+        frames = []
+        for offset, batch in tqdm(self._batches(x), desc="log p_hat(x), fresh draws", unit="batch",
+                                  disable=not self.progress):
+            rows = slice(offset, offset + batch.shape[0])
+            q_stars = {f"iwae_q_star_{f}": (local_family(c, f), {k: v[rows].to(self.device) for k, v in
+                                                                 q_star_params[f].items()})
+                       for f in c.refine.families}
+            ais = None if not a.enabled else {
+                "init": a.init, "encoder": encoder, "procedure": a.procedure(),
+                "q_star": f"iwae_q_star_{c.model.posterior}" if a.init == "q_star" else None,
+                "chunk_size": self._chunk_size(batch.shape[0], with_gradient=True)}
+
+            def streams(name: str, positions: torch.Tensor, offset: int = offset) -> DatapointStreams:
+                return datapoint_streams(c.seed, "log_px", (positions + offset).tolist(), self.device, part=name)
+            fns = fresh_estimators(decoder, batch, encoder=encoder, q_stars=q_stars, num_samples=c.eval.num_samples,
+                                   chunk_size=self._chunk_size(batch.shape[0], with_gradient=False), ais=ais,
+                                   streams=streams)
+            frames.append(selected_log_px(pilot.iloc[rows].reset_index(drop=True), candidates, fns))
+        frame = self._gather(frames)
+        if self.ranks.is_main:
+            io.write_csv(path, frame)
+            self.folder.finish("log_px", time.perf_counter() - start)
+        return frame
+
     def curve_stage(self, decoder, encoder, x: torch.Tensor, local: pd.DataFrame) -> pd.DataFrame | None:
         """The refinement curve of every datapoint (``gapbench.curves``); None when ``curve.enabled`` is
         false. The fraction of the gap closed uses L[q*] of the local stage."""
@@ -506,25 +589,32 @@ class Run:
             self.folder.finish("curve", time.perf_counter() - start)
         return frame
 
+    def _pilot(self, amortized: pd.DataFrame, local: pd.DataFrame, ais: pd.DataFrame | None) -> pd.DataFrame:
+        """amortized.csv, local.csv (in this version's form) and ais.csv side by side: the pilot bounds."""
+        local = _local_in_current_form(local, self.config.model.posterior)
+        return pd.concat([amortized, local] + ([ais] if ais is not None else []), axis=1)
+
     def report_stage(self, x: torch.Tensor, amortized: pd.DataFrame, local: pd.DataFrame,
-                     ais: pd.DataFrame | None, curve: pd.DataFrame | None, dataset: Dataset, training: dict) -> dict:
+                     ais: pd.DataFrame | None, log_px: pd.DataFrame, curve: pd.DataFrame | None, dataset: Dataset,
+                     training: dict, calibration: dict | None = None) -> dict:
         if self.folder.is_finished("report"):
             self.log(f"[report] skipped: finished ({self.dir / 'summary.json'})")
             return json.loads((self.dir / "summary.json").read_text())
         self.folder.start("report")
-        local = _local_in_current_form(local, self.config.model.posterior)
-        frame = pd.concat([amortized, local] + ([ais] if ais is not None else []), axis=1)
+        frame = pd.concat([self._pilot(amortized, local, ais), log_px], axis=1)
         own = self.config.model.posterior  # the run's gaps compare L[q] with L[q*] of the encoder's family
         for column in ("elbo_q_star", "elbo_q_star_stderr", "elbo_q_star_ess", "refine_steps", "refine_converged",
                        "refine_diverged"):
             frame[column] = frame[family_column(column, own)]
         candidates = log_px_candidates(self.config)
-        frame = decompose(pd.concat([frame, best_bound(frame, candidates)], axis=1))
+        frame = decompose(frame)
         flags = tuple(f"refine_diverged_{f}" for f in self.config.refine.families)
-        frame["fault"] = find_faults(frame, ("elbo_q", "elbo_q_star", *candidates), flags=flags)
+        frame["fault"] = find_faults(frame, ("elbo_q", "elbo_q_star", *candidates, "log_px"), flags=flags)
         frame.insert(0, "index", np.arange(len(frame)))
         io.write_csv(self.dir / "datapoints.csv", frame)
         summary = self.summary(frame, x, dataset, training)
+        if calibration is not None:
+            summary["ais_calibration"] = calibration
         if curve is not None:
             summary["curve"] = summarize_curve(curve, local[q_star_column(local)].to_numpy())
         io.write_json(self.dir / "summary.json", summary)
@@ -548,6 +638,20 @@ class Run:
             summary["bounds"][column] = summarize_column(usable[column], usable[f"{column}_stderr"])
         summary["other_bounds"] = {name: summarize_column(usable[name], usable[f"{name}_stderr"])
                                    for name in candidates}
+        # the per-datapoint max of the pilot bounds: biased upward (a max of noisy estimates), in no gap and
+        # no regression check
+        summary["diagnostics"] = {"max_pilot_bound": summarize_column(usable["max_pilot_bound"])}
+        k = c.eval.num_samples
+        summary["estimators"] = {  # what produced each bound of "bounds" and "other_bounds"
+            "elbo_q": f"ELBO, {k} samples of the encoder's q", "iwae_q": f"IWAE-{k} under the encoder's q",
+            "elbo_q_star": f"ELBO, {k} samples of q*_{c.model.posterior} (the encoder's family)",
+            **{f"elbo_q_star_{f}": f"ELBO, {k} samples of q*_{f}" for f in families},
+            **{f"iwae_q_star_{f}": f"IWAE-{k} under q*_{f}" for f in families},
+            **({"ais": f"AIS, {c.ais.num_chains} chains x {c.ais.num_steps} steps from {c.ais.init}"}
+               if c.ais.enabled else {}),
+            "log_px": method_description(candidates),
+            "max_pilot_bound": "per-datapoint max of " + ", ".join(candidates) + " (diagnostic: biased upward, in no gap)",
+        }
         summary["log_px_source_counts"] = {k: int(v) for k, v in usable["log_px_source"].value_counts().items()}
         summary["refinement"] = {name: {
             "mean_steps": float(frame[f"refine_steps_{name}"].mean()),
@@ -581,7 +685,7 @@ class Run:
             "chunk_size": c.eval.chunk_size,
             "random_streams": RANDOM_STREAMS,
             "device": self.device.type,
-            "log_px": "per-datapoint max of " + ", ".join(candidates),
+            "log_px": method_description(candidates),
             "encoder_family": c.model.posterior,
             "refinement": {"families": list(families), "init": c.refine.init, "preset": c.refine.procedure,
                            "procedures": {name: effective_procedure(local_family(c, name),
@@ -617,8 +721,12 @@ class Run:
                         amortized = self.amortized_stage(decoder, encoder, x)
                         local = self.local_stage(decoder, encoder, x)
                         ais = self.ais_stage(decoder, encoder, x)
+                        calibration = self.calibration_stage(decoder, encoder) if self.ranks.is_main else None
+                        log_px = self.log_px_stage(decoder, encoder, x, self._pilot(amortized, local, ais)
+                                                   if self.ranks.is_main else None)
                         curve = self.curve_stage(decoder, encoder, x, local)
-                        summary = self.report_stage(x, amortized, local, ais, curve, dataset, training) \
+                        summary = self.report_stage(x, amortized, local, ais, log_px, curve, dataset,
+                                                    training, calibration) \
                             if self.ranks.is_main else None
                         is_done = True
                         return summary

@@ -4,15 +4,15 @@
     approximation gap  log p(x) - L[q*]     (the family is too simple)
     amortization gap   L[q*]    - L[q]      (the encoder misses the family's best member)
 
-with log p(x) replaced by log p_hat(x), the per-datapoint maximum of the available lower bounds
-(IWAE under q and under q*, and AIS where run): the best estimate we have, still a lower bound in
-expectation, so the approximation gap is estimated conservatively.
+with log p(x) replaced by log p_hat(x), a fresh draw of the estimator (IWAE under q or under q*, or
+AIS) that did best on a pilot draw (``gapbench.log_px``): a stochastic lower bound, so the
+approximation gap is estimated conservatively.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -33,25 +33,6 @@ def estimate_columns(name: str, estimate: Estimate) -> dict[str, np.ndarray]:
         f"{name}_stderr": estimate.stderr.detach().cpu().double().numpy(),
         f"{name}_ess": estimate.ess.detach().cpu().double().numpy(),
     }
-
-
-def best_bound(frame: pd.DataFrame, candidates: tuple[str, ...]) -> pd.DataFrame:
-    """log p_hat(x): per datapoint, the largest of the candidate bound columns.
-
-    Returns columns ``log_px``, ``log_px_stderr`` (the winner's) and ``log_px_source`` (its name).
-    """
-    missing = [c for c in candidates if c not in frame]
-    if missing:
-        raise KeyError(f"bounds {missing} are not in the per-datapoint frame")
-    values = frame[list(candidates)].to_numpy()  # (N, C)
-    winner = np.argmax(np.where(np.isnan(values), -np.inf, values), axis=1)  # (N,)
-    rows = np.arange(len(frame))
-    stderrs = frame[[f"{c}_stderr" for c in candidates]].to_numpy()  # (N, C)
-    return pd.DataFrame({
-        "log_px": values[rows, winner],
-        "log_px_stderr": stderrs[rows, winner],
-        "log_px_source": np.asarray(candidates)[winner],
-    }, index=frame.index)
 
 
 def decompose(frame: pd.DataFrame) -> pd.DataFrame:
@@ -136,10 +117,11 @@ def to_numpy(t: torch.Tensor | np.ndarray) -> np.ndarray:
     return t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
 
 
-def gap_frame(bounds: Mapping[str, Estimate], *, log_px_candidates: tuple[str, ...],
+def gap_frame(bounds: Mapping[str, Estimate], *, log_px: Callable[[pd.DataFrame], pd.DataFrame],
               extra: Mapping[str, torch.Tensor | np.ndarray] | None = None) -> pd.DataFrame:
-    """The per-datapoint frame: every bound's columns, extra columns, log p_hat(x), the gaps and
-    ``fault`` (:func:`find_faults` over the bounds and the boolean ``*_diverged`` extra columns).
+    """The per-datapoint frame: every bound's columns, extra columns, the log p_hat(x) columns that
+    ``log_px`` makes from that frame (``gapbench.log_px.selected_log_px``), the gaps and ``fault``
+    (:func:`find_faults` over the bounds, log_px and the boolean ``*_diverged`` extra columns).
 
     ``bounds`` must hold at least ``elbo_q`` and ``elbo_q_star``.
     """
@@ -149,8 +131,8 @@ def gap_frame(bounds: Mapping[str, Estimate], *, log_px_candidates: tuple[str, .
     for name, value in (extra or {}).items():
         columns[name] = to_numpy(value)
     frame = pd.DataFrame(columns)
-    frame = pd.concat([frame, best_bound(frame, log_px_candidates)], axis=1)
+    frame = pd.concat([frame, log_px(frame)], axis=1)
     frame = decompose(frame)
     flags = tuple(name for name in columns if name.endswith("_diverged"))
-    frame["fault"] = find_faults(frame, tuple(bounds), flags)
+    frame["fault"] = find_faults(frame, (*bounds, "log_px"), flags)
     return frame

@@ -19,6 +19,7 @@ from .data import check_finite
 from .estimators import AISEstimate, AISProcedure, Estimate, elbo_from_stats, iwae_from_stats, weight_stats
 from .estimators.ais import DEFAULT_AIS
 from .gaps import gap_frame, summarize
+from .log_px import selected_log_px
 from .posteriors import (DatapointStreams, DiagonalGaussian, FlowFamily, FlowPosterior, HierarchicalFamily,
                          HierarchicalPosterior, LocalFamily, RandomStream, as_posterior, get_family)
 from .refine import RefineResult, refine
@@ -200,6 +201,40 @@ def ais_of(model, x: torch.Tensor, *, init: str = "encoder", encoder: Callable |
                               callback=callback)
 
 
+def fresh_estimators(model, x: torch.Tensor, *, encoder: Callable,
+                     q_stars: dict[str, tuple[LocalFamily, dict[str, torch.Tensor]]], num_samples: int,
+                     chunk_size: int | None, ais: dict | None,
+                     streams: Callable[[str, torch.Tensor], RandomStream | None]) -> dict[str, Callable]:
+    """The fresh estimators of ``gapbench.log_px.fresh_estimate`` for the datapoints of x (B, D), each
+    taking positions (n,) into x: "iwae_q", IWAE-K under the encoder's q; for every name of ``q_stars``
+    (e.g. "iwae_q_star_ffg": (family, its q* parameters, (B, ...) each)), IWAE-K under that q*; with ``ais``
+    (the keyword arguments of :func:`ais_of` but ``generator``, where ``q_star`` is a name of ``q_stars``
+    or None), "ais". ``streams(name, positions)`` gives the random stream of a candidate's draw for those
+    datapoints, independent of the pilot's."""
+    def restricted(name: str, positions: torch.Tensor):
+        family, params = q_stars[name]
+        return family.posterior({k: v[positions.to(v.device)] for k, v in params.items()})
+
+    def iwae_under(name: str) -> Callable:
+        def estimate(positions: torch.Tensor) -> Estimate:
+            part = x[positions.to(x.device)]
+            q = amortized_posterior(encoder, part) if name == "iwae_q" else restricted(name, positions)
+            return iwae_from_stats(weight_stats(model, q, part, num_samples=num_samples, chunk_size=chunk_size,
+                                                generator=streams(name, positions)))
+        return estimate
+
+    fns = {name: iwae_under(name) for name in ("iwae_q", *q_stars)}
+    if ais is not None:
+        def by_ais(positions: torch.Tensor) -> Estimate:
+            start = dict(ais)
+            if start.get("q_star") is not None:
+                start["q_star"] = restricted(start["q_star"], positions)
+            estimate = ais_of(model, x[positions.to(x.device)], **start, generator=streams("ais", positions))
+            return Estimate(estimate.value, estimate.stderr, estimate.ess)
+        fns["ais"] = by_ais
+    return fns
+
+
 def ais_diagnostics(estimate: AISEstimate) -> dict[str, torch.Tensor]:
     """The per-datapoint AIS diagnostics as columns: acceptance rate, final step size, divergences."""
     return {"ais_acceptance_rate": estimate.acceptance_rate, "ais_step_size": estimate.step_size,
@@ -250,7 +285,10 @@ def measure_gaps(model, encoder: Callable, x: torch.Tensor, *, family: str | Loc
     -------
     frame : one row per datapoint: elbo_q, elbo_q_star, iwae_q, iwae_q_star and, with ``ais``, ais
         (each with _stderr and _ess; AIS also with _acceptance_rate, _step_size, _divergence_rate),
-        log_px (the per-datapoint max of the IWAE bounds and AIS) with its source, the three gaps,
+        log_px (with _stderr and _ess: a fresh draw of the estimator chosen per datapoint on those
+        pilot bounds, see ``gapbench.log_px``; a stochastic lower bound) with log_px_source (the estimator
+        it comes from) and max_pilot_bound (the maximum of the pilot bounds: a diagnostic, biased upward,
+        in no gap), the three gaps,
         refine_steps, refine_converged, refine_diverged, and fault ("ok", or the numerical faults:
         a bound that is NaN or infinite, a refinement that diverged)
     summary : {"bounds": ..., "gaps": ..., "faults": ...}, each bound and gap {mean, stderr, mc_stderr,
@@ -269,11 +307,18 @@ def measure_gaps(model, encoder: Callable, x: torch.Tensor, *, family: str | Loc
               "iwae_q_star": local.iwae}
     extra: dict = {"refine_steps": result.num_steps, "refine_converged": result.is_converged,
                    "refine_diverged": result.is_diverged}
+    ais_start = None
     if ais is not None:
-        estimate = ais_of(model, x, init=ais_init, encoder=encoder, q_star=q_star, procedure=ais,
-                          generator=generator)
+        estimate = ais_of(model, x, init=ais_init, encoder=encoder, q_star=q_star, procedure=ais, generator=generator)
         bounds["ais"] = estimate
         extra.update(ais_diagnostics(estimate))
-    frame = gap_frame(bounds, log_px_candidates=tuple(n for n in bounds if n.startswith(("iwae", "ais"))),
-                      extra=extra)
+        ais_start = {"init": ais_init, "encoder": encoder, "q_star": "iwae_q_star" if ais_init == "q_star" else None,
+                     "procedure": ais}
+    fresh = fresh_estimators(
+        model, x, encoder=encoder, q_stars={"iwae_q_star": (resolve_family(family), result.params)},
+        num_samples=num_samples, chunk_size=chunk_size, ais=ais_start,
+        streams=lambda name, positions: generator.select(positions) if isinstance(generator, DatapointStreams)
+        else generator)
+    candidates = tuple(n for n in bounds if n.startswith(("iwae", "ais")))
+    frame = gap_frame(bounds, log_px=lambda pilot: selected_log_px(pilot, candidates, fresh), extra=extra)
     return frame, summarize(frame)

@@ -9,6 +9,8 @@ depends on:
     amortized  seed, data, model, train, eval        amortized.csv
     local      ... and refine                        local.pt, local.csv
     ais        ... and ais (it may start from q*)    ais.csv
+    calibration  seed, data, model, train, ais        ais_calibration.json (only with ais.calibration_datapoints)
+    log_px     the same as ais                       log_px.csv
     curve      ... eval, refine (it reads L[q*]), curve  curve.csv (only with curve.enabled)
     report     all of them and name                  datapoints.csv, summary.json, table.md
 
@@ -26,8 +28,9 @@ change in ``eval`` or ``refine`` keeps the trained model.
 
 Keys that change no number are left out of the hashes (:func:`hashed_sections`): the
 ``train.semi_amortized_*`` settings while ``train.semi_amortized_steps = 0`` (the plain VAE),
-``train.data_parallel`` while it is false, and the ``[curve]`` section while ``curve.enabled`` is
-false. So a folder written before those keys existed keeps its finished stages, and so does a run
+``train.data_parallel`` while it is false, the ``[curve]`` section while ``curve.enabled`` is
+false, and the ``ais.calibration_*`` keys while ``ais.calibration_datapoints = 0`` (and always for
+the ais and log_px stages, which do not use them). So a folder written before those keys existed keeps its finished stages, and so does a run
 whose config changes only such a key.
 """
 
@@ -43,24 +46,29 @@ from typing import Callable, Iterator
 
 from . import io
 
-STAGES = ("train", "amortized", "local", "ais", "curve", "report")
+STAGES = ("train", "amortized", "local", "ais", "calibration", "log_px", "curve", "report")
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {  # config sections whose values a stage's output depends on
     "train": ("seed", "data", "model", "train"),
     "amortized": ("seed", "data", "model", "train", "eval"),
     "local": ("seed", "data", "model", "train", "eval", "refine"),
     "ais": ("seed", "data", "model", "train", "eval", "refine", "ais"),
+    "calibration": ("seed", "data", "model", "train", "ais"),
+    "log_px": ("seed", "data", "model", "train", "eval", "refine", "ais"),
     "curve": ("seed", "data", "model", "train", "eval", "refine", "curve"),
     "report": ("name", "seed", "data", "model", "train", "eval", "refine", "ais", "curve"),
 }
 STAGE_READS: dict[str, tuple[str, ...]] = {  # the stages whose outputs a stage reads
     "train": (), "amortized": ("train",), "local": ("train",), "ais": ("train", "local"),
-    "curve": ("train", "local"), "report": ("train", "amortized", "local", "ais", "curve"),
+    "calibration": ("train",), "log_px": ("train", "amortized", "local", "ais"), "curve": ("train", "local"),
+    "report": ("train", "amortized", "local", "ais", "calibration", "log_px", "curve"),
 }
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "train": ("checkpoint.pt", "train_history.csv"),
     "amortized": ("amortized.csv",),
     "local": ("local.pt", "local.csv"),
     "ais": ("ais.csv",),
+    "calibration": ("ais_calibration.json",),
+    "log_px": ("log_px.csv",),
     "curve": ("curve.csv",),
     "report": ("datapoints.csv", "summary.json", "table.md"),
 }
@@ -75,7 +83,9 @@ class RunError(RuntimeError):
 def hashed_sections(resolved: dict, stage: str) -> dict:
     """The config sections ``stage`` depends on, less the keys that change no number: the
     ``train.semi_amortized_*`` keys while ``semi_amortized_steps`` is 0 (the plain VAE),
-    ``train.data_parallel`` while it is false, and the ``curve`` section while it is disabled. Also the
+    ``train.data_parallel`` while it is false, the ``curve`` section while it is disabled, and the
+    ``ais.calibration_*`` keys while ``ais.calibration_datapoints`` is 0 or for the stages that do not use
+    them (ais, log_px). Also the
     form of configs from before those keys existed, so their stage records still match."""
     sections = {key: resolved.get(key) for key in STAGE_SECTIONS[stage]}
     train = sections.get("train")
@@ -85,6 +95,9 @@ def hashed_sections(resolved: dict, stage: str) -> dict:
         if not train.get("data_parallel"):
             train = {k: v for k, v in train.items() if k != "data_parallel"}
         sections["train"] = train
+    ais = sections.get("ais")
+    if isinstance(ais, dict) and (not ais.get("calibration_datapoints") or stage in ("ais", "log_px")):
+        sections["ais"] = {k: v for k, v in ais.items() if not k.startswith("calibration_")}
     curve = sections.get("curve", {})
     if "curve" in sections and not (isinstance(curve, dict) and curve.get("enabled")):
         del sections["curve"]

@@ -4,7 +4,7 @@ the gaps of training and held-out points drift apart as training goes on).
 
 A run trained with ``train.snapshot_every = N`` holds ``snapshots/epoch_NNNNN.pt``; for each, the
 encoder's L[q], the local FFG's L[q*] (refined from the encoder's output with gapbench's procedure)
-and log p̂(x) = max(IWAE under q, IWAE under q*) are estimated with ``num_samples`` samples by
+and log p̂(x) (a fresh IWAE under q or q*, whichever did better on a pilot draw: ``gapbench.log_px``) are estimated with ``num_samples`` samples by
 :func:`gapbench.measure_gaps`, with the same datapoints and random stream for every snapshot.
 Writes ``track.csv`` (long form: epoch, split, quantity, mean, stderr, mc_stderr).
 """

@@ -8,6 +8,7 @@ POINT is where the process kills itself, with no chance to clean up (SIGKILL can
     amortized  in the amortized stage, before its second batch of datapoints
     local      in refinement of the second batch of datapoints, at step 10
     ais        in the AIS stage, in the second batch of datapoints, at annealing step 5
+    log_px     in the log_px stage, before its second batch of datapoints
     curve      in the curve stage, in the second batch of datapoints, at SVI step 5
     report     halfway through writing summary.json
     none       nowhere (the test kills it from outside)
@@ -95,6 +96,15 @@ def install(point: str) -> None:
                 callback(step)
             return ais_of(*args, callback=deadly, **kwargs)
         experiment.ais_of = patched
+    elif point == "log_px":
+        selected_log_px = experiment.selected_log_px
+
+        def patched(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                die()
+            return selected_log_px(*args, **kwargs)
+        experiment.selected_log_px = patched
     elif point == "curve":
         refinement_curve = experiment.refinement_curve
 

@@ -28,7 +28,7 @@ def quick_run(tmp_path_factory):
 
 def test_run_writes_every_file(quick_run, capsys):
     for name in ("config.json", "checkpoint.pt", "train_history.csv", "amortized.csv", "local.csv",
-                 "local.pt", "ais.csv", "datapoints.csv", "summary.json", "table.md", "stages.json"):
+                 "local.pt", "ais.csv", "log_px.csv", "datapoints.csv", "summary.json", "table.md", "stages.json"):
         assert (quick_run / name).is_file(), name
     assert not [p for p in quick_run.iterdir() if p.name.endswith(".tmp")]
     summary = json.loads((quick_run / "summary.json").read_text())
@@ -45,9 +45,11 @@ def test_run_writes_every_file(quick_run, capsys):
     assert settings["ais"] == {"enabled": True, "num_chains": 4, "num_steps": 20, "schedule": "sigmoid",
                                "init": "encoder", "num_leapfrog": 10, "target_acceptance": 0.65, "step_size": 0.05,
                                "adaptation": "datapoint", "adaptation_rate": 0.1, "min_step_size": 1e-4,
-                               "max_step_size": 0.5}
-    assert settings["log_px"] == "per-datapoint max of iwae_q, iwae_q_star_ffg, ais"
+                               "max_step_size": 0.5, "calibration_datapoints": 0, "calibration_tolerance": 0.2}
+    assert "fresh draw" in settings["log_px"] and "iwae_q, iwae_q_star_ffg, ais" in settings["log_px"]
     assert set(summary["other_bounds"]) == {"iwae_q", "iwae_q_star_ffg", "ais"}
+    assert set(summary["diagnostics"]) == {"max_pilot_bound"}
+    assert set(summary["estimators"]) >= set(summary["bounds"]) | set(summary["other_bounds"]) | {"max_pilot_bound"}
     assert 0 < summary["ais"]["mean_acceptance_rate"] < 1
     assert {"torch", "numpy", "gapbench", "python"} <= set(summary["versions"])
     assert summary["data"]["split"]["sizes"]["train"] == 1197
@@ -75,11 +77,17 @@ def test_same_config_gives_same_summary(quick_run, tmp_path):
     assert (quick_run / "summary.json").read_text() == (out / "summary.json").read_text()
 
 
-def test_log_px_is_the_max_of_iwae_and_ais_per_datapoint(quick_run):
+def test_log_px_is_a_fresh_draw_of_the_estimator_chosen_per_datapoint(quick_run):
+    """The report stage combines the pilot bounds with the same code as measure_gaps; the fresh draw
+    (log_px.csv) is not one of the pilot values, and the table says how log p_hat was made."""
+    from gapbench.log_px import select_estimators
     frame = pd.read_csv(quick_run / "datapoints.csv")
-    candidates = frame[["iwae_q", "iwae_q_star_ffg", "ais"]]
-    assert np.array_equal(frame["log_px"].to_numpy(), candidates.max(axis=1).to_numpy())
-    assert np.array_equal(frame["log_px_source"].to_numpy(), candidates.idxmax(axis=1).to_numpy())
+    candidates = ("iwae_q", "iwae_q_star_ffg", "ais")
+    assert np.array_equal(frame["log_px_source"].to_numpy(), select_estimators(frame, candidates))
+    assert np.array_equal(frame["max_pilot_bound"].to_numpy(), frame[list(candidates)].max(axis=1).to_numpy())
+    assert not np.isin(frame["log_px"].to_numpy(), frame[list(candidates)].to_numpy()).any()
+    assert frame["log_px_stderr"].notna().all() and frame["log_px_ess"].notna().all()
+    assert "log p̂(x): per datapoint, a fresh draw" in (quick_run / "table.md").read_text()
     for column in ("ais_stderr", "ais_ess", "ais_acceptance_rate", "ais_step_size", "ais_divergence_rate"):
         assert column in frame and frame[column].notna().all()
 
@@ -104,7 +112,9 @@ def test_ais_stage_can_be_disabled(tmp_path):
     assert main(["run", str(DIGITS), "--out", str(out), *QUICK, "--set", "ais.enabled=false"]) == 0
     assert not (out / "ais.csv").exists()
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["settings"]["log_px"] == "per-datapoint max of iwae_q, iwae_q_star_ffg" and "ais" not in summary
+    assert summary["settings"]["log_px"].endswith("among iwae_q, iwae_q_star_ffg (pilot ESS >= 2); pilot: the IWAE "
+                                                  "and AIS runs of the amortized, local and ais stages")
+    assert "ais" not in summary
     assert "ais" not in pd.read_csv(out / "datapoints.csv")
 
 

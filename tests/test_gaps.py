@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from gapbench.estimators import Estimate
-from gapbench.gaps import best_bound, decompose, gap_frame, summarize, summarize_column
+from gapbench.gaps import decompose, gap_frame, summarize, summarize_column
+from gapbench.log_px import selected_log_px
 from gapbench.report import gap_table_markdown
 
 
@@ -17,29 +18,34 @@ def est(values, stderrs):
     return Estimate(v, torch.tensor(stderrs, dtype=torch.float64), torch.ones_like(v))
 
 
+def fresh_fn(values):
+    """A stand-in fresh estimator: fixed values at the given positions, stderr 0.05."""
+    def fn(positions):
+        v = torch.tensor(values, dtype=torch.float64)[positions]
+        return Estimate(v, torch.full_like(v, 0.05), torch.full_like(v, 100.0))
+    return fn
+
+
+FRESH = {"iwae_q": fresh_fn([-8.25, -17.75, -29.25, -38.25]), "iwae_q_star": fresh_fn([-8.75, -17.25, -28.25, -38.75])}
+
+
 def test_gap_frame_decomposes_exactly():
     frame = gap_frame(
         {"elbo_q": est([-10.0, -20.0, -30.0], [0.1, 0.1, 0.1]),
          "elbo_q_star": est([-9.0, -18.0, -29.5], [0.2, 0.2, 0.2]),
          "iwae_q": est([-8.0, -17.5, -29.0], [0.3, 0.3, 0.3]),
          "iwae_q_star": est([-8.5, -17.0, -28.0], [0.4, 0.5, 0.6])},
-        log_px_candidates=("iwae_q", "iwae_q_star"),
+        log_px=lambda pilot: selected_log_px(pilot, ("iwae_q", "iwae_q_star"), FRESH),
     )
-    np.testing.assert_allclose(frame["log_px"], [-8.0, -17.0, -28.0])
+    # pilot minus 2 stderrs: iwae_q -8.6, -18.1, -29.6; iwae_q_star -9.3, -18.0, -29.2
     assert list(frame["log_px_source"]) == ["iwae_q", "iwae_q_star", "iwae_q_star"]
-    np.testing.assert_allclose(frame["log_px_stderr"], [0.3, 0.5, 0.6])
-    np.testing.assert_allclose(frame["approximation"], [1.0, 1.0, 1.5])
+    np.testing.assert_allclose(frame["log_px"], [-8.25, -17.25, -28.25])  # the fresh draws
+    np.testing.assert_allclose(frame["max_pilot_bound"], [-8.0, -17.0, -28.0])
+    np.testing.assert_allclose(frame["log_px_stderr"], [0.05, 0.05, 0.05])
+    np.testing.assert_allclose(frame["approximation"], [0.75, 0.75, 1.25])
     np.testing.assert_allclose(frame["amortization"], [1.0, 2.0, 0.5])
     np.testing.assert_allclose(frame["inference"], frame["approximation"] + frame["amortization"])
     np.testing.assert_allclose(frame["amortization_stderr"], np.hypot(0.2, 0.1))
-
-
-def test_best_bound_ignores_nan_and_requires_columns():
-    frame = pd.DataFrame({"a": [np.nan, -3.0], "a_stderr": [1.0, 1.0], "b": [-5.0, -4.0], "b_stderr": [2.0, 2.0]})
-    out = best_bound(frame, ("a", "b"))
-    assert list(out["log_px_source"]) == ["b", "a"]
-    with pytest.raises(KeyError):
-        best_bound(frame, ("a", "c"))
 
 
 def test_summaries_match_numpy():
@@ -76,7 +82,7 @@ def test_faults_are_flagged_counted_and_left_out_of_every_mean():
          "elbo_q_star": est([-9.0, -18.0, -29.5, -39.0], [0.2] * 4),
          "iwae_q": est([-8.0, -17.5, np.inf, -38.0], [0.3] * 4),
          "iwae_q_star": est([-8.5, -17.0, -28.0, -38.5], [0.4] * 4)},
-        log_px_candidates=("iwae_q", "iwae_q_star"),
+        log_px=lambda pilot: selected_log_px(pilot, ("iwae_q", "iwae_q_star"), FRESH),
         extra={"refine_diverged": torch.tensor([False, False, False, True])},
     )
     assert list(frame["fault"]) == ["ok", "elbo_q_not_finite", "iwae_q_not_finite", "refine_diverged"]

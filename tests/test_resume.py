@@ -24,7 +24,8 @@ KILL_AT = Path(__file__).with_name("kill_at.py")
 ARGS = ["--set", "train.epochs=5", "--set", "train.warmup_epochs=1", "--set", "eval.num_datapoints=24",
         "--set", "eval.batch_size=12", "--set", "eval.num_samples=200", "--set", "refine.max_steps=100",
         "--set", "curve.enabled=true", "--set", "curve.steps=[0,1,5,10]", "--set", "curve.eval_samples=50", "--quiet"]
-RESULTS = ("summary.json", "datapoints.csv", "table.md", "amortized.csv", "local.csv", "ais.csv", "curve.csv")
+RESULTS = ("summary.json", "datapoints.csv", "table.md", "amortized.csv", "local.csv", "ais.csv", "log_px.csv",
+           "curve.csv")
 
 pytestmark = pytest.mark.slow
 
@@ -79,10 +80,13 @@ POINTS = {
     "amortized": (["train"], {"train": "skipped"}),
     "local": (["train", "amortized"], {"train": "skipped", "amortized": "skipped"}),
     "ais": (["train", "amortized", "local"], {"train": "skipped", "amortized": "skipped", "local": "skipped"}),
-    "curve": (["train", "amortized", "local", "ais"],
-              {"train": "skipped", "amortized": "skipped", "local": "skipped", "ais": "skipped"}),
-    "report": (["train", "amortized", "local", "ais", "curve"],
-               {"train": "skipped", "amortized": "skipped", "local": "skipped", "ais": "skipped", "curve": "skipped"}),
+    "log_px": (["train", "amortized", "local", "ais"],
+               {"train": "skipped", "amortized": "skipped", "local": "skipped", "ais": "skipped"}),
+    "curve": (["train", "amortized", "local", "ais", "log_px"],
+              {"train": "skipped", "amortized": "skipped", "local": "skipped", "ais": "skipped", "log_px": "skipped"}),
+    "report": (["train", "amortized", "local", "ais", "log_px", "curve"],
+               {"train": "skipped", "amortized": "skipped", "local": "skipped", "ais": "skipped", "log_px": "skipped",
+                "curve": "skipped"}),
 }
 
 
@@ -154,11 +158,11 @@ def test_ctrl_c_exits_130_and_the_same_command_resumes(whole_run, tmp_path, caps
 
 
 @pytest.mark.parametrize("override, kept, redone", [
-    ("eval.num_samples=300", ["train"], ["amortized", "local", "report"]),
-    ("refine.max_steps=150", ["train", "amortized"], ["local", "report"]),
-    ('name="renamed"', ["train", "amortized", "local"], ["report"]),
-    ("curve.learning_rate=0.1", ["train", "amortized", "local", "ais"], ["curve", "report"]),
-    ("train.epochs=4", [], ["train", "amortized", "local", "report"]),
+    ("eval.num_samples=300", ["train"], ["amortized", "local", "log_px", "report"]),
+    ("refine.max_steps=150", ["train", "amortized"], ["local", "log_px", "report"]),
+    ('name="renamed"', ["train", "amortized", "local", "log_px"], ["report"]),
+    ("curve.learning_rate=0.1", ["train", "amortized", "local", "ais", "log_px"], ["curve", "report"]),
+    ("train.epochs=4", [], ["train", "amortized", "local", "log_px", "report"]),
 ])
 def test_force_redoes_only_the_stages_a_change_affects(whole_run, tmp_path, capsys, override, kept, redone):
     run = tmp_path / "run"

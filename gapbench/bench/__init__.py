@@ -63,6 +63,15 @@ def _scale(args: argparse.Namespace) -> int:
     return 0
 
 
+def _log_px(args: argparse.Namespace) -> int:
+    from .log_px import bench_linear_gaussian, bench_run, print_figures
+    figures = bench_run(args.run_dir) if args.run_dir else bench_linear_gaussian(num_datapoints=args.num_datapoints,
+                                                                                 num_samples=args.k)
+    print_figures(figures)
+    _write(figures, args.out)
+    return 0
+
+
 def add_bench_parser(sub) -> None:
     bench = sub.add_parser("bench", help="speed and memory benchmarks on a trained run (prints figures)")
     kinds = bench.add_subparsers(dest="benchmark", required=True)
@@ -125,6 +134,13 @@ def add_bench_parser(sub) -> None:
                     help="datapoints for the streams-against-Generator timing (default: --num-datapoints)")
     sc.add_argument("--out", help="also write the figures as JSON here")
     sc.set_defaults(func=_scale)
+    lp = kinds.add_parser("log-px", help="log p_hat(x): bias against exact log p(x) on linear-Gaussian models (no "
+                                         "RUN_DIR), or its cost and effect on the approximation gap of a finished run")
+    lp.add_argument("run_dir", nargs="?", default=None, help="a finished run folder (optional)")
+    lp.add_argument("--num-datapoints", type=int, default=200, help="linear-Gaussian datapoints")
+    lp.add_argument("--k", type=int, default=5000, help="IWAE samples on the linear-Gaussian models")
+    lp.add_argument("--out", help="also write the figures as JSON here")
+    lp.set_defaults(func=_log_px)
 
 
 __all__ = ["add_bench_parser"]

@@ -8,6 +8,8 @@ import io
 import math
 from typing import Sequence
 
+from ..calibration import calibration_lines
+
 FAMILY_LABELS = {"ffg": "FFG", "flow": "Flow", "iaf": "IAF", "planar": "Planar", "hierarchical": "Hier"}
 # rows of L[q*]: the flows above the FFG, as in Table 2; the two-layer model's q(z1) q(z2|z1) last
 FAMILY_ORDER = ("flow", "iaf", "planar", "ffg", "hierarchical")
@@ -41,6 +43,11 @@ def gap_table_markdown(summary: dict, *, digits: int = 3) -> str:
         entry = summary[block][key]
         mc = entry.get("mc_stderr", float("nan"))
         lines.append(f"| {label} | {entry['mean']:.{digits}f} | {entry['stderr']:.{digits}f} | {mc:.{digits}f} |")
+    method = summary.get("settings", {}).get("log_px")
+    if method:
+        lines += ["", f"log p̂(x): {method}."]
+    if summary.get("ais_calibration"):
+        lines += ["", *calibration_lines(summary["ais_calibration"])]
     faults = summary.get("faults") or {}
     if faults.get("num_faulty"):
         counts = ", ".join(f"{name}: {count}" for name, count in faults["counts"].items())
