@@ -16,8 +16,9 @@ else as ``make()``, and returns ``(model, encoder)``:
 Before any stage runs, :func:`check_external` makes one small forward and backward pass on two
 datapoints, so a factory that cannot be imported, returns the wrong things, or whose shapes do not
 fit the data stops the run with one message (exit 2) before anything is written. The run records
-the factory, its module's file and sha256, the checkpoint's sha256 (``model.checkpoint_sha256``, part
-of every stage's config hash, so a changed checkpoint never reuses old results) and versions.
+the factory, its module's file and sha256, the checkpoint's sha256 (a folder's: of its files) in
+``model.checkpoint_sha256``, part of every stage's config hash, so a changed checkpoint never reuses
+old results, and versions.
 """
 
 from __future__ import annotations
@@ -57,6 +58,16 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def path_sha256(path: str | Path) -> str:
+    """sha256 of a file; of a folder (e.g. a pythae model folder), the sha256 of its files' relative paths
+    and sha256s, in sorted order."""
+    path = Path(path)
+    if path.is_file():
+        return file_sha256(path)
+    lines = [f"{p.relative_to(path).as_posix()} {file_sha256(p)}\n" for p in sorted(path.rglob("*")) if p.is_file()]
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
 def with_checkpoint_sha256(config: ExperimentConfig) -> ExperimentConfig:
     """``config`` with ``model.checkpoint_sha256`` filled in from the checkpoint file; one pinned in the
     experiment file must match it. The sha256 is part of every stage's config hash."""
@@ -64,10 +75,10 @@ def with_checkpoint_sha256(config: ExperimentConfig) -> ExperimentConfig:
     if m.factory is None or m.checkpoint is None:
         return config
     path = Path(m.checkpoint)
-    if not path.is_file():
-        raise ExternalModelError(f"model.checkpoint {path} does not exist; give the path of the file the factory "
-                                 f"{m.factory} loads (relative paths are read from the current directory)")
-    sha256 = file_sha256(path)
+    if not path.exists():
+        raise ExternalModelError(f"model.checkpoint {path} does not exist; give the path of the file (or folder) the "
+                                 f"factory {m.factory} loads (relative paths are read from the current directory)")
+    sha256 = path_sha256(path)
     if m.checkpoint_sha256 is not None and m.checkpoint_sha256 != sha256:
         raise ExternalModelError(f"model.checkpoint {path} has sha256 {sha256}, but the experiment pins "
                                  f"model.checkpoint_sha256 = {m.checkpoint_sha256}; point to the pinned file, or "
@@ -135,7 +146,7 @@ def build_external(spec: str, *, factory_path: str | None = None, checkpoint: st
     source = inspect.getsourcefile(module) if hasattr(module, "__file__") else None
     record = {"factory": spec, "factory_path": factory_path, "module_file": source,
               "module_sha256": file_sha256(source) if source else None,
-              "checkpoint": checkpoint, "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else None,
+              "checkpoint": checkpoint, "checkpoint_sha256": path_sha256(checkpoint) if checkpoint else None,
               "versions": _versions(factory.__module__)}
     return ExternalModel(model, encoder, record)
 
@@ -202,9 +213,16 @@ def _describe(value: Any) -> str:
 
 def _versions(module_name: str) -> dict[str, str]:
     """``__version__`` of the factory's top-level package and of known VAE libraries that are loaded."""
+    from importlib import metadata
+
     versions = {}
     for name in dict.fromkeys((module_name.split(".")[0], "pythae")):
-        version = getattr(sys.modules.get(name), "__version__", None)
-        if isinstance(version, str):
-            versions[name] = version
+        if name not in sys.modules:
+            continue
+        try:
+            versions[name] = metadata.version(name)  # the installed distribution's
+        except metadata.PackageNotFoundError:  # a plain module or folder: its __version__, if any
+            version = getattr(sys.modules[name], "__version__", None)
+            if isinstance(version, str):
+                versions[name] = version
     return versions
