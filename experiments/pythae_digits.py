@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
 import torch
 
 from gapbench.data import binarize, load_dataset
@@ -60,11 +61,38 @@ def train(kind: str, *, epochs: int = 30, seed: int = 0, reconstruction_loss: st
     return model.eval()
 
 
+def compare(model, *, num_datapoints: int = 100, num_samples: int = 1000) -> dict:
+    """gapbench's L[q] and IWAE-k next to pythae's -loss (one forward pass, its own noise) and get_nll
+    (k = num_samples importance samples) on the first binarised test digits; means over datapoints."""
+    from gapbench.adapters.pythae import from_pythae
+    from gapbench.measure import bounds_of
+
+    gap_model, encoder = from_pythae(model)
+    x = binarize(load_dataset("digits").test[:num_datapoints], mode="static", threshold=0.5, generator=None)
+    with torch.no_grad():
+        pair = bounds_of(gap_model, encoder(x), x, num_samples=num_samples, chunk_size=None,
+                         generator=torch.Generator().manual_seed(0))
+        torch.manual_seed(0)
+        losses = [float(model({"data": x.reshape(-1, *model.input_dim)}).loss) for _ in range(100)]
+        torch.manual_seed(0)
+        nll = model.get_nll(x.reshape(-1, *model.input_dim), n_samples=num_samples, batch_size=num_samples)
+    n = len(x)
+    return {"gapbench L[q]": (float(pair.elbo.value.mean()), float(pair.elbo.stderr.square().sum().sqrt()) / n),
+            "pythae -loss (100 passes)": (-float(np.mean(losses)), float(np.std(losses)) / 10),
+            f"gapbench IWAE-{num_samples}": (float(pair.iwae.value.mean()), float(pair.iwae.stderr.square().sum().sqrt()) / n),
+            f"pythae get_nll({num_samples})": (float(nll), float("nan"))}
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("kind", choices=["VAE", "IWAE", "VAE_IAF", "VAE_LinNF"])
     parser.add_argument("out", help="folder for pythae's model.save")
     parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--compare", action="store_true", help="print gapbench's bounds next to pythae's own")
     args = parser.parse_args()
-    train(args.kind, epochs=args.epochs).save(args.out)
+    model = train(args.kind, epochs=args.epochs)
+    model.save(args.out)
     print(f"saved a {args.kind} to {args.out}")
+    if args.compare:
+        for name, (mean, stderr) in compare(model).items():
+            print(f"{name:28s} {mean:9.3f}" + ("" if np.isnan(stderr) else f" ± {stderr:.3f}"))
