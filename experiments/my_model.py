@@ -98,5 +98,23 @@ def save(path: str) -> None:
     torch.save({"weight": model.weight, "bias": model.bias, "sigma": torch.tensor(model.sigma)}, path)
 
 
+def closed_forms(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per datapoint of x (N, D): exact log p(x), L[q] of the projection encoder and L[q*] of the best
+    diagonal Gaussian, and the three gaps (N,) each."""
+    model = fit_ppca(load_dataset("digits").train)
+    x = x.double()
+    log_px = model.log_marginal(x)
+    elbo_q = model.elbo_diagonal(x, *ProjectionEncoder(model).mean_and_var(x))
+    elbo_q_star = model.elbo_diagonal(x, *model.optimal_diagonal(x))
+    return {"log p(x)": log_px, "L[q*_FFG]": elbo_q_star, "L[q]": elbo_q,
+            "approximation gap": log_px - elbo_q_star, "amortization gap": elbo_q_star - elbo_q,
+            "inference gap": log_px - elbo_q}
+
+
 if __name__ == "__main__":
-    save(sys.argv[1] if len(sys.argv) > 1 else "ppca_digits.pt")
+    if len(sys.argv) > 2 and sys.argv[1] == "closed-form":  # python experiments/my_model.py closed-form SPLIT N
+        split, n = sys.argv[2], int(sys.argv[3])
+        for name, value in closed_forms(load_dataset("digits").split(split)[:n]).items():
+            print(f"{name:18s} {float(value.mean()):8.3f}")
+    else:  # python experiments/my_model.py OUT.pt: save the fitted model for load(checkpoint)
+        save(sys.argv[1] if len(sys.argv) > 1 else "ppca_digits.pt")
