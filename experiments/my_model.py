@@ -79,6 +79,13 @@ class Float32Model:
     def log_likelihood(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return self.float.log_likelihood(x, z)  # (K, B)
 
+    @property
+    def latent_size(self) -> int:  # with sample_x: what `gapbench bdmc` needs to simulate data
+        return self.float.latent_size
+
+    def sample_x(self, z: torch.Tensor, *, generator: torch.Generator | None) -> torch.Tensor:
+        return self.float.sample_x(z, generator=generator)  # (..., D)
+
 
 def make() -> tuple[Float32Model, ProjectionEncoder]:
     """Fit PPCA on gapbench's digits train split (grey levels / 16), return (model, encoder)."""

@@ -232,3 +232,27 @@ def test_two_ranks_write_the_files_of_one(tmp_path):
         # closed divides by L[q*] - L[q], which is small here, and carries that rounding up to 2e-5 relative
         rtol = 1e-4 if name == "curve.csv" else 1e-5
         np.testing.assert_allclose(b[numeric].to_numpy(), a[numeric].to_numpy(), rtol=rtol, atol=1e-5, err_msg=name)
+
+
+def test_commands_on_finished_runs(example_run, tmp_path, capsys):
+    """open_run rebuilds the factory's networks; `gapbench report` and `gapbench bdmc` (the example model has
+    latent_size and sample_x) work on the run."""
+    from gapbench.experiment import open_run
+
+    config, model, encoder, x = open_run(example_run, num_datapoints=3)
+    assert x.shape == (3, 64) and model.log_prior(encoder(x).rsample((2,))).shape == (2, 3)
+    assert main(["report", str(example_run), "--out", str(tmp_path / "report"), "--no-figures"]) == 0
+    assert main(["bdmc", str(example_run), "--num-datapoints", "3", "--num-chains", "2", "--num-steps", "10",
+                 "--quiet"]) == 0
+
+
+def test_bdmc_refuses_an_external_model_that_cannot_simulate(tmp_path, capsys):
+    module = tmp_path / "no_simulation_model.py"
+    module.write_text(GOOD_ENCODER.format(data_size=64) + "def make():\n    return Model(), encoder\n")
+    run = tmp_path / "run"
+    assert main(["run", str(EXAMPLE), "--out", str(run), *TINY, "--set", 'model.factory="no_simulation_model:make"',
+                 "--set", f'model.factory_path="{tmp_path}"', "--set", "eval.num_datapoints=4",
+                 "--set", "ais.enabled=false", "--set", "model.likelihood=\"gaussian\""]) == 0
+    capsys.readouterr()
+    assert main(["bdmc", str(run), "--num-datapoints", "2", "--num-steps", "5", "--quiet"]) == 2
+    assert "has no latent_size and sample_x" in capsys.readouterr().err
