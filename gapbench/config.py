@@ -108,6 +108,9 @@ class ModelConfig(Section):
         if self.factory is None and any(getattr(self, k) is not None for k in FACTORY_KEYS):
             raise ValueError("model.factory_path, model.checkpoint and model.checkpoint_sha256 apply to an external "
                              "model only; give model.factory = \"package.module:function\" or remove them")
+        if self.checkpoint_sha256 is not None and self.checkpoint is None:
+            raise ValueError("model.checkpoint_sha256 pins the file model.checkpoint, which is not given; give "
+                             "model.checkpoint or remove model.checkpoint_sha256")
         if self.factory is not None and self.kind != "mlp":
             raise ValueError(f"model.kind = {self.kind!r} builds gapbench's own networks, but model.factory builds "
                              "the user's; remove model.kind")
@@ -315,7 +318,7 @@ class ExperimentConfig(Section):
                              "a distribution of 0/1 pixels; set data.binarization = \"dynamic\" or \"static\", or "
                              "model.likelihood = \"logistic\"")
         if m.likelihood in ("logistic", "gaussian") and d.binarization != "none":
-            raise ValueError(f"data.binarization = {d.binarization!r} does not apply to model.likelihood = {m.likelihood!r}, "
+            raise ValueError(f"data.binarization = {d.binarization!r} does not apply to model.likelihood = \"{m.likelihood}\", "
                              "which models the pixel levels themselves; remove data.binarization (or set it to "
                              "\"none\"), or use model.likelihood = \"bernoulli\" for binarised pixels")
         if d.bits != 8 and d.dataset != "cifar10":

@@ -63,9 +63,9 @@ from .report import gap_table_markdown
 from .rundir import TRAIN_STATE, RunError, RunFolder, hashed_sections, open_run_folder
 from .train import ResumeError, train
 
-__all__ = ["CHECKPOINT_FORMAT", "Run", "RunError", "build_networks", "datapoint_streams", "evaluation_data",
-           "dataset_of", "external_networks", "load_checkpoint", "networks_for", "open_run", "open_run_config", "run_experiment", "stage_generator",
-           "stage_seed"]
+__all__ = ["CHECKPOINT_FORMAT", "Run", "RunError", "build_networks", "datapoint_streams", "dataset_of",
+           "evaluation_data", "external_networks", "load_checkpoint", "networks_for", "open_run", "open_run_config",
+           "run_experiment", "stage_generator", "stage_seed"]
 
 # The random stream of each stage, fixed by name: adding a stage changes no other stage's numbers.
 STAGE_STREAMS = {"train": 1, "amortized": 2, "local": 3, "report": 4, "ais": 5, "curve": 6}
@@ -245,6 +245,8 @@ class Run:
         GPU's free memory, else None (the estimators' CPU defaults)."""
         if self.config.eval.chunk_size is not None and not with_gradient:
             return self.config.eval.chunk_size
+        if self.external is not None:  # sizes unknown: eval.chunk_size (IWAE) or the estimators' defaults
+            return None if with_gradient else self.config.eval.chunk_size
         m = self.config.model
         latent, hidden = m.latent_size, list(m.decoder_hidden)
         if m.kind == "hierarchical":  # z = (z1, z2) and the network of p(z1|z2)

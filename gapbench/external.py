@@ -161,16 +161,19 @@ def check_external(external: ExternalModel, x: torch.Tensor, *, spec: str) -> in
     fits = f"the factory's networks must take x of shape (B, {d}) (the data's D = {d})"
     try:
         with torch.no_grad():
-            posterior = as_posterior(encoder(x))
-    except (TypeError, ValueError) as error:
-        raise ExternalModelError(f"{what}: the encoder's output for x of shape {(b, d)} is unusable ({error}); "
-                                 "return torch.distributions.Independent(Normal(mu, sigma), 1) or another "
-                                 "Distribution with batch shape (B,) and event shape (Z,)") from None
+            output = encoder(x)
     except Exception as error:
         raise ExternalModelError(f"{what}: the encoder failed on x of shape {(b, d)} "
                                  f"({type(error).__name__}: {error}); {fits}") from None
-    z, log_q = posterior.rsample_and_log_prob(PROBE_SAMPLES, generator=torch.Generator(x.device).manual_seed(0))
     k = PROBE_SAMPLES
+    try:
+        posterior = as_posterior(output)
+        z, log_q = posterior.rsample_and_log_prob(k, generator=torch.Generator(x.device).manual_seed(0))
+    except Exception as error:
+        raise ExternalModelError(f"{what}: the encoder's output for x of shape {(b, d)} is unusable "
+                                 f"({type(error).__name__}: {error}); return "
+                                 "torch.distributions.Independent(Normal(mu, sigma), 1) or another "
+                                 "Distribution with batch shape (B,) and event shape (Z,)") from None
     if z.ndim != 3 or z.shape[:2] != (k, b) or tuple(log_q.shape) != (k, b):
         raise ExternalModelError(f"{what}: the encoder's posterior gave z of shape {tuple(z.shape)} and log q of shape "
                                  f"{tuple(log_q.shape)} for {b} datapoints; expected ({k}, {b}, Z) and ({k}, {b}): "
