@@ -148,3 +148,21 @@ def test_load_refuses_what_is_not_a_pythae_folder(tmp_path):
     from gapbench.adapters.pythae import PythaeAdapterError
     with pytest.raises(PythaeAdapterError, match="not a pythae model folder"):
         load(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["VAE", "VAE_mse"])
+def test_likelihood_against_torch_distributions(trained, kind):
+    """log p(x|z) on its own (AIS tempers it alone): Bernoulli(probs = decoder output) or Normal(output, 1)."""
+    from torch.distributions import Bernoulli, Independent, Normal
+
+    pythae_model = trained[kind]
+    model, _ = from_pythae(pythae_model)
+    x = data_for(kind, 6)
+    z = torch.randn(4, 6, pythae_model.model_config.latent_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        r = pythae_model.decoder(z.reshape(24, -1))["reconstruction"].reshape(4, 6, 64)  # (K, B, D)
+        base = Bernoulli(probs=r.double()) if kind == "VAE" else Normal(r.double(), 1.0)
+        expected = Independent(base, 1).log_prob(x.double())  # (K, B)
+        assert torch.allclose(model.log_likelihood(x, z).double(), expected, rtol=1e-5, atol=1e-3)
+        assert torch.allclose(model.log_prior(z).double(), Independent(Normal(0.0, torch.ones(8)), 1).log_prob(z).double(),
+                              atol=1e-5)
