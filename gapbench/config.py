@@ -29,8 +29,16 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
+FILE_DATA_KEYS = ("file", "domain", "num_levels")  # written out only for dataset = "file"
+FACTORY_KEYS = ("factory", "factory_path", "checkpoint", "checkpoint_sha256")  # written out only with a factory
+
+
 class DataConfig(Section):
-    dataset: Literal["digits", "fashion-mnist", "mnist", "cifar10"] = "digits"  # which dataset
+    # which dataset; "file": the user's array file data.file (see gapbench.data.userfile)
+    dataset: Literal["digits", "fashion-mnist", "mnist", "cifar10", "file"] = "digits"
+    file: str | None = None  # dataset = "file": a .npy/.npz/.pt array (N, D), (N, H, W) or (N, C, H, W)
+    domain: Literal["binary", "levels"] | None = None  # dataset = "file": 0/1 values, or L grey levels
+    num_levels: int | None = Field(None, ge=2, le=65536)  # dataset = "file", domain "levels": L (default 256)
     data_dir: str | None = None  # directory holding the dataset files (else $GAPBENCH_DATA, cache, ...)
     download: bool = True  # download MNIST-family / CIFAR-10 files when not found locally
     # dynamic: Bernoulli resampled each epoch; static: threshold; none: pixel levels as they are (the
@@ -38,6 +46,27 @@ class DataConfig(Section):
     binarization: Literal["dynamic", "static", "none"] = "dynamic"
     threshold: float = Field(0.5, gt=0.0, lt=1.0)  # static binarisation threshold
     bits: int = Field(8, ge=1, le=8)  # cifar10 only: keep each 8-bit level's high bits (3: 3-bit CIFAR)
+
+    @model_validator(mode="after")
+    def _file_keys_with_file(self) -> "DataConfig":
+        given = [k for k in FILE_DATA_KEYS if getattr(self, k) is not None]
+        if self.dataset != "file" and given:
+            raise ValueError(f"data.{given[0]} applies to data.dataset = \"file\" only; remove it, or set "
+                             "data.dataset = \"file\"")
+        if self.dataset == "file" and self.file is None:
+            raise ValueError("data.dataset = \"file\" needs data.file, the path of a .npy, .npz or .pt array")
+        if self.domain == "binary" and self.num_levels is not None:
+            raise ValueError("data.num_levels applies to data.domain = \"levels\"; remove it for binary data")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_file_keys(self, handler: Any) -> dict[str, Any]:
+        """A built-in dataset's resolved config has no file keys, so its stage hashes read as before they existed."""
+        data = handler(self)
+        if self.dataset != "file":
+            for key in FILE_DATA_KEYS:
+                data.pop(key, None)
+        return data
 
 
 # FFG, Cremer et al.'s auxiliary coupling flow, planar, IAF; q(z1|x) q(z2|z1) of the two-layer model
@@ -50,8 +79,9 @@ class ModelConfig(Section):
     # stochastic layers, p(z2) p(z1|z2) p(x|z1) with the encoder q(z1|x) q(z2|z1)
     kind: Literal["mlp", "conv", "hierarchical"] = "mlp"
     # p(x|z): bernoulli (binary pixels) or logistic (discretised logistic over the pixel levels).
-    # Default: "logistic" for cifar10, else "bernoulli"
-    likelihood: Literal["bernoulli", "logistic"] = "bernoulli"
+    # Default: "logistic" for cifar10, else "bernoulli". With model.factory it declares the data the
+    # factory's model is a density of: "bernoulli" binarised pixels, "logistic" or "gaussian" grey levels
+    likelihood: Literal["bernoulli", "logistic", "gaussian"] = "bernoulli"
     latent_size: int = Field(50, ge=1)  # Z (kind = "hierarchical": Z1, the layer next to x)
     encoder_hidden: list[int] = [200, 200]  # encoder hidden widths, x -> z (x -> z1)
     decoder_hidden: list[int] = [200, 200]  # decoder hidden widths, z -> x (z1 -> x)
@@ -62,12 +92,31 @@ class ModelConfig(Section):
     conv_channels: list[int] = [64, 128, 256]  # kind = "conv": channels of each stride-2 convolution (paper)
     latent_size_2: int = Field(16, ge=1)  # Z2, the top layer (kind = "hierarchical")
     prior_hidden: list[int] = [100]  # hidden widths of p(z1|z2) and q(z2|z1) (kind = "hierarchical")
+    # an external model (gapbench.external): "package.module:function" returning (model, encoder); the
+    # run then skips training. factory_path: a folder put on sys.path first; checkpoint: a file passed to
+    # the factory; checkpoint_sha256: the file's sha256, filled in by the runner (a pinned one must match)
+    factory: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    factory_path: str | None = None
+    checkpoint: str | None = None
+    checkpoint_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
 
     @model_validator(mode="after")
     def _positive_widths(self) -> "ModelConfig":
         for name in ("encoder_hidden", "decoder_hidden", "conv_channels", "prior_hidden"):
             if any(w < 1 for w in getattr(self, name)):
                 raise ValueError(f"{name} widths must be positive, got {getattr(self, name)}")
+        if self.factory is None and any(getattr(self, k) is not None for k in FACTORY_KEYS):
+            raise ValueError("model.factory_path, model.checkpoint and model.checkpoint_sha256 apply to an external "
+                             "model only; give model.factory = \"package.module:function\" or remove them")
+        if self.checkpoint_sha256 is not None and self.checkpoint is None:
+            raise ValueError("model.checkpoint_sha256 pins the file model.checkpoint, which is not given; give "
+                             "model.checkpoint or remove model.checkpoint_sha256")
+        if self.factory is not None and self.kind != "mlp":
+            raise ValueError(f"model.kind = {self.kind!r} builds gapbench's own networks, but model.factory builds "
+                             "the user's; remove model.kind")
+        if self.likelihood == "gaussian" and self.factory is None:
+            raise ValueError("model.likelihood = \"gaussian\" is for external models (model.factory) only; "
+                             "gapbench's own decoders take \"bernoulli\" or \"logistic\"")
         if self.kind == "conv" and not self.conv_channels:
             raise ValueError("model.kind = \"conv\" needs at least one convolution; give model.conv_channels, "
                              "e.g. [64, 128, 256]")
@@ -80,6 +129,9 @@ class ModelConfig(Section):
         data = handler(self)
         if self.kind != "hierarchical":
             for key in HIERARCHICAL_KEYS:
+                data.pop(key, None)
+        if self.factory is None:  # likewise for a built-in model: no external-model keys
+            for key in FACTORY_KEYS:
                 data.pop(key, None)
         return data
 
@@ -258,7 +310,7 @@ class ExperimentConfig(Section):
         if "likelihood" not in model:
             model = {**model, "likelihood": "logistic" if data.get("dataset") == "cifar10" else "bernoulli"}
         if "binarization" not in data:
-            data = {**data, "binarization": "none" if model["likelihood"] == "logistic" else "dynamic"}
+            data = {**data, "binarization": "none" if model["likelihood"] in ("logistic", "gaussian") else "dynamic"}
         return {**raw, "data": data, "model": model}
 
     @model_validator(mode="after")
@@ -268,12 +320,15 @@ class ExperimentConfig(Section):
             raise ValueError("data.binarization = \"none\" gives grey levels, but model.likelihood = \"bernoulli\" is "
                              "a distribution of 0/1 pixels; set data.binarization = \"dynamic\" or \"static\", or "
                              "model.likelihood = \"logistic\"")
-        if m.likelihood == "logistic" and d.binarization != "none":
-            raise ValueError(f"data.binarization = {d.binarization!r} does not apply to model.likelihood = \"logistic\", "
+        if m.likelihood in ("logistic", "gaussian") and d.binarization != "none":
+            raise ValueError(f"data.binarization = {d.binarization!r} does not apply to model.likelihood = \"{m.likelihood}\", "
                              "which models the pixel levels themselves; remove data.binarization (or set it to "
                              "\"none\"), or use model.likelihood = \"bernoulli\" for binarised pixels")
         if d.bits != 8 and d.dataset != "cifar10":
             raise ValueError(f"data.bits = {d.bits} applies to cifar10 only; remove it for {d.dataset!r}")
+        if d.dataset == "file" and d.domain == "binary" and m.likelihood != "bernoulli":
+            raise ValueError(f"data.domain = \"binary\" holds 0/1 values, but model.likelihood = {m.likelihood!r} is a "
+                             "distribution of grey levels; use model.likelihood = \"bernoulli\" or data.domain = \"levels\"")
         if d.bits != 8 and m.likelihood != "logistic":
             raise ValueError(f"data.bits = {d.bits} reduces the pixel levels of the discretised logistic, but "
                              f"model.likelihood = {m.likelihood!r}; remove data.bits or use model.likelihood = \"logistic\"")

@@ -59,6 +59,7 @@ from .curves import curve_frame, refinement_curve, summarize_curve
 from .data import Dataset, binarize, check_binary, check_levels, check_values, load_dataset
 from .device import row_bytes, rows_that_fit, samples_per_chunk
 from .distributed import ONE_PROCESS, Ranks, broadcast, close_ranks, gather, init_ranks, shard
+from .external import ExternalModel, build_external, check_external, with_checkpoint_sha256
 from .gaps import NO_FAULT, decompose, estimate_columns, find_faults, summarize, summarize_column
 from .log_px import method_description, selected_log_px
 from .measure import ais_diagnostics, ais_of, bounds_of, effective_procedure, fresh_estimators, local_posterior
@@ -69,9 +70,9 @@ from .report import gap_table_markdown
 from .rundir import TRAIN_STATE, RunError, RunFolder, hashed_sections, open_run_folder
 from .train import ResumeError, train
 
-__all__ = ["CHECKPOINT_FORMAT", "Run", "RunError", "build_networks", "datapoint_streams", "evaluation_data",
-           "load_checkpoint", "networks_for", "open_run", "open_run_config", "run_experiment", "stage_generator",
-           "stage_seed"]
+__all__ = ["CHECKPOINT_FORMAT", "Run", "RunError", "build_networks", "datapoint_streams", "dataset_of",
+           "evaluation_data", "external_networks", "load_checkpoint", "networks_for", "open_run", "open_run_config",
+           "run_experiment", "stage_generator", "stage_seed"]
 
 # The random stream of each stage, fixed by name: adding a stage changes no other stage's numbers.
 STAGE_STREAMS = {"train": 1, "amortized": 2, "local": 3, "report": 4, "ais": 5, "curve": 6, "log_px": 7,
@@ -149,9 +150,28 @@ def build_networks(config: ExperimentConfig, data_size: int, *, image_shape: tup
 
 
 def networks_for(config: ExperimentConfig, dataset: Dataset) -> tuple[DecoderBase, torch.nn.Module]:
-    """:func:`build_networks` for the images of ``dataset``."""
+    """:func:`build_networks` for the images of ``dataset``; with ``model.factory``, the external model
+    and encoder, checked on two datapoints (``gapbench.external``)."""
+    if config.model.factory is not None:
+        external = external_networks(config, evaluation_data(config, dataset)[:2])
+        return external.model, external.encoder
     return build_networks(config, dataset.data_size, image_shape=dataset.image_shape,
                           num_levels=dataset.num_levels)
+
+
+def external_networks(config: ExperimentConfig, x: torch.Tensor, device: torch.device | str = "cpu") -> ExternalModel:
+    """The factory's model and encoder on ``device``, checked by a forward pass on the first datapoints of x."""
+    m = config.model
+    external = build_external(m.factory, factory_path=m.factory_path, checkpoint=m.checkpoint, device=device)
+    check_external(external, x[:2].to(device), spec=m.factory)
+    return external
+
+
+def dataset_of(config: ExperimentConfig) -> Dataset:
+    """The dataset ``config.data`` names (a built-in one, or the user's array file)."""
+    d = config.data
+    return load_dataset(d.dataset, data_dir=d.data_dir, download=d.download, bits=d.bits, file=d.file,
+                        domain=d.domain, num_levels=d.num_levels)
 
 
 def local_family(config: ExperimentConfig, name: str) -> LocalFamily:
@@ -213,6 +233,7 @@ class Run:
         self.device = torch.device(device)
         self.folder: RunFolder | None = None  # rank 0 only
         self.data_size: int | None = None  # D, known once the dataset is loaded
+        self.external: ExternalModel | None = None  # with model.factory: built and checked before any stage
 
     @property
     def data_parallel(self) -> bool:
@@ -232,6 +253,8 @@ class Run:
         GPU's free memory, else None (the estimators' CPU defaults)."""
         if self.config.eval.chunk_size is not None and not with_gradient:
             return self.config.eval.chunk_size
+        if self.external is not None:  # sizes unknown: eval.chunk_size (IWAE) or the estimators' defaults
+            return None if with_gradient else self.config.eval.chunk_size
         m = self.config.model
         latent, hidden = m.latent_size, list(m.decoder_hidden)
         if m.kind == "hierarchical":  # z = (z1, z2) and the network of p(z1|z2)
@@ -246,6 +269,8 @@ class Run:
         sends the weights to the others, so no rank needs rank 0's file system; with
         ``train.data_parallel`` every rank trains (DistributedDataParallel) and holds the same weights."""
         self.data_size = dataset.data_size
+        if self.external is not None:
+            return self.external_stage(dataset)
         parallel = self.data_parallel and not self._is_finished("train")  # every rank trains
         if parallel and self.config.train.batch_size < self.ranks.world_size:
             raise ConfigError(f"train.data_parallel splits each minibatch of train.batch_size = "
@@ -261,6 +286,29 @@ class Run:
                 decoder.load_state_dict(shared[0]), encoder.load_state_dict(shared[1])
                 training = shared[2]
         return decoder.to(self.device).eval(), encoder.to(self.device).eval(), training
+
+    def external_stage(self, dataset: Dataset) -> tuple[object, object, dict]:
+        """The train stage of an external model: nothing is trained; checkpoint.pt records the factory,
+        the checkpoint's sha256, versions and the weights of the networks that are nn.Modules, and
+        train_history.csv has no rows. Every rank built the networks itself (``self.external``)."""
+        external = self.external
+        training = {"best_epoch": None, "best_valid_elbo": None, "epochs_run": 0, "stop_reason": "external model",
+                    "external": external.record}
+        if self.ranks.is_main and not self.folder.is_finished("train"):
+            self.folder.start("train")
+
+            def weights(part) -> dict:
+                return _cpu(part.state_dict()) if isinstance(part, torch.nn.Module) else {}
+            io.save_torch(self.dir / "checkpoint.pt", {
+                "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
+                "config": self.config.model_dump(mode="json"), "data_size": dataset.data_size,
+                "posterior": self.config.model.posterior, "decoder": weights(external.model),
+                "encoder": weights(external.encoder), **training})
+            io.write_csv(self.dir / "train_history.csv", pd.DataFrame(columns=["epoch"]))
+            self.folder.finish("train", 0.0)
+            self.log(f"[train] skipped: external model {external.record['factory']}"
+                     f"{'' if external.record['checkpoint'] is None else ' from ' + external.record['checkpoint']}")
+        return external.model, external.encoder, training
 
     # --- stages -------------------------------------------------------------------------------
     def train_stage(self, dataset: Dataset) -> tuple[Decoder, torch.nn.Module, dict]:
@@ -703,11 +751,13 @@ class Run:
 
     def execute(self) -> dict:
         """Run every stage that has not finished yet; returns the summary."""
-        dataset = load_dataset(self.config.data.dataset, data_dir=self.config.data.data_dir,
-                               download=self.config.data.download, bits=self.config.data.bits)
+        dataset = dataset_of(self.config)
         for split in ("train", "valid"):  # checked before anything is written
             check_values(dataset.split(split), f"{dataset.name} {split} split")
         x = evaluation_data(self.config, dataset)
+        if self.config.model.factory is not None:  # built and checked before anything is written
+            self.config = with_checkpoint_sha256(self.config)
+            self.external = external_networks(self.config, x, self.device)
         resolved = self.config.model_dump(mode="json")
         joined = self.ranks.is_distributed and not torch.distributed.is_initialized()
         init_ranks(self.ranks, self.device)
@@ -826,11 +876,12 @@ def open_run(run_dir: str | Path, *, num_datapoints: int | None = None
     """
     run_dir = Path(run_dir)
     config = open_run_config(run_dir)
-    dataset = load_dataset(config.data.dataset, data_dir=config.data.data_dir, download=config.data.download,
-                           bits=config.data.bits)
+    dataset = dataset_of(config)
+    with_checkpoint_sha256(config)  # an external model's checkpoint must still be the one the run measured
     checkpoint = load_checkpoint(run_dir / "checkpoint.pt", config, dataset.data_size)
     decoder, encoder = networks_for(config, dataset)
-    load_weights(run_dir / "checkpoint.pt", checkpoint, decoder, encoder)
+    if config.model.factory is None:  # an external model is rebuilt by its factory
+        load_weights(run_dir / "checkpoint.pt", checkpoint, decoder, encoder)
     if num_datapoints is not None:
         config = config.model_copy(update={"eval": config.eval.model_copy(update={"num_datapoints": num_datapoints})})
     return config, decoder, encoder, evaluation_data(config, dataset)

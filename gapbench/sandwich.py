@@ -19,6 +19,7 @@ import torch
 from .estimators import AISProcedure, bdmc, simulate
 from .estimators.ais import DEFAULT_AIS
 from .experiment import open_run
+from .rundir import RunError
 from .measure import AIS_INITS, amortized_posterior, frozen
 
 
@@ -38,6 +39,11 @@ def bdmc_run(run_dir: str | Path, *, num_datapoints: int = 100, procedure: AISPr
     if init not in AIS_INITS[:2]:
         raise ValueError(f"BDMC init must be 'prior' or 'encoder', got {init!r}")
     config, decoder, encoder, _ = open_run(run_dir, num_datapoints=1)
+    if config.model.factory is not None and not (getattr(decoder, "latent_size", None)
+                                                 and callable(getattr(decoder, "sample_x", None))):
+        raise RunError(f"gapbench bdmc simulates data from the run's model, but the external model of "
+                       f"{config.model.factory} has no latent_size and sample_x(z, *, generator) (x ~ p(x|z)); "
+                       "give it both, or run gapbench.bdmc from Python on data of your own")
     generator = torch.Generator().manual_seed(seed)
     x, z = simulate(decoder, num_datapoints, generator=generator)  # (N, D), (N, Z)
     q = amortized_posterior(encoder, x) if init == "encoder" else None

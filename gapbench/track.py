@@ -19,8 +19,7 @@ import torch
 
 from . import io
 from .config import load_config
-from .data import load_dataset
-from .experiment import SNAPSHOTS, evaluation_data, networks_for
+from .experiment import SNAPSHOTS, dataset_of, evaluation_data, networks_for
 from .measure import measure_gaps
 from .rundir import RunError
 
@@ -45,8 +44,7 @@ def track(run_dir: str | Path, *, num_datapoints: int = 100, num_samples: int = 
         raise RunError(f"{run_dir} is not a gapbench run (no config.json)")
     paths = snapshot_paths(run_dir)
     config = load_config(run_dir / "config.json", ignore_unknown=True)
-    dataset = load_dataset(config.data.dataset, data_dir=config.data.data_dir, download=config.data.download,
-                           bits=config.data.bits)
+    dataset = dataset_of(config)
     data = {}
     for split in SPLITS:
         sized = config.model_copy(update={"eval": config.eval.model_copy(update={"split": split,

@@ -11,7 +11,7 @@ import torch
 
 from gapbench.data.errors import DataError
 
-DATASETS: tuple[str, ...] = ("digits", "fashion-mnist", "mnist", "cifar10")
+DATASETS: tuple[str, ...] = ("digits", "fashion-mnist", "mnist", "cifar10", "file")
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 
 
@@ -163,6 +163,9 @@ def load_dataset(
     data_dir: str | os.PathLike[str] | None = None,
     download: bool = True,
     bits: int = 8,
+    file: str | os.PathLike[str] | None = None,
+    domain: str | None = None,
+    num_levels: int | None = None,
 ) -> Dataset:
     """Load a dataset by name with its fixed train/valid/test split.
 
@@ -180,6 +183,9 @@ def load_dataset(
     bits : int
         ``"cifar10"`` only: keep the high ``bits`` of each 8-bit level (2^bits levels); the other
         datasets refuse anything but 8.
+    file, domain, num_levels : str or os.PathLike, str, int
+        ``"file"`` only: the user's array file, its values' domain (``"binary"`` or ``"levels"``,
+        default ``"levels"``) and L (default 256); see ``gapbench.data.userfile``.
 
     Returns
     -------
@@ -190,7 +196,12 @@ def load_dataset(
     DataError
         If the name is unknown, or the files cannot be found, fetched or read.
     """
-    from gapbench.data import cifar10, digits, mnist  # here, because they import Dataset from this module
+    from gapbench.data import cifar10, digits, mnist, userfile  # here: they import Dataset from this module
+
+    if name == "file":
+        if file is None:
+            raise DataError("dataset 'file' needs the path of the array file. Fix: give data.file.")
+        return userfile.load_file_dataset(file, domain=domain or "levels", num_levels=num_levels or 256)
 
     if bits != 8 and name != "cifar10":
         raise DataError(f"bits = {bits} applies to cifar10 only. Fix: leave bits at 8 for {name!r}.")

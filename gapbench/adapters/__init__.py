@@ -1,0 +1,1 @@
+"""Adapters that turn models trained by other libraries into gapbench's (model, encoder) pair."""
