@@ -16,7 +16,7 @@ import json
 import math
 from pathlib import Path
 
-from .tables import table_grid
+from .tables import format_mean_stderr, table_grid
 
 PUBLISHED_FORMAT = "gapbench-published"
 GAP_NAMES = {"approximation": ("log_px", "elbo_q_star_{family}"), "amortization": ("elbo_q_star_{family}", "elbo_q"),
@@ -105,7 +105,7 @@ def comparison_markdown(rows: list[dict], *, digits: int = 2) -> str:
         cells = []
         for m in models:
             r = cell[q, m]
-            ours = "—" if not math.isfinite(r["mean"]) else f"{r['mean']:.{digits}f} ± {r['stderr']:.{digits}f}"
+            ours = "—" if not math.isfinite(r["mean"]) else " ± ".join(format_mean_stderr(r["mean"], r["stderr"]))
             diff = r["difference"]
             cells += [ours, number(r["published"]), "—" if diff is None else f"{diff:+.{digits}f}"]
         lines.append(f"| {q} | " + " | ".join(cells) + " |")
