@@ -12,6 +12,7 @@ from gapbench.cli import main
 from gapbench.config import ConfigError, parse_config
 from gapbench.experiment import build_networks, comparable_config, load_checkpoint
 from gapbench.posteriors import AuxiliaryCouplingFlow, AuxiliaryFlowEncoder
+from gapbench.report.tables import format_mean_stderr
 
 from test_cli import DIGITS, QUICK
 
@@ -68,8 +69,10 @@ def test_cross_family_table(two_runs, tmp_path, capsys):
     labels = [line.split("|")[1].strip() for line in markdown.splitlines()[2:] if line.startswith("|")]
     assert labels == ["log p̂(x)", "L[q*_Flow]", "L[q*_FFG]", "L[q]", "approximation", "amortization", "inference"]
     s = summaries[1]
-    assert f"| L[q*_Flow] | {summaries[0]['bounds']['elbo_q_star_flow']['mean']:.2f} ±" in markdown
-    assert f"{s['gaps']['amortization']['mean']:.2f} ± {s['gaps']['amortization']['stderr']:.2f} |" in markdown
+    flow = summaries[0]['bounds']['elbo_q_star_flow']
+    assert f"| L[q*_Flow] | {format_mean_stderr(flow['mean'], flow['stderr'])[0]} ±" in markdown
+    assert " ± ".join(format_mean_stderr(s['gaps']['amortization']['mean'], s['gaps']['amortization']['stderr'])) \
+        + " |" in markdown
     assert markdown.splitlines()[0] in printed
     rows = list(csv.DictReader(io.StringIO((out / "gap_table.csv").read_text())))
     assert len(rows) == 7 * 2
