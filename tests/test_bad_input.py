@@ -223,7 +223,7 @@ def test_unknown_key_in_the_experiment_file(tmp_path, capsys):
     experiment_file = tmp_path / "exp.toml"
     experiment_file.write_text('name = "x"\n[train]\nepochs = 3\nlearning_rat = 0.1\n')
     refused(capsys, ["run", str(experiment_file), "--out", str(tmp_path / "out")],
-            "train.learning_rat: unknown key; remove it or check its spelling")
+            "train.learning_rat: unknown key; remove it or check its spelling (did you mean train.learning_rate?)")
 
 
 # --- the output folder -------------------------------------------------------------------------

@@ -70,6 +70,13 @@ def _scale(args: argparse.Namespace) -> int:
     return 0
 
 
+def _threads(args: argparse.Namespace) -> int:
+    from .threads import bench_threads
+    figures = bench_threads(args.experiment, overrides=tuple(args.set), busy=args.busy, job=not args.no_job)
+    _write(figures, args.out)
+    return 0
+
+
 def add_bench_parser(sub) -> None:
     from ..cli import positive_int
 
@@ -140,6 +147,16 @@ def add_bench_parser(sub) -> None:
                     help="datapoints for the streams-against-Generator timing (default: --num-datapoints)")
     sc.add_argument("--out", help="also write the figures as JSON here")
     sc.set_defaults(func=_scale)
+    th = kinds.add_parser("threads", help="a decoder step with 1 and 2 torch threads, and the whole job with the "
+                                          "cores' threads and with the per-stage choice, quiet and beside busy "
+                                          "processes")
+    th.add_argument("experiment", help="experiment TOML file, e.g. experiments/digits.toml")
+    th.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for the timed runs, e.g. --set train.epochs=50 (repeatable)")
+    th.add_argument("--busy", type=positive_int, default=2, help="competing busy processes (default 2)")
+    th.add_argument("--no-job", action="store_true", help="time the decoder step only")
+    th.add_argument("--out", help="also write the figures as JSON here")
+    th.set_defaults(func=_threads)
 
 
 __all__ = ["add_bench_parser"]
