@@ -36,8 +36,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file of a folder (but the lock) with its bytes."""
-    return {p.name: p.read_bytes() for p in folder.iterdir() if p.name != ".lock"} if folder.exists() else {}
+    """Every file of a folder and its sub-folders (but the lock) with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*")
+            if p.is_file() and p.name != ".lock"} if folder.exists() else {}
 
 
 def refused(capsys, args, *messages, folder: Path | None = None) -> str:

@@ -31,14 +31,19 @@ def use_style() -> None:
 
 
 def save(fig, stem: str | Path) -> list[Path]:
-    """Write ``stem``.png (200 dpi) and ``stem``.pdf; returns both paths."""
+    """Write ``stem``.png (200 dpi) and ``stem``.pdf, each atomically; returns both paths."""
     import matplotlib.pyplot as plt
+
+    from ..io import _atomic_path
 
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
+    for tmp in stem.parent.glob(f".{stem.name}.*.tmp"):  # left by a process killed mid-write
+        tmp.unlink(missing_ok=True)
     paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
-    fig.savefig(paths[0], dpi=200, bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight")
+    for path, options in zip(paths, ({"format": "png", "dpi": 200}, {"format": "pdf"})):
+        with _atomic_path(path) as tmp:  # whole or absent under its own name
+            fig.savefig(tmp, bbox_inches="tight", **options)
     plt.close(fig)
     return paths
 
