@@ -31,6 +31,7 @@ def two_runs(tmp_path_factory):
     return root / "ffg", root / "flow"
 
 
+@pytest.mark.slow  # two_runs trains two models and refines local flows (96 s on a loaded 2-core machine)
 def test_flow_run_uses_its_encoder_family(two_runs):
     _, flow_run = two_runs
     columns = (flow_run / "local.csv").read_text().splitlines()[0].split(",")
@@ -58,6 +59,7 @@ def test_flow_run_uses_its_encoder_family(two_runs):
     assert all(v.shape[0] == 24 for v in params.values()) and params["c0.v.w1"].shape == (24, 16, 16)
 
 
+@pytest.mark.slow  # two_runs, as above
 def test_cross_family_table(two_runs, tmp_path, capsys):
     ffg_run, flow_run = two_runs
     out = tmp_path / "table"

@@ -26,10 +26,8 @@ ARGS = ["--set", "train.epochs=5", "--set", "train.warmup_epochs=1", "--set", "e
         "--set", "curve.enabled=true", "--set", "curve.steps=[0,1,5,10]", "--set", "curve.eval_samples=50", "--quiet"]
 RESULTS = ("summary.json", "datapoints.csv", "table.md", "amortized.csv", "local.csv", "ais.csv", "curve.csv")
 
+# slow: each test kills a real run in a fresh process (torch import, training) and reruns it to the end
 pytestmark = pytest.mark.slow
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per module
 
 
 @pytest.fixture(scope="module")
