@@ -72,7 +72,8 @@ def _scale(args: argparse.Namespace) -> int:
 
 def _threads(args: argparse.Namespace) -> int:
     from .threads import bench_threads
-    figures = bench_threads(args.experiment, overrides=tuple(args.set), busy=args.busy, job=not args.no_job)
+    figures = bench_threads(args.experiment, overrides=tuple(args.set), busy=args.busy, job=not args.no_job,
+                            steps=not args.no_steps)
     _write(figures, args.out)
     return 0
 
@@ -155,6 +156,7 @@ def add_bench_parser(sub) -> None:
                     help="config override for the timed runs, e.g. --set train.epochs=50 (repeatable)")
     th.add_argument("--busy", type=positive_int, default=2, help="competing busy processes (default 2)")
     th.add_argument("--no-job", action="store_true", help="time the decoder step only")
+    th.add_argument("--no-steps", action="store_true", help="time the job only")
     th.add_argument("--out", help="also write the figures as JSON here")
     th.set_defaults(func=_threads)
 

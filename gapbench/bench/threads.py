@@ -82,7 +82,7 @@ def job_seconds(experiment: str, overrides: tuple[str, ...], threads: int | None
 
 
 def bench_threads(experiment: str, *, overrides: tuple[str, ...] = (), busy: int = 2,
-                  rows: tuple[int, ...] = (400, 1600, 6400, 25600), job: bool = True,
+                  rows: tuple[int, ...] = (400, 1600, 6400, 25600), job: bool = True, steps: bool = True,
                   log: Callable[[str], None] = print) -> dict:
     """Time both measurements quiet and busy; returns the figures (also printed through ``log``)."""
     cores = len(os.sched_getaffinity(0))
@@ -91,9 +91,10 @@ def bench_threads(experiment: str, *, overrides: tuple[str, ...] = (), busy: int
         f"{busy} processes running `{SPIN}` beside the timed code")
     figures: dict = {"cores": cores, "busy_processes": busy, "load_average_at_start": load[0], "steps": [],
                      "jobs": []}
-    log("\n| decoder step (fwd+bwd) | GFLOP | load | 1 thread ms | 2 threads ms | 2-thread speed-up |")
-    log("|---|---:|---|---:|---:|---:|")
-    for condition in ("quiet", "busy"):
+    if steps:
+        log("\n| decoder step (fwd+bwd) | GFLOP | load | 1 thread ms | 2 threads ms | 2-thread speed-up |")
+        log("|---|---:|---|---:|---:|---:|")
+    for condition in ("quiet", "busy") if steps else ():
         with Busy(busy if condition == "busy" else 0):
             for n in rows:
                 one, flop = step_seconds(n, 1)
