@@ -21,10 +21,10 @@ BYTES_PER_VALUE = 4  # float32
 # A CPU stage takes one more torch thread per this many FLOPs of one step (one minibatch of training,
 # one chunk of IWAE rows, one refinement or AIS step). Threads of one process wait for each other
 # after every operation, so when another process holds a core each small operation waits a whole
-# time slice: `gapbench bench threads` measured a decoder step of 0.06 to 16 GFLOP on this project's
-# shared 2-core machine at 0.04 to 0.6x the speed of one thread with 2 threads (two busy processes
-# beside it), and never faster than one thread even without them (other jobs ran). Below this one
-# thread is both faster and safe; above it a second thread can pay on a machine of one's own.
+# time slice: `gapbench bench threads` measured a decoder step of 0.06 to 4 GFLOP on this project's
+# shared 2-core machine at 0.04 to 0.8x the speed of one thread with 2 threads (README, Benchmarks),
+# with and without two busy processes beside it; only at 16 GFLOP did 2 threads once gain (1.2x).
+# Below this one thread is both faster and safe; above it more threads can pay.
 FLOP_PER_THREAD = 16e9
 ROWS_PER_CHUNK = 4096  # the estimators' (sample x datapoint) rows per chunk on a CPU (log_weights)
 
