@@ -541,6 +541,7 @@ class Run:
             summary["curve"] = summarize_curve(curve, local[q_star_column(local)].to_numpy())
         io.write_json(self.dir / "summary.json", summary)
         io.write_text(self.dir / "table.md", gap_table_markdown(summary))
+        shutil.rmtree(self.dir / "figures", ignore_errors=True)  # a redone report leaves no figures of the last
         if self.figures:
             from .report.figures import write_run_figures
             self.log("[report] figures: " + ", ".join(p.name for p in write_run_figures(self.dir, frame, summary)
