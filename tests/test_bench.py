@@ -76,6 +76,7 @@ def test_bench_ais_reports_figures(tiny_run):
     json.dumps(figures)
 
 
+@pytest.mark.slow  # torchrun with 1 and 2 processes, each a full evaluation (59 s on a loaded 2-core machine)
 def test_bench_scale_reports_figures(tiny_run):
     lines = []
     figures = bench_scale(str(tiny_run), num_datapoints=6, processes=(1, 2), overrides=("eval.num_samples=50",),
