@@ -11,6 +11,17 @@ EXIT_USAGE = 2  # bad input: the message names the problem and the fix
 EXIT_INTERRUPTED = 130  # Ctrl-C
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (argparse reports anything else and exits 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _run(args: argparse.Namespace) -> int:
     from .device import resolve_device
     from .distributed import close_ranks, init_ranks, ranks_from_env
@@ -29,7 +40,8 @@ def _run(args: argparse.Namespace) -> int:
             if point.label and ranks.is_main:
                 print(f"\n== {point.label} ({folder})", file=sys.stderr)
             summary = run_experiment(point.config, folder, force=args.force, progress=not args.quiet,
-                                     log=lambda m: print(m, file=sys.stderr), device=device, ranks=ranks)
+                                     log=lambda m: print(m, file=sys.stderr), device=device, ranks=ranks,
+                                     threads=args.threads, figures=not args.no_figures)
             if summary is None:  # not rank 0: rank 0 wrote the folder and prints the table
                 continue
             s = summary["settings"]
@@ -154,8 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set train.epochs=5 (repeatable)")
     run.add_argument("--out", help="run folder (default: runs/<name>)")
-    run.add_argument("--force", action="store_true", help="redo every stage, even in a folder with another config")
+    run.add_argument("--force", action="store_true",
+                     help="reuse a folder that holds a run with another config: redo only the stages the change "
+                          "affects (and those after them), keep the others")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--threads", type=positive_int, metavar="N",
+                     help="torch threads of every stage (default: 1, or more for a stage whose steps are large "
+                          "enough to gain from them; printed per stage)")
+    run.add_argument("--no-figures", action="store_true",
+                     help="the report stage writes no figures (figures/ in the run folder)")
     run.add_argument("--device", default="cpu", metavar="cpu|cuda|auto",
                      help="where every stage runs: cpu (default), cuda (cuda:N; under torchrun each process takes "
                           "the GPU of its LOCAL_RANK) or auto (cuda when PyTorch finds a GPU)")
@@ -179,11 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     bd = sub.add_parser("bdmc", help="BDMC sandwich on data simulated from a trained run's model: how far AIS "
                                      "at the run's settings can be from log p(x)")
     bd.add_argument("run_dir", help="a trained run folder (gapbench run ... --out RUN_DIR)")
-    bd.add_argument("--num-datapoints", type=int, default=100, help="datapoints to simulate (default 100)")
-    bd.add_argument("--num-chains", type=int, help="AIS chains per datapoint (default: the run's ais.num_chains)")
-    bd.add_argument("--num-steps", type=int, help="annealing steps (default: the run's ais.num_steps)")
+    bd.add_argument("--num-datapoints", type=positive_int, default=100, help="datapoints to simulate (default 100)")
+    bd.add_argument("--num-chains", type=positive_int, help="AIS chains per datapoint (default: the run's ais.num_chains)")
+    bd.add_argument("--num-steps", type=positive_int, help="annealing steps (default: the run's ais.num_steps)")
     bd.add_argument("--schedule", choices=["linear", "sigmoid"], help="default: the run's ais.schedule")
-    bd.add_argument("--num-leapfrog", type=int, help="default: the run's ais.num_leapfrog")
+    bd.add_argument("--num-leapfrog", type=positive_int, help="default: the run's ais.num_leapfrog")
     bd.add_argument("--init", choices=["prior", "encoder"],
                     help="initial distribution (default: the run's ais.init; q_star becomes encoder)")
     bd.add_argument("--seed", type=int, default=0)
@@ -198,8 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("track", help="gaps over training: bounds and gaps of every training snapshot on training "
                                       "and validation datapoints (needs train.snapshot_every)")
     tr.add_argument("run_dir", help="a run trained with train.snapshot_every = N")
-    tr.add_argument("--num-datapoints", type=int, default=100, help="first N of each split (default 100)")
-    tr.add_argument("--num-samples", type=int, default=1000, help="samples for every ELBO and IWAE (default 1000)")
+    tr.add_argument("--num-datapoints", type=positive_int, default=100, help="first N of each split (default 100)")
+    tr.add_argument("--num-samples", type=positive_int, default=1000, help="samples for every ELBO and IWAE (default 1000)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     tr.set_defaults(func=_track)
     report = sub.add_parser("report", help="the cross-family table of finished runs, beside a published table "
@@ -211,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="compare with this transcription of the published table only (default: every one, "
                              "each shown by name where they disagree)")
     report.add_argument("--out", help="write gap_table.{md,csv,tex}, comparison.{md,csv} and the figures "
-                                      "(gap_bars, gap_distributions; PNG and PDF) here")
+                                      "(gap_bars, gap_distributions, gap_scatter; PNG and PDF) here")
     report.add_argument("--no-figures", action="store_true", help="tables only")
     report.set_defaults(func=_report)
     from .bench import add_bench_parser

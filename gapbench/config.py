@@ -393,12 +393,34 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
+def known_keys(loc: tuple) -> list[str]:
+    """The keys the config knows beside ``loc`` (a key's path, e.g. ("train", "epoch")): the section's
+    fields, or the top level's sections."""
+    model: Any = ExperimentConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return []
+        model = field.annotation
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return []
+    return list(model.model_fields)
+
+
+def _did_you_mean(loc: tuple) -> str:
+    """" (did you mean train.epochs?)" for the closest known key (difflib), or ""."""
+    import difflib
+
+    close = difflib.get_close_matches(str(loc[-1]), known_keys(loc), n=1, cutoff=0.6)
+    return f" (did you mean {'.'.join([*map(str, loc[:-1]), close[0]])}?)" if close else ""
+
+
 def _format_error(error: ValidationError, source: str) -> str:
     lines = [f"invalid configuration in {source}:"]
     for e in error.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {where}: unknown key; remove it or check its spelling")
+            lines.append(f"  {where}: unknown key; remove it or check its spelling{_did_you_mean(e['loc'])}")
         elif e["type"] == "value_error" and not e["loc"]:  # a rule across sections: the message names the keys
             lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
         elif e["type"] == "missing":
@@ -438,9 +460,27 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *,
 
     ``ignore_unknown``: see :func:`parse_config`.
     """
-    path = Path(path)
-    return parse_config(apply_overrides(read_raw(path), overrides or []), source=str(path),
-                        ignore_unknown=ignore_unknown)
+    return parse_overridden(read_raw(path), overrides or [], source=str(path), ignore_unknown=ignore_unknown)
+
+
+def parse_overridden(raw: dict[str, Any], overrides: list[str], *, source: str,
+                     ignore_unknown: bool = False) -> ExperimentConfig:
+    """:func:`parse_config` of ``raw`` with the ``--set`` overrides applied; an error the file alone does
+    not have is reported as coming from the --set options rather than from the file."""
+    try:
+        return parse_config(apply_overrides(raw, overrides), source=source, ignore_unknown=ignore_unknown)
+    except ConfigError:
+        if not overrides:
+            raise
+        try:
+            parse_config(raw, source=source, ignore_unknown=ignore_unknown)
+        except ConfigError:
+            pass
+        else:
+            sets = " ".join(f"--set {item}" for item in overrides)
+            return parse_config(apply_overrides(raw, overrides), source=f"{sets} (on top of {source})",
+                                ignore_unknown=ignore_unknown)
+        raise
 
 
 def read_raw(path: str | Path) -> dict[str, Any]:

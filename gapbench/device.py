@@ -1,4 +1,5 @@
-"""Which device a run uses (``--device cpu|cuda|auto``) and how many rows fit in its memory.
+"""Which device a run uses (``--device cpu|cuda|auto``), how many rows fit in its memory, and how many
+torch threads each stage takes on a CPU.
 
 On a GPU the estimators' chunks are sized from the free memory (``torch.cuda.mem_get_info``) rather
 than from the CPU's cache: IWAE evaluates ``chunk_size`` samples of every datapoint of a batch at once,
@@ -7,13 +8,25 @@ AIS ``chunk_size`` chains, so one chunk is (chunk_size x B) rows of decoder acti
 
 from __future__ import annotations
 
+import math
+from typing import Callable
+
 import torch
 
-from .config import ConfigError
+from .config import ConfigError, ExperimentConfig
 
 DEVICES = ("cpu", "cuda", "auto")
 MEMORY_FRACTION = 0.25  # of the free GPU memory one chunk of activations may take (autograd, copies, allocator slack)
 BYTES_PER_VALUE = 4  # float32
+# A CPU stage takes one more torch thread per this many FLOPs of one step (one minibatch of training,
+# one chunk of IWAE rows, one refinement or AIS step). Threads of one process wait for each other
+# after every operation, so when another process holds a core each small operation waits a whole
+# time slice: `gapbench bench threads` measured a decoder step of 0.06 to 4 GFLOP on this project's
+# shared 2-core machine at 0.04 to 0.8x the speed of one thread with 2 threads (README, Benchmarks),
+# with and without two busy processes beside it; only at 16 GFLOP did 2 threads once gain (1.2x).
+# Below this one thread is both faster and safe; above it more threads can pay.
+FLOP_PER_THREAD = 16e9
+ROWS_PER_CHUNK = 4096  # the estimators' (sample x datapoint) rows per chunk on a CPU (log_weights)
 
 
 def resolve_device(name: str, *, local_rank: int = 0) -> torch.device:
@@ -59,3 +72,61 @@ def rows_that_fit(device: torch.device, bytes_per_row: int) -> int | None:
 def samples_per_chunk(rows: int | None, num_datapoints: int) -> int | None:
     """Samples (or chains) per chunk for a batch of ``num_datapoints`` within ``rows``; None: default."""
     return None if rows is None else max(1, rows // max(1, num_datapoints))
+
+
+def flop_per_row(config: ExperimentConfig, data_size: int) -> float:
+    """Multiply-add FLOPs (2 per weight) of one decoder evaluation for one (sample, datapoint) row:
+    the MLP's layers, or for ``model.kind = "conv"`` its stride-2 3x3 convolutions (channels c_i on a
+    quarter of the previous map each) and the dense layers."""
+    m = config.model
+    if m.kind == "conv":
+        channels, pixels, flop = [1, *m.conv_channels], data_size, 0.0
+        for c_in, c_out in zip(channels, channels[1:]):
+            pixels = max(1, pixels // 4)
+            flop += 2 * 9 * c_in * c_out * pixels
+        return flop + 2 * m.latent_size * channels[-1] * pixels
+    widths = [m.latent_size, *m.decoder_hidden, data_size]
+    if m.kind == "hierarchical":  # and the network of p(z1|z2)
+        widths = widths + [m.latent_size_2, *m.prior_hidden, 2 * m.latent_size]
+    return float(sum(2 * a * b for a, b in zip(widths, widths[1:])))
+
+
+def stage_flop(config: ExperimentConfig, stage: str, data_size: int) -> float:
+    """FLOPs of one step of ``stage``: rows evaluated together x passes (1 forward; 3 forward and
+    backward) x :func:`flop_per_row`; the encoder counted as a second decoder in training."""
+    e = config.eval
+    rows_per_chunk = (e.chunk_size * e.batch_size) if e.chunk_size else ROWS_PER_CHUNK
+    rows, passes = {
+        "train": (config.train.batch_size, 2 * 3),
+        "amortized": (rows_per_chunk, 1),
+        "local": (max(config.refine.resolved(f).num_samples for f in config.refine.families) * e.batch_size, 3),
+        "ais": (min(ROWS_PER_CHUNK, config.ais.num_chains * e.batch_size), 3),
+        "curve": (config.curve.num_samples * e.batch_size, 3),
+    }.get(stage, (0, 0))
+    return float(rows * passes) * flop_per_row(config, data_size)
+
+
+_DEFAULT_THREADS: list[int] = []  # torch's own choice (OMP_NUM_THREADS, the usable cores), read once
+
+
+def stage_threads(flop: float, *, threads: int | None = None) -> int:
+    """Torch threads for a step of ``flop`` FLOPs: ``threads`` when given (``--threads N``), else one
+    per FLOP_PER_THREAD, at most torch's default (which follows OMP_NUM_THREADS and the cores)."""
+    if threads is not None:
+        return threads
+    if not _DEFAULT_THREADS:
+        _DEFAULT_THREADS.append(torch.get_num_threads())
+    return max(1, min(_DEFAULT_THREADS[0], 1 + math.floor(flop / FLOP_PER_THREAD)))
+
+
+def use_stage_threads(config: ExperimentConfig, stage: str, data_size: int, *, device: torch.device,
+                      threads: int | None = None, log: Callable[[str], None] = print) -> int:
+    """Set the torch threads of ``stage`` (:func:`stage_threads`) and say so; on a GPU nothing changes."""
+    if device.type != "cpu":
+        return torch.get_num_threads()
+    flop = stage_flop(config, stage, data_size)
+    number = stage_threads(flop, threads=threads)
+    torch.set_num_threads(number)
+    why = "--threads" if threads is not None else f"{flop / 1e9:.2g} GFLOP per step; --threads N to override"
+    log(f"[{stage}] {number} torch thread{'s' if number > 1 else ''} ({why})")
+    return number

@@ -29,6 +29,7 @@ Files of a run folder:
     datapoints.csv     everything per datapoint, with log p_hat(x), the three gaps and numerical faults
     summary.json       means with standard errors, fault counts, and every setting that changes a number
     table.md           the gap table
+    figures/           gap_bars, gap_distributions, gap_scatter (PNG and PDF), unless --no-figures
     stages.json        which stages finished, with which config (sha256), when, and how long they took
 """
 
@@ -57,7 +58,7 @@ from .calibration import calibrate_ais, calibration_lines
 from .config import ConfigError, ExperimentConfig
 from .curves import curve_frame, refinement_curve, summarize_curve
 from .data import Dataset, binarize, check_binary, check_levels, check_values, load_dataset
-from .device import row_bytes, rows_that_fit, samples_per_chunk
+from .device import row_bytes, rows_that_fit, samples_per_chunk, use_stage_threads
 from .distributed import ONE_PROCESS, Ranks, broadcast, close_ranks, gather, init_ranks, shard
 from .external import ExternalModel, build_external, check_external, with_checkpoint_sha256
 from .gaps import NO_FAULT, decompose, estimate_columns, find_faults, summarize, summarize_column
@@ -223,8 +224,11 @@ class Run:
 
     def __init__(self, config: ExperimentConfig, out_dir: str | Path, *, force: bool = False,
                  progress: bool = True, log: Callable[[str], None] = print,
-                 device: torch.device | str = "cpu", ranks: Ranks = ONE_PROCESS):
+                 device: torch.device | str = "cpu", ranks: Ranks = ONE_PROCESS, threads: int | None = None,
+                 figures: bool = True):
         self.config = config
+        self.threads = threads  # torch threads of every stage (--threads); None: by each stage's size
+        self.figures = figures  # the report stage writes figures/ (--no-figures: not)
         self.dir = Path(out_dir)
         self.force = force
         self.ranks = ranks  # rank 0 owns the folder; every rank evaluates its shard of datapoints
@@ -263,6 +267,9 @@ class Run:
             hidden = hidden + [2 * c * self.data_size // 4 ** (i + 1) for i, c in enumerate(m.conv_channels)]
         rows = rows_that_fit(self.device, row_bytes(self.data_size, latent, hidden, with_gradient=with_gradient))
         return samples_per_chunk(rows, num_datapoints)
+
+    def _use_threads(self, stage: str) -> None:
+        use_stage_threads(self.config, stage, self.data_size, device=self.device, threads=self.threads, log=self.log)
 
     def networks(self, dataset: Dataset) -> tuple[Decoder, torch.nn.Module, dict]:
         """The trained networks on this run's device, on every rank: rank 0 trains (or loads) them and
@@ -338,6 +345,7 @@ class Run:
             self.log(f"[train] {state_path} is from another config; starting from scratch")
         if main:
             self.folder.start("train")
+        self._use_threads("train")
         if resume is not None:
             self.log(f"[train] resuming after epoch {resume['epoch']} ({state_path})")
         t = self.config.train
@@ -413,6 +421,7 @@ class Run:
             return io.read_csv(path) if self.ranks.is_main else None
         if self.ranks.is_main:
             self.folder.start("amortized")
+        self._use_threads("amortized")
         from tqdm.auto import tqdm
         e = self.config.eval
         start = time.perf_counter()
@@ -439,6 +448,7 @@ class Run:
             return io.read_csv(path) if self.ranks.is_main else None
         if self.ranks.is_main:
             self.folder.start("local")
+        self._use_threads("local")
         start = time.perf_counter()
         frames, params = [], {}
         for name in self.config.refine.families:
@@ -500,6 +510,7 @@ class Run:
             return io.read_csv(path) if self.ranks.is_main else None
         if self.ranks.is_main:
             self.folder.start("ais")
+        self._use_threads("ais")
         from tqdm.auto import tqdm
         own = self.config.model.posterior  # AIS from q* starts from the encoder's family's q*
         family = local_family(self.config, own)
@@ -617,6 +628,7 @@ class Run:
             return io.read_csv(path) if self.ranks.is_main else None
         if self.ranks.is_main:
             self.folder.start("curve")
+        self._use_threads("curve")
         from tqdm.auto import tqdm
         procedure = c.procedure()
         # L[q*] of every datapoint: local.csv is rank 0's, so rank 0 sends the column to every rank
@@ -667,6 +679,11 @@ class Run:
             summary["curve"] = summarize_curve(curve, local[q_star_column(local)].to_numpy())
         io.write_json(self.dir / "summary.json", summary)
         io.write_text(self.dir / "table.md", gap_table_markdown(summary))
+        shutil.rmtree(self.dir / "figures", ignore_errors=True)  # a redone report leaves no figures of the last
+        if self.figures:
+            from .report.figures import write_run_figures
+            self.log("[report] figures: " + ", ".join(p.name for p in write_run_figures(self.dir, frame, summary)
+                                                      if p.suffix == ".png") + f" in {self.dir / 'figures'}")
         self.folder.finish("report", 0.0)
         faults = summary["faults"]
         if faults["num_faulty"]:
@@ -846,10 +863,14 @@ def comparable_config(previous: dict, current: dict) -> dict:
 
 def run_experiment(config: ExperimentConfig, out_dir: str | Path, *, force: bool = False,
                    progress: bool = True, log: Callable[[str], None] = print,
-                   device: torch.device | str = "cpu", ranks: Ranks = ONE_PROCESS) -> dict | None:
+                   device: torch.device | str = "cpu", ranks: Ranks = ONE_PROCESS,
+                   threads: int | None = None, figures: bool = True) -> dict | None:
     """Run (or resume) an experiment into ``out_dir``; returns the summary dict (None on ranks other
-    than 0 of a distributed job: see ``gapbench.distributed``)."""
-    return Run(config, out_dir, force=force, progress=progress, log=log, device=device, ranks=ranks).execute()
+    than 0 of a distributed job: see ``gapbench.distributed``). ``threads``: torch threads of every
+    stage (None: chosen per stage from its size, ``gapbench.device.stage_threads``); ``figures``: the
+    report stage writes figures/ (``gapbench.report.figures``)."""
+    return Run(config, out_dir, force=force, progress=progress, log=log, device=device, ranks=ranks,
+               threads=threads, figures=figures).execute()
 
 
 def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from .config import ConfigError, ExperimentConfig, apply_overrides, parse_config, read_raw
+from .config import ConfigError, ExperimentConfig, apply_overrides, parse_config, parse_overridden, read_raw
 
 SWEEP_FILE = "sweep.json"
 QUANTITIES = (("bounds", "log_px"), ("bounds", "elbo_q_star"), ("bounds", "elbo_q"), ("gaps", "approximation"),
@@ -62,7 +62,7 @@ def expand(path: str | Path, overrides: list[str] | None = None) -> list[SweepPo
     raw = apply_overrides(read_raw(path), overrides or [])
     sweep = raw.pop("sweep", None)
     if sweep is None:
-        return [SweepPoint("", {}, parse_config(raw, source=str(path)))]
+        return [SweepPoint("", {}, parse_overridden(read_raw(path), overrides or [], source=str(path)))]
     if not isinstance(sweep, dict) or not sweep:
         raise ConfigError(f"{path}: [sweep] must map config keys to lists of values, e.g. seed = [0, 1, 2]")
     axes = _flatten(sweep)

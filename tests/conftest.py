@@ -1,7 +1,15 @@
+import os
 from contextlib import contextmanager
 
-import pytest
-import torch
+# One torch thread for every test and every process a test starts (set before torch is imported): the
+# tests' tensors are small, and on a shared machine two threads that wait for each other make them 5 to
+# 10 times slower. A test about threads sets its own (torch_threads below).
+os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 from gapbench.models import LinearGaussian
 
@@ -34,6 +42,13 @@ def torch_threads(num_threads: int):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_again():
+    """Back to one thread after a test that changed it (a run with --threads N sets it per stage)."""
+    yield
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

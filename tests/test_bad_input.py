@@ -36,8 +36,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file of a folder (but the lock) with its bytes."""
-    return {p.name: p.read_bytes() for p in folder.iterdir() if p.name != ".lock"} if folder.exists() else {}
+    """Every file of a folder and its sub-folders (but the lock) with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*")
+            if p.is_file() and p.name != ".lock"} if folder.exists() else {}
 
 
 def refused(capsys, args, *messages, folder: Path | None = None) -> str:
@@ -223,7 +224,7 @@ def test_unknown_key_in_the_experiment_file(tmp_path, capsys):
     experiment_file = tmp_path / "exp.toml"
     experiment_file.write_text('name = "x"\n[train]\nepochs = 3\nlearning_rat = 0.1\n')
     refused(capsys, ["run", str(experiment_file), "--out", str(tmp_path / "out")],
-            "train.learning_rat: unknown key; remove it or check its spelling")
+            "train.learning_rat: unknown key; remove it or check its spelling (did you mean train.learning_rate?)")
 
 
 # --- the output folder -------------------------------------------------------------------------

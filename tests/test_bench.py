@@ -48,7 +48,10 @@ def test_bench_iwae_reports_figures(tiny_run):
     json.dumps(figures)
 
 
+@pytest.mark.slow
 def test_bench_refine_reports_figures(tiny_run):
+    """Slow (141 s on a loaded 2-core machine): the paper's procedure, one datapoint at a time, runs
+    its rule to the end (at least 1100 steps), which is what the benchmark times."""
     lines = []
     figures = bench_refine(str(tiny_run), num_datapoints=6, reference_datapoints=1, num_samples=200,
                            log=lines.append)
@@ -73,6 +76,7 @@ def test_bench_ais_reports_figures(tiny_run):
     json.dumps(figures)
 
 
+@pytest.mark.slow  # torchrun with 1 and 2 processes, each a full evaluation (59 s on a loaded 2-core machine)
 def test_bench_scale_reports_figures(tiny_run):
     lines = []
     figures = bench_scale(str(tiny_run), num_datapoints=6, processes=(1, 2), overrides=("eval.num_samples=50",),
@@ -90,7 +94,10 @@ def test_bench_scale_reports_figures(tiny_run):
     assert streams["iwae_overhead"] == pytest.approx(streams["streams"]["iwae_seconds"]
                                                      / streams["generator"]["iwae_seconds"] - 1)
     assert any("scaling efficiency" in line for line in lines)
+@pytest.mark.slow
 def test_bench_refine_flow_reports_figures(tiny_run, monkeypatch):
+    """Slow (149 s on a loaded 2-core machine): local flows refined batched and one at a time, and
+    the paper's procedure, each for hundreds of steps."""
     from gapbench.measure import RefineProcedure
 
     # shorter than the real procedures (thousands of steps), which would only cost time here

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 
 from gapbench.cli import main
 from gapbench.experiment import open_run
+from gapbench.report.tables import format_mean_stderr
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "experiments" / "digits.toml"
@@ -55,7 +57,99 @@ def test_run_writes_every_file(quick_run, capsys):
     assert summary["data"]["split"]["sizes"]["train"] == 1197
     # the table holds the numbers of the summary
     table = (quick_run / "table.md").read_text()
-    assert f"| L[q] | {summary['bounds']['elbo_q']['mean']:.3f} |" in table
+    mean, stderr = format_mean_stderr(summary['bounds']['elbo_q']['mean'], summary['bounds']['elbo_q']['stderr'])
+    assert f"| L[q] | {mean} | {stderr} |" in table
+
+
+def test_run_leaves_readable_figures(quick_run, capsys):
+    from PIL import Image
+
+    for name in ("gap_bars", "gap_distributions", "gap_scatter"):
+        with Image.open(quick_run / "figures" / f"{name}.png") as image:
+            image.verify()  # a whole PNG, not a truncated file
+            assert image.format == "PNG" and min(image.size) > 300, name
+        assert (quick_run / "figures" / f"{name}.pdf").read_bytes()[:4] == b"%PDF"
+
+
+def test_figures_change_no_number_or_stage_hash(quick_run, tmp_path, capsys):
+    """--no-figures is not config: the same numbers and stage hashes as quick_run's, and a folder whose
+    report finished without figures keeps it as it is. Each stage says how many threads it takes."""
+    out = tmp_path / "run"
+    assert main(["run", str(DIGITS), "--out", str(out), *QUICK, "--no-figures"]) == 0
+    err = capsys.readouterr().err
+    for stage in ("train", "amortized", "local", "ais"):
+        assert f"[{stage}] 1 torch thread (" in err, stage  # a tiny model: one thread everywhere
+    assert "GFLOP per step; --threads N to override)" in err
+    assert not (out / "figures").exists()
+    assert (out / "summary.json").read_bytes() == (quick_run / "summary.json").read_bytes()
+    hashes = lambda run: {k: v["config_sha256"] for k, v in json.loads((run / "stages.json").read_text()).items()}  # noqa: E731
+    assert hashes(out) == hashes(quick_run)
+    assert main(["run", str(DIGITS), "--out", str(out), *QUICK]) == 0  # figures wanted now: the report is kept
+    assert "[report] skipped" in capsys.readouterr().err and not (out / "figures").exists()
+
+
+def test_threads_follow_the_size_of_a_step_and_threads_overrides():
+    import torch
+
+    from gapbench.config import load_config
+    from gapbench.device import FLOP_PER_THREAD, stage_flop, stage_threads, use_stage_threads
+
+    assert stage_threads(0.5 * FLOP_PER_THREAD) == 1
+    assert stage_threads(1e3 * FLOP_PER_THREAD) >= 1  # never more than torch's default (the cores)
+    assert stage_threads(1e6, threads=3) == 3
+    config = load_config(DIGITS)
+    flops = {stage: stage_flop(config, stage, 64) for stage in ("train", "amortized", "local", "ais", "curve")}
+    assert flops["train"] < flops["amortized"] < flops["local"]  # a minibatch < 4096 IWAE rows < 10 x 1000 with backward
+    assert max(flops.values()) < FLOP_PER_THREAD  # the main job takes one thread throughout
+    messages = []
+    before = torch.get_num_threads()
+    assert use_stage_threads(config, "local", 64, device=torch.device("cpu"), threads=2, log=messages.append) == 2
+    assert torch.get_num_threads() == 2 and messages == ["[local] 2 torch threads (--threads)"]
+    torch.set_num_threads(before)
+
+
+def test_force_help_says_only_the_affected_stages_are_redone(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "redo only the stages the change affects" in help_text and "redo every stage" not in help_text
+
+
+@pytest.mark.parametrize("args", [["bdmc", "RUN", "--num-datapoints", "-3"], ["bdmc", "RUN", "--num-chains", "0"],
+                                  ["track", "RUN", "--num-samples", "x"], ["run", "E.toml", "--threads", "0"]])
+def test_counts_below_one_exit_2_with_a_message(args, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "must be at least 1" in err or "expected a whole number" in err
+
+
+def test_a_bad_set_is_named_as_coming_from_set(tmp_path, capsys):
+    assert main(["run", str(DIGITS), "--out", str(tmp_path / "x"), "--set", "train.epoch=3"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid configuration in --set train.epoch=3 (on top of" in err
+    assert "did you mean train.epochs?" in err and not (tmp_path / "x").exists()
+
+
+def test_ci_quick_uses_families_with_the_baselines_config():
+    """refine.family -> refine.families in ci_quick.toml: the same resolved config as the baseline's,
+    so the same stage hashes and numbers."""
+    from gapbench.config import load_config, read_raw
+    from gapbench.rundir import STAGE_SECTIONS, section_hash
+
+    path = ROOT / "experiments" / "ci_quick.toml"
+    assert "family" not in read_raw(path)["refine"] and read_raw(path)["refine"]["families"] == ["ffg"]
+    resolved = load_config(path).model_dump(mode="json")
+    baseline = json.loads((ROOT / "results" / "baselines" / "ci_quick.json").read_text())["config"]
+    assert {s: section_hash(resolved, s) for s in STAGE_SECTIONS} == {s: section_hash(baseline, s) for s in STAGE_SECTIONS}
+
+
+def test_report_output_in_the_checkout_is_ignored_by_git():
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    for path in ("report/gap_table.md", "report/gap_bars.png"):
+        assert subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0, path
 
 
 def test_rerun_skips_finished_stages(quick_run, capsys):

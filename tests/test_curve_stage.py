@@ -2,6 +2,8 @@
 the curve and semi-amortized keys existed."""
 
 import json
+import re
+import shlex
 import shutil
 
 import pandas as pd
@@ -15,10 +17,7 @@ from gapbench.rundir import section_hash
 
 CURVE = ["--set", "curve.enabled=true", "--set", "curve.steps=[0,1,3,10]", "--set", "curve.eval_samples=50"]
 
-pytestmark = pytest.mark.slow
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per module
+pytestmark = pytest.mark.slow  # trains a model end to end (module fixtures)
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +75,18 @@ def test_curve_figure(curve_run, plain_run, tmp_path, capsys):
     assert out.stat().st_size > 1000 and out.with_suffix(".pdf").stat().st_size > 1000
     assert figure_main([str(plain_run), "--out", str(out)]) == 2
     assert "curve.enabled=true" in capsys.readouterr().err
+
+
+def test_the_hint_for_a_missing_curve_works(plain_run, tmp_path, capsys):
+    """The command the curve figure suggests for a run without a curve adds the curve stage and keeps the rest."""
+    run = tmp_path / "plain"
+    shutil.copytree(plain_run, run)
+    assert figure_main([str(run), "--out", str(tmp_path / "c.png")]) == 2
+    command = re.search(r"`gapbench (run .*?)`", capsys.readouterr().err).group(1)
+    assert main([*shlex.split(command), "--quiet", "--set", "curve.steps=[0,1,3]", "--set", "curve.eval_samples=20"]) == 0
+    err = capsys.readouterr().err
+    assert "[train] skipped" in err and "[local] skipped" in err and (run / "curve.csv").is_file()
+    assert figure_main([str(run), "--out", str(tmp_path / "c.png")]) == 0
 
 
 def test_bad_curve_config_is_refused(tmp_path, capsys):

@@ -74,6 +74,7 @@ def _numbers(obj, path=""):
     return {path: obj}
 
 
+@pytest.mark.slow  # two full runs, one under torchrun with 2 processes (137 s on a loaded 2-core machine)
 def test_two_ranks_write_the_files_of_one(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["run", str(DIGITS), "--out", str(one), *QUICK, *FAMILIES_AND_CURVE]) == 0
@@ -120,6 +121,7 @@ def test_two_ranks_write_the_files_of_one(tmp_path):
     assert (two / "datapoints.csv").read_bytes() == before
 
 
+@pytest.mark.slow  # torchrun with 2 processes that both train (49 s on a loaded 2-core machine)
 def test_data_parallel_training_keeps_the_ranks_in_step(tmp_path):
     ddp, one = tmp_path / "ddp", tmp_path / "one"
     result = _torchrun(ddp, 2, "--set", "train.data_parallel=true")

@@ -12,6 +12,7 @@ from gapbench.cli import main
 from gapbench.config import ConfigError, parse_config
 from gapbench.experiment import build_networks, comparable_config, load_checkpoint
 from gapbench.posteriors import AuxiliaryCouplingFlow, AuxiliaryFlowEncoder
+from gapbench.report.tables import format_mean_stderr
 
 from test_cli import DIGITS, QUICK
 
@@ -30,6 +31,7 @@ def two_runs(tmp_path_factory):
     return root / "ffg", root / "flow"
 
 
+@pytest.mark.slow  # two_runs trains two models and refines local flows (96 s on a loaded 2-core machine)
 def test_flow_run_uses_its_encoder_family(two_runs):
     _, flow_run = two_runs
     columns = (flow_run / "local.csv").read_text().splitlines()[0].split(",")
@@ -57,6 +59,7 @@ def test_flow_run_uses_its_encoder_family(two_runs):
     assert all(v.shape[0] == 24 for v in params.values()) and params["c0.v.w1"].shape == (24, 16, 16)
 
 
+@pytest.mark.slow  # two_runs, as above
 def test_cross_family_table(two_runs, tmp_path, capsys):
     ffg_run, flow_run = two_runs
     out = tmp_path / "table"
@@ -68,8 +71,10 @@ def test_cross_family_table(two_runs, tmp_path, capsys):
     labels = [line.split("|")[1].strip() for line in markdown.splitlines()[2:] if line.startswith("|")]
     assert labels == ["log p̂(x)", "L[q*_Flow]", "L[q*_FFG]", "L[q]", "approximation", "amortization", "inference"]
     s = summaries[1]
-    assert f"| L[q*_Flow] | {summaries[0]['bounds']['elbo_q_star_flow']['mean']:.2f} ±" in markdown
-    assert f"{s['gaps']['amortization']['mean']:.2f} ± {s['gaps']['amortization']['stderr']:.2f} |" in markdown
+    flow = summaries[0]['bounds']['elbo_q_star_flow']
+    assert f"| L[q*_Flow] | {format_mean_stderr(flow['mean'], flow['stderr'])[0]} ±" in markdown
+    assert " ± ".join(format_mean_stderr(s['gaps']['amortization']['mean'], s['gaps']['amortization']['stderr'])) \
+        + " |" in markdown
     assert markdown.splitlines()[0] in printed
     rows = list(csv.DictReader(io.StringIO((out / "gap_table.csv").read_text())))
     assert len(rows) == 7 * 2

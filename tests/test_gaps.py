@@ -11,6 +11,7 @@ from gapbench.estimators import Estimate
 from gapbench.gaps import decompose, gap_frame, summarize, summarize_column
 from gapbench.log_px import selected_log_px
 from gapbench.report import gap_table_markdown
+from gapbench.report.tables import format_mean_stderr
 
 
 def est(values, stderrs):
@@ -69,11 +70,24 @@ def test_table_holds_the_summary_numbers():
     }))
     summary = summarize(frame)
     table = gap_table_markdown(summary)
-    assert "| L[q] | -11.000 |" in table
-    assert "| L[q*] | -10.000 |" in table
-    assert "| approximation gap | 0.750 |" in table
-    assert "| amortization gap | 1.000 |" in table
-    assert "| inference gap | 1.750 |" in table
+    # each mean to the decimal of its standard error's second significant digit
+    assert "| L[q] | -11.0 | 1.0 |" in table  # datapoints -10, -12: stderr 1.0
+    assert "| L[q*] | -10.0 | 1.0 |" in table
+    assert "| approximation gap | 0.75 | 0.25 |" in table  # 0.5, 1.0
+    assert "| amortization gap | 1.0 | 0.0 |" not in table and "| amortization gap | 1.000 | 0.000 |" in table
+    assert "| inference gap | 1.75 | 0.25 |" in table
+
+
+@pytest.mark.parametrize("mean, stderr, shown", [
+    (0.31234, 0.0025, ("0.3123", "0.0025")),  # the stderr that "0.31 ± 0.00" rounded away
+    (-88.1234, 0.314, ("-88.12", "0.31")),
+    (12.34, 1.54, ("12.3", "1.5")),
+    (1234.7, 151.0, ("1235", "151")),  # no negative decimals: whole nats at most
+    (0.5, 0.0, ("0.500", "0.000")),  # no spread at all: three decimals
+    (0.5, float("nan"), ("0.500", "nan")),
+])
+def test_numbers_are_shown_to_the_precision_their_stderr_warrants(mean, stderr, shown):
+    assert format_mean_stderr(mean, stderr) == shown
 
 
 def test_faults_are_flagged_counted_and_left_out_of_every_mean():

@@ -10,6 +10,7 @@ import pytest
 from gapbench.cli import main
 from gapbench.report.figures import family_gaps, read_datapoints
 from gapbench.report.published import PublishedError, gap_consistency, load_published
+from gapbench.report.tables import format_mean_stderr
 
 from test_cli import DIGITS, QUICK
 
@@ -86,9 +87,10 @@ def test_report_puts_ours_beside_the_published_numbers(two_runs, tmp_path, capsy
     assert rows[rows.quantity == "inference"].published.isna().all()  # the paper has no such number
     markdown = (out / "comparison.md").read_text()
     amortization = summaries[0]["gaps"]["amortization"]["mean"]
-    assert f"| {amortization:.2f} ± " in markdown and f"| 1.50 | {amortization - 1.5:+.2f} |" in markdown
+    shown = format_mean_stderr(amortization, summaries[0]["gaps"]["amortization"]["stderr"])[0]
+    assert f"| {shown} ± " in markdown and f"| 1.50 | {amortization - 1.5:+.2f} |" in markdown
     for name in ("gap_table.md", "gap_table.csv", "gap_table.tex", "gap_bars.png", "gap_bars.pdf",
-                 "gap_distributions.png", "gap_distributions.pdf"):
+                 "gap_distributions.png", "gap_distributions.pdf", "gap_scatter.png", "gap_scatter.pdf"):
         assert (out / name).stat().st_size > 1000 or name.endswith((".md", ".csv", ".tex")), name
     assert (out / "gap_bars.png").read_bytes()[:4] == b"\x89PNG" and (out / "gap_bars.pdf").read_bytes()[:4] == b"%PDF"
 

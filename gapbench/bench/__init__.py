@@ -14,8 +14,16 @@ def _write(figures: dict, out: str | None) -> None:
         print(f"figures written to {out}", file=sys.stderr)
 
 
+def _set_threads(args: argparse.Namespace) -> None:
+    """``--threads N``: torch threads of the timed code (default: torch's choice, as before)."""
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+
+
 def _refine(args: argparse.Namespace) -> int:
     from .refine import bench_refine
+    _set_threads(args)
     figures = bench_refine(args.run_dir, num_datapoints=args.num_datapoints,
                            reference_datapoints=args.reference_datapoints, num_samples=args.num_samples,
                            init=args.init)
@@ -24,11 +32,8 @@ def _refine(args: argparse.Namespace) -> int:
 
 
 def _refine_flow(args: argparse.Namespace) -> int:
-    import torch
-
     from .refine_flow import bench_refine_flow
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args)
     figures = bench_refine_flow(args.run_dir, family=args.family, num_datapoints=args.num_datapoints,
                                 reference_datapoints=args.reference_datapoints,
                                 paper_datapoints=args.paper_datapoints, num_samples=args.num_samples,
@@ -39,6 +44,7 @@ def _refine_flow(args: argparse.Namespace) -> int:
 
 def _iwae(args: argparse.Namespace) -> int:
     from .iwae import bench_iwae
+    _set_threads(args)
     figures = bench_iwae(args.run_dir, num_datapoints=args.num_datapoints, num_samples=args.k,
                          chunk_size=args.chunk_size, memory_ks=tuple(args.memory_k))
     _write(figures, args.out)
@@ -47,6 +53,7 @@ def _iwae(args: argparse.Namespace) -> int:
 
 def _ais(args: argparse.Namespace) -> int:
     from .ais import bench_ais
+    _set_threads(args)
     figures = bench_ais(args.run_dir, num_datapoints=args.num_datapoints, num_chains=args.num_chains,
                         num_steps=args.num_steps, num_leapfrog=args.num_leapfrog, memory_steps=args.memory_steps,
                         memory_datapoints=args.memory_datapoints)
@@ -72,7 +79,19 @@ def _log_px(args: argparse.Namespace) -> int:
     return 0
 
 
+def _threads(args: argparse.Namespace) -> int:
+    from .threads import bench_threads
+    figures = bench_threads(args.experiment, overrides=tuple(args.set), busy=args.busy, job=not args.no_job,
+                            steps=not args.no_steps)
+    _write(figures, args.out)
+    return 0
+
+
 def add_bench_parser(sub) -> None:
+    from ..cli import positive_int
+
+    def threads(parser, help="torch threads (default: torch's choice)"):
+        parser.add_argument("--threads", type=positive_int, default=None, metavar="N", help=help)
     bench = sub.add_parser("bench", help="speed and memory benchmarks on a trained run (prints figures)")
     kinds = bench.add_subparsers(dest="benchmark", required=True)
     refine = kinds.add_parser("refine", help="local FFG: the paper's loop against gapbench's batched default")
@@ -83,6 +102,7 @@ def add_bench_parser(sub) -> None:
     refine.add_argument("--num-samples", type=int, default=5000, help="samples for each final L[q*]")
     refine.add_argument("--init", choices=["encoder", "prior"], default=None,
                         help="where gapbench's procedure starts (default: the config default, encoder)")
+    threads(refine)
     refine.add_argument("--out", help="also write the figures as JSON here")
     refine.set_defaults(func=_refine)
     flow = kinds.add_parser("refine-flow", help="local flow refinement: batched over datapoints vs one at a time")
@@ -98,7 +118,7 @@ def add_bench_parser(sub) -> None:
                       help="where refinement starts (default: the config default, encoder)")
     flow.add_argument("--steps", type=int, default=None, help="flow steps (default: the run's model.flow_steps)")
     flow.add_argument("--hidden", type=int, default=None, help="flow width (default: the run's model.flow_hidden)")
-    flow.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    threads(flow)
     flow.add_argument("--out", help="also write the figures as JSON here")
     flow.set_defaults(func=_refine_flow)
     iw = kinds.add_parser("iwae", help="IWAE-k GFLOP/s against a plain matmul, and peak memory against k")
@@ -107,6 +127,7 @@ def add_bench_parser(sub) -> None:
     iw.add_argument("--k", type=int, default=5000)
     iw.add_argument("--chunk-size", type=int, default=None)
     iw.add_argument("--memory-k", type=int, nargs="+", default=[500, 5000, 50000])
+    threads(iw)
     iw.add_argument("--out", help="also write the figures as JSON here")
     iw.set_defaults(func=_iwae)
     a = kinds.add_parser("ais", help="AIS throughput (datapoint-chain-transitions/s), share of matmul GFLOP/s, "
@@ -118,6 +139,7 @@ def add_bench_parser(sub) -> None:
     a.add_argument("--num-leapfrog", type=int, default=10)
     a.add_argument("--memory-steps", type=int, default=200, help="steps of the memory trace (fresh process)")
     a.add_argument("--memory-datapoints", type=int, default=100)
+    threads(a)
     a.add_argument("--out", help="also write the figures as JSON here")
     a.set_defaults(func=_ais)
     sc = kinds.add_parser("scale", help="full-evaluation throughput (datapoints/s) over 1, 2, ... torchrun processes, "
@@ -126,7 +148,8 @@ def add_bench_parser(sub) -> None:
     sc.add_argument("--num-datapoints", type=int, default=1000)
     sc.add_argument("--processes", type=int, nargs="*", default=[1, 2],
                     help="process counts to time (default 1 2; none: only the streams' cost)")
-    sc.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
+    sc.add_argument("--threads", type=positive_int, default=1, metavar="N",
+                    help="torch threads per process (default 1)")
     sc.add_argument("--device", default="cpu", help="cpu, cuda or auto (as gapbench run --device)")
     sc.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for the timed runs, e.g. --set ais.num_chains=16 (repeatable)")
@@ -141,6 +164,17 @@ def add_bench_parser(sub) -> None:
     lp.add_argument("--k", type=int, default=5000, help="IWAE samples on the linear-Gaussian models")
     lp.add_argument("--out", help="also write the figures as JSON here")
     lp.set_defaults(func=_log_px)
+    th = kinds.add_parser("threads", help="a decoder step with 1 and 2 torch threads, and the whole job with the "
+                                          "cores' threads and with the per-stage choice, quiet and beside busy "
+                                          "processes")
+    th.add_argument("experiment", help="experiment TOML file, e.g. experiments/digits.toml")
+    th.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for the timed runs, e.g. --set train.epochs=50 (repeatable)")
+    th.add_argument("--busy", type=positive_int, default=2, help="competing busy processes (default 2)")
+    th.add_argument("--no-job", action="store_true", help="time the decoder step only")
+    th.add_argument("--no-steps", action="store_true", help="time the job only")
+    th.add_argument("--out", help="also write the figures as JSON here")
+    th.set_defaults(func=_threads)
 
 
 __all__ = ["add_bench_parser"]

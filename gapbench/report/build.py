@@ -81,12 +81,10 @@ def make_report(run_dirs: list[str | Path], out: str | Path | None, *, compare: 
             io.write_text(out / "comparison.csv", comparison_csv(comparison))
             written += [out / "comparison.md", out / "comparison.csv"]
         if figures:
-            from .figures import gap_bars, gap_distributions, read_datapoints
+            from .figures import read_datapoints, run_figures
 
-            labels = column_labels(summaries)
             frames = [read_datapoints(run_dir) for run_dir in run_dirs]
-            written += gap_bars(frames, labels, out / "gap_bars")
-            written += gap_distributions(frames, labels, out / "gap_distributions")
+            written += run_figures(frames, summaries, column_labels(summaries), out)
     except OSError as error:
         raise ReportError(f"cannot write to {out}: {error.strerror}; choose a writable --out") from None
     return text, written

@@ -36,8 +36,9 @@ def read_curve(run_dir: str | Path) -> tuple[str, dict]:
         raise FigureError(f"{file} is not readable JSON ({error}); rerun the run to rewrite it") from None
     curve = summary.get("curve") if isinstance(summary, dict) else None
     if not isinstance(curve, dict) or "mean_elbo" not in curve:
-        raise FigureError(f"{run_dir} has no refinement curve; rerun it with --set curve.enabled=true "
-                          "(only the curve and report stages run)")
+        raise FigureError(f"{run_dir} has no refinement curve; add one with `gapbench run {Path(run_dir) / 'config.json'} "
+                          f"--out {run_dir} --set curve.enabled=true --force` (--force redoes only the curve and "
+                          "report stages and keeps the others)")
     settings = summary.get("settings", {})
     label = str(settings.get("name", Path(run_dir).name))
     train = settings.get("train") or {}

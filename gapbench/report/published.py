@@ -18,7 +18,7 @@ import json
 import math
 from pathlib import Path
 
-from .tables import table_grid
+from .tables import format_mean_stderr, table_grid
 
 PUBLISHED_FORMAT = "gapbench-published"
 PUBLISHED_VERSIONS = (1, 2)
@@ -175,7 +175,7 @@ def comparison_markdown(rows: list[dict], *, digits: int = 2) -> str:
         cells = []
         for m in models:
             r = cell[q, m]
-            ours = "—" if not math.isfinite(r["mean"]) else f"{r['mean']:.{digits}f} ± {r['stderr']:.{digits}f}"
+            ours = "—" if not math.isfinite(r["mean"]) else " ± ".join(format_mean_stderr(r["mean"], r["stderr"]))
             if r["transcriptions_agree"]:
                 cells += [ours, number(r["published"]), number(r["difference"], "+")]
             else:

@@ -21,9 +21,25 @@ def _label(family: str) -> str:
     return FAMILY_LABELS.get(family, family)
 
 
-def gap_table_markdown(summary: dict, *, digits: int = 3) -> str:
+def decimals_for(stderr: float, *, significant: int = 2, default: int = 3) -> int:
+    """Decimal places that show ``stderr`` to ``significant`` digits (0.0025 -> 4, 0.31 -> 2, 1.5 -> 1,
+    15 or more -> 0); ``default`` for a standard error that is zero or not finite."""
+    if not math.isfinite(stderr) or stderr <= 0:
+        return default
+    return max(0, significant - 1 - math.floor(math.log10(stderr)))
+
+
+def format_mean_stderr(mean: float, stderr: float) -> tuple[str, str]:
+    """Mean and standard error to the precision the standard error warrants: the standard error to 2
+    significant digits, the mean to the same decimal place (so never "0.31 ± 0.00")."""
+    digits = decimals_for(stderr)
+    return f"{mean:.{digits}f}", f"{stderr:.{digits}f}"
+
+
+def gap_table_markdown(summary: dict) -> str:
     """A Markdown table of one run's bounds and gaps: mean, standard error over datapoints and Monte
-    Carlo standard error, in nats.
+    Carlo standard error, in nats; the mean and its standard error to the precision that standard
+    error warrants (:func:`format_mean_stderr`), the Monte Carlo standard error to 2 significant digits.
 
     ``summary`` is the dict written to ``summary.json``. L[q*] gets one row per refined family
     (``bounds.elbo_q_star_<family>``); a summary without those shows the single ``elbo_q_star``. A line
@@ -42,7 +58,8 @@ def gap_table_markdown(summary: dict, *, digits: int = 3) -> str:
     for block, key, label in rows:
         entry = summary[block][key]
         mc = entry.get("mc_stderr", float("nan"))
-        lines.append(f"| {label} | {entry['mean']:.{digits}f} | {entry['stderr']:.{digits}f} | {mc:.{digits}f} |")
+        mean, stderr = format_mean_stderr(entry["mean"], entry["stderr"])
+        lines.append(f"| {label} | {mean} | {stderr} | {mc:.{decimals_for(mc)}f} |")
     method = summary.get("settings", {}).get("log_px")
     if method:
         lines += ["", f"log p̂(x): {method}."]
@@ -121,18 +138,19 @@ def table_grid(rows: list[dict]) -> tuple[list[str], list[str], dict[tuple[str, 
     return quantities, models, {(r["label"], r["model"]): r for r in rows}
 
 
-def _cell(row: dict, digits: int, plus_minus: str) -> str:
+def _cell(row: dict, plus_minus: str) -> str:
     if not math.isfinite(row["mean"]):
         return "—" if plus_minus == " ± " else "--"
-    return f"{row['mean']:.{digits}f}{plus_minus}{row['stderr']:.{digits}f}"
+    return plus_minus.join(format_mean_stderr(row["mean"], row["stderr"]))
 
 
-def cross_family_markdown(rows: list[dict], *, digits: int = 2) -> str:
-    """Markdown: quantities down, models across; cells 'mean ± standard error over datapoints'."""
+def cross_family_markdown(rows: list[dict]) -> str:
+    """Markdown: quantities down, models across; cells 'mean ± standard error over datapoints', to the
+    precision the standard error warrants (:func:`format_mean_stderr`)."""
     quantities, models, cell = table_grid(rows)
     lines = ["| | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
     for q in quantities:
-        lines.append(f"| {q} | " + " | ".join(_cell(cell[q, m], digits, " ± ") for m in models) + " |")
+        lines.append(f"| {q} | " + " | ".join(_cell(cell[q, m], " ± ") for m in models) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -163,7 +181,7 @@ def _latex_model(model: str) -> str:
     return r"$q_{\mathrm{" + name + "}}$" + (" " + rest.replace("_", r"\_") if rest else "")
 
 
-def cross_family_latex(rows: list[dict], *, digits: int = 2) -> str:
+def cross_family_latex(rows: list[dict]) -> str:
     """A booktabs LaTeX tabular laid out like Cremer et al. (2018, Table 2), mean ± standard error."""
     quantities, models, cell = table_grid(rows)
     lines = [r"\begin{tabular}{l" + "r" * len(models) + "}", r"\toprule",
@@ -171,7 +189,7 @@ def cross_family_latex(rows: list[dict], *, digits: int = 2) -> str:
     for q in quantities:
         if q == "approximation":
             lines.append(r"\midrule")
-        cells = [_cell(cell[q, m], digits, r" $\pm$ ") for m in models]
+        cells = [_cell(cell[q, m], r" $\pm$ ") for m in models]
         lines.append(" & ".join([_latex_label(q), *cells]) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
