@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 EXIT_MOVED = 1  # gapbench check: a number moved beyond chance
 EXIT_USAGE = 2  # bad input: the message names the problem and the fix
+EXIT_STOPPED = 3  # gapbench run: stopped at the time limit or by SIGTERM; the same command continues
 EXIT_INTERRUPTED = 130  # Ctrl-C
+TIME_LIMIT_ENV = "GAPBENCH_TIME_LIMIT"  # the default of gapbench run --time-limit
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .deadline import Deadline
     from .device import resolve_device
     from .distributed import close_ranks, init_ranks, ranks_from_env
     from .experiment import run_experiment
@@ -22,6 +26,7 @@ def _run(args: argparse.Namespace) -> int:
     ranks = ranks_from_env()  # set by torchrun; one rank otherwise
     device = resolve_device(args.device, local_rank=ranks.local_rank)
     out = Path(args.out) if args.out else Path("runs") / points[0].config.name
+    deadline = Deadline(args.time_limit)  # the clock starts before the first stage of the first run
     init_ranks(ranks, device)  # once for every run of a sweep
     try:
         for point in points:
@@ -29,7 +34,8 @@ def _run(args: argparse.Namespace) -> int:
             if point.label and ranks.is_main:
                 print(f"\n== {point.label} ({folder})", file=sys.stderr)
             summary = run_experiment(point.config, folder, force=args.force, progress=not args.quiet,
-                                     log=lambda m: print(m, file=sys.stderr), device=device, ranks=ranks)
+                                     log=lambda m: print(m, file=sys.stderr), device=device, ranks=ranks,
+                                     deadline=deadline)
             if summary is None:  # not rank 0: rank 0 wrote the folder and prints the table
                 continue
             s = summary["settings"]
@@ -141,6 +147,14 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _duration(text: str) -> float:
+    from .deadline import parse_duration
+    try:
+        return parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{error} (--time-limit or {TIME_LIMIT_ENV})") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gapbench",
@@ -155,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="run folder (default: runs/<name>)")
     run.add_argument("--force", action="store_true", help="redo every stage, even in a folder with another config")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--time-limit", type=_duration, default=os.environ.get(TIME_LIMIT_ENV) or None, metavar="DURATION",
+                     help="stop at a safe point before this wall-clock time (90s, 45m, 2h30m; default: the "
+                          f"environment variable {TIME_LIMIT_ENV}, else none), save, and exit with code 3; "
+                          "the same command continues. SIGTERM stops the same way")
     run.add_argument("--device", default="cpu", metavar="cpu|cuda|auto",
                      help="where every stage runs: cpu (default), cuda (cuda:N; under torchrun each process takes "
                           "the GPU of its LOCAL_RANK) or auto (cuda when PyTorch finds a GPU)")
@@ -223,9 +241,14 @@ def main(argv: list[str] | None = None) -> int:
     from .report.published import PublishedError
     from .rundir import RunError
 
+    from .deadline import StopRequested
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except StopRequested as stop:
+        print(f"gapbench: {stop}", file=sys.stderr)
+        return EXIT_STOPPED
     except (ConfigError, DataError, RunError, CheckError, ReportError, PublishedError) as error:
         print(f"gapbench: error: {error}", file=sys.stderr)
         return EXIT_USAGE

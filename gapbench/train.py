@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .data import binarize, check_values
+from .deadline import StopRequested
 from .estimators import elbo
 from .posteriors import as_posterior, fork_seed
 from .semi_amortized import SemiAmortized, semi_amortized_gradients
@@ -160,7 +161,8 @@ def train(decoder: nn.Module, encoder: nn.Module, train_x: torch.Tensor, valid_x
           on_epoch: Callable[[EpochRecord, bool], None] | None = None,
           resume_from: dict | None = None, on_checkpoint: Callable[[dict], None] | None = None,
           checkpoint_seconds: float = 0.0, progress: bool = True,
-          data_parallel: tuple[int, int] | None = None) -> TrainResult:
+          data_parallel: tuple[int, int] | None = None,
+          should_stop: Callable[[], bool] | None = None) -> TrainResult:
     """Train ``decoder`` and ``encoder`` in place; return the best (validation-ELBO) weights.
 
     Parameters
@@ -193,6 +195,10 @@ def train(decoder: nn.Module, encoder: nn.Module, train_x: torch.Tensor, valid_x
         same Adam steps. Shuffling and binarisation come from ``generator`` on every rank alike; the z
         samples of a rank from a stream forked from it per epoch and rank. None: one process. Not with
         semi-amortized training (ValueError).
+    should_stop : asked after every epoch that does not end training (a time limit, SIGTERM; with
+        ``data_parallel`` it must give every rank the same answer): when it says yes, the snapshot goes
+        to ``on_checkpoint`` at once and :class:`~gapbench.deadline.StopRequested` is raised, so a call
+        with ``resume_from`` that snapshot continues exactly.
 
     Training stops early when an epoch's training ELBO is not finite (``stop_reason="diverged"``);
     the best weights from before are returned. It raises FloatingPointError when no validation ELBO
@@ -287,10 +293,14 @@ def train(decoder: nn.Module, encoder: nn.Module, train_x: torch.Tensor, valid_x
         bar.set_postfix(elbo=f"{record.train_elbo:.2f}", valid=f"{best_elbo:.2f}", beta=f"{beta:.2f}")
         if on_epoch is not None:
             on_epoch(record, is_best)
-        if on_checkpoint is not None and (stop_reason is not None
+        is_stopping = stop_reason is None and should_stop is not None and should_stop()
+        if on_checkpoint is not None and (stop_reason is not None or is_stopping
                                           or time.perf_counter() - last_checkpoint >= checkpoint_seconds):
             on_checkpoint(train_state(decoder, encoder, optimizer, generator, state))
             last_checkpoint = time.perf_counter()
+        if is_stopping:
+            bar.close()
+            raise StopRequested(f"[train] {epoch} of {epochs} epochs done, {epochs - epoch} remain")
     bar.close()
     if state.best_state is None:  # every validation ELBO was NaN
         raise FloatingPointError("training diverged: the validation ELBO was never finite; "

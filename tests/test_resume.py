@@ -51,7 +51,10 @@ def gapbench_subprocess(*args: str) -> subprocess.Popen:
 def assert_nothing_half_written(folder: Path) -> None:
     """Every file under its own name is whole; a kill leaves at most hidden temporary files."""
     for path in folder.iterdir():
-        if path.name.startswith("."):
+        if path.name == "partial":  # finished units of the stage that was killed (gapbench.partial)
+            for unit in path.glob("*/*"):
+                assert unit.suffix == ".tmp" or torch.load(unit, weights_only=True)["format"] == "gapbench-partial"
+        elif path.name.startswith("."):
             assert path.name == ".lock" or path.name.endswith(".tmp"), path
         elif path.suffix == ".json":
             json.loads(path.read_text())
