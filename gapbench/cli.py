@@ -253,8 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gapbench: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("gapbench: interrupted; finished stages and the last saved training epoch are kept, "
-              "so the same command resumes", file=sys.stderr)
+        print("gapbench: interrupted; finished stages, the last saved training epoch and the finished units of "
+              "datapoints (partial/) are kept, so the same command resumes", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -362,8 +362,11 @@ class Run:
         return plan
 
     def _should_stop(self) -> bool:
-        """After a unit of work (an epoch): rank 0 asks the deadline, every rank gets its answer."""
+        """After an epoch: with train.data_parallel rank 0 asks the deadline and every rank gets its answer;
+        otherwise rank 0 trains alone and asks it."""
         self.deadline.progressed()
+        if not self.data_parallel:
+            return self.deadline.should_stop()
         return broadcast(self.deadline.should_stop() if self.ranks.is_main else None, self.ranks)
 
     def _stop_inside(self) -> None:
