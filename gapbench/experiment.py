@@ -475,8 +475,8 @@ class Run:
             with tqdm(total=unit.size, desc=f"  [{unit.start}:{unit.stop}] stopped", unit="datapoint", leave=False,
                       disable=not self.progress) as bar:
                 def callback(step: int, num_active: int) -> None:  # datapoints leave as they converge
-                    bar.update(unit.size - num_active - bar.n)
                     bar.set_postfix(step=step, active=num_active, refresh=False)
+                    bar.update(unit.size - num_active - bar.n)
                     self._stop_inside()
                 result = local_posterior(decoder, encoder, batch, family=family, init=r.init,
                                          procedure=procedure, generator=generator, callback=callback)
