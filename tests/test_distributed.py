@@ -166,7 +166,7 @@ def test_data_parallel_refuses_semi_amortized_training(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_two_ranks_stop_at_the_time_limit_together_and_resume(tmp_path):
-    """Slow (about ten torchrun jobs, a few seconds each): with a limit shorter than start-up every job
+    """Slow (about ten torchrun jobs: 3 min on 2 busy cores): with a limit shorter than start-up every job
     does one unit and stops; rank 0 decides, both ranks stop after the same round, and the stretches
     end with the files of a job that was never stopped."""
     whole, cut = tmp_path / "whole", tmp_path / "cut"
