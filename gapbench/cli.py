@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 EXIT_MOVED = 1  # gapbench check: a number moved beyond chance
 EXIT_USAGE = 2  # bad input: the message names the problem and the fix
+EXIT_STOPPED = 3  # gapbench run: stopped at the time limit or by SIGTERM; the same command continues
 EXIT_INTERRUPTED = 130  # Ctrl-C
+TIME_LIMIT_ENV = "GAPBENCH_TIME_LIMIT"  # the default of gapbench run --time-limit
 
 
 def positive_int(text: str) -> int:
@@ -23,6 +26,7 @@ def positive_int(text: str) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .deadline import Deadline
     from .device import resolve_device
     from .distributed import close_ranks, init_ranks, ranks_from_env
     from .experiment import run_experiment
@@ -33,6 +37,7 @@ def _run(args: argparse.Namespace) -> int:
     ranks = ranks_from_env()  # set by torchrun; one rank otherwise
     device = resolve_device(args.device, local_rank=ranks.local_rank)
     out = Path(args.out) if args.out else Path("runs") / points[0].config.name
+    deadline = Deadline(args.time_limit)  # the clock starts before the first stage of the first run
     init_ranks(ranks, device)  # once for every run of a sweep
     try:
         for point in points:
@@ -41,7 +46,8 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"\n== {point.label} ({folder})", file=sys.stderr)
             summary = run_experiment(point.config, folder, force=args.force, progress=not args.quiet,
                                      log=lambda m: print(m, file=sys.stderr), device=device, ranks=ranks,
-                                     threads=args.threads, figures=not args.no_figures)
+                                     threads=args.threads, figures=not args.no_figures,
+                                     deadline=deadline)
             if summary is None:  # not rank 0: rank 0 wrote the folder and prints the table
                 continue
             s = summary["settings"]
@@ -154,6 +160,14 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _duration(text: str) -> float:
+    from .deadline import parse_duration
+    try:
+        return parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{error} (--time-limit or {TIME_LIMIT_ENV})") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gapbench",
@@ -175,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "enough to gain from them; printed per stage)")
     run.add_argument("--no-figures", action="store_true",
                      help="the report stage writes no figures (figures/ in the run folder)")
+    run.add_argument("--time-limit", type=_duration, default=os.environ.get(TIME_LIMIT_ENV) or None, metavar="DURATION",
+                     help="stop at a safe point before this wall-clock time (90s, 45m, 2h30m; default: the "
+                          f"environment variable {TIME_LIMIT_ENV}, else none), save, and exit with code 3; "
+                          "the same command continues. SIGTERM stops the same way")
     run.add_argument("--device", default="cpu", metavar="cpu|cuda|auto",
                      help="where every stage runs: cpu (default), cuda (cuda:N; under torchrun each process takes "
                           "the GPU of its LOCAL_RANK) or auto (cuda when PyTorch finds a GPU)")
@@ -246,15 +264,20 @@ def main(argv: list[str] | None = None) -> int:
     from .report.published import PublishedError
     from .rundir import RunError
 
+    from .deadline import StopRequested
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except StopRequested as stop:
+        print(f"gapbench: {stop}", file=sys.stderr)
+        return EXIT_STOPPED
     except (ConfigError, DataError, RunError, CheckError, ReportError, PublishedError) as error:
         print(f"gapbench: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("gapbench: interrupted; finished stages and the last saved training epoch are kept, "
-              "so the same command resumes", file=sys.stderr)
+        print("gapbench: interrupted; finished stages, the last saved training epoch and the finished units of "
+              "datapoints (partial/) are kept, so the same command resumes", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -102,6 +102,9 @@ def stage_flop(config: ExperimentConfig, stage: str, data_size: int) -> float:
         "local": (max(config.refine.resolved(f).num_samples for f in config.refine.families) * e.batch_size, 3),
         "ais": (min(ROWS_PER_CHUNK, config.ais.num_chains * e.batch_size), 3),
         "curve": (config.curve.num_samples * e.batch_size, 3),
+        # fresh IWAE draws, and fresh AIS where a datapoint chose it: the larger of the two stages' steps
+        "log_px": (min(ROWS_PER_CHUNK, config.ais.num_chains * e.batch_size), 3) if config.ais.enabled
+        else (rows_per_chunk, 1),
     }.get(stage, (0, 0))
     return float(rows * passes) * flop_per_row(config, data_size)
 

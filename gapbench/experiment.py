@@ -43,9 +43,9 @@ import platform
 import shutil
 import time
 import zlib
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -58,17 +58,19 @@ from .calibration import calibrate_ais, calibration_lines
 from .config import ConfigError, ExperimentConfig
 from .curves import curve_frame, refinement_curve, summarize_curve
 from .data import Dataset, binarize, check_binary, check_levels, check_values, load_dataset
+from .deadline import Deadline, StopRequested
 from .device import row_bytes, rows_that_fit, samples_per_chunk, use_stage_threads
 from .distributed import ONE_PROCESS, Ranks, broadcast, close_ranks, gather, init_ranks, shard
 from .external import ExternalModel, build_external, check_external, with_checkpoint_sha256
 from .gaps import NO_FAULT, decompose, estimate_columns, find_faults, summarize, summarize_column
 from .log_px import method_description, selected_log_px
 from .measure import ais_diagnostics, ais_of, bounds_of, effective_procedure, fresh_estimators, local_posterior
+from .partial import PartialStore, Unit, UnitResult, concat, run_units, units_of
 from .models import ConvDecoder, ConvTrunk, Decoder, DecoderBase, HierarchicalDecoder
 from .posteriors import (DatapointStreams, HierarchicalEncoder, HierarchicalFamily, LocalFamily, make_encoder,
                          make_family)
 from .report import gap_table_markdown
-from .rundir import TRAIN_STATE, RunError, RunFolder, hashed_sections, open_run_folder
+from .rundir import STAGES, TRAIN_STATE, RunError, RunFolder, hashed_sections, open_run_folder
 from .train import ResumeError, train
 
 __all__ = ["CHECKPOINT_FORMAT", "Run", "RunError", "build_networks", "datapoint_streams", "dataset_of",
@@ -82,6 +84,9 @@ STAGE_STREAMS = {"train": 1, "amortized": 2, "local": 3, "report": 4, "ais": 5, 
 # paper's Fashion-MNIST model), so this keeps it under 1% of training time; a kill loses at most this.
 TRAIN_STATE_SECONDS = 10.0
 SNAPSHOTS = "snapshots"  # train.snapshot_every: weights every N epochs, for `gapbench track`
+# The amortized stage evaluates units of this many (datapoint, sample) pairs (k = 5000: 26 datapoints, a
+# few seconds on one CPU thread), each saved under partial/, so a stop loses at most one unit.
+AMORTIZED_UNIT_ROWS = 2**17
 
 
 RANDOM_STREAMS = ("per datapoint: SplitMix64 counter streams keyed by (seed, stage, datapoint index), "
@@ -225,10 +230,11 @@ class Run:
     def __init__(self, config: ExperimentConfig, out_dir: str | Path, *, force: bool = False,
                  progress: bool = True, log: Callable[[str], None] = print,
                  device: torch.device | str = "cpu", ranks: Ranks = ONE_PROCESS, threads: int | None = None,
-                 figures: bool = True):
+                 figures: bool = True, deadline: Deadline | None = None):
         self.config = config
         self.threads = threads  # torch threads of every stage (--threads); None: by each stage's size
         self.figures = figures  # the report stage writes figures/ (--no-figures: not)
+        self.deadline = deadline or Deadline()  # time limit and SIGTERM: stages stop at a safe point
         self.dir = Path(out_dir)
         self.force = force
         self.ranks = ranks  # rank 0 owns the folder; every rank evaluates its shard of datapoints
@@ -246,11 +252,6 @@ class Run:
     def _is_finished(self, stage: str) -> bool:
         """Rank 0's answer, on every rank."""
         return broadcast(self.folder.is_finished(stage) if self.ranks.is_main else None, self.ranks)
-
-    def _gather(self, frames: list[pd.DataFrame]) -> pd.DataFrame | None:
-        """Every rank's rows on rank 0, in datapoint order; None on the other ranks."""
-        parts = gather(pd.concat(frames, ignore_index=True) if frames else None, self.ranks)
-        return None if parts is None else pd.concat([p for p in parts if p is not None], ignore_index=True)
 
     def _chunk_size(self, num_datapoints: int, *, with_gradient: bool) -> int | None:
         """Samples (IWAE) or chains (AIS) per chunk: ``eval.chunk_size`` when set (IWAE), else from the
@@ -284,10 +285,17 @@ class Run:
                               f"{self.config.train.batch_size} over {self.ranks.world_size} processes; raise "
                               "train.batch_size to at least the number of processes")
         if self.ranks.is_main or parallel:
-            decoder, encoder, training = self.train_stage(dataset)
+            try:
+                decoder, encoder, training = self.train_stage(dataset)
+            except StopRequested as stop:
+                if self.ranks.is_distributed and not parallel:  # the other ranks wait for the weights
+                    broadcast(stop, self.ranks)
+                raise
         if self.ranks.is_distributed and not parallel:
             shared = broadcast((_cpu(decoder.state_dict()), _cpu(encoder.state_dict()), training)
                                if self.ranks.is_main else None, self.ranks)
+            if isinstance(shared, StopRequested):
+                raise shared
             if not self.ranks.is_main:
                 decoder, encoder = networks_for(self.config, dataset)
                 decoder.load_state_dict(shared[0]), encoder.load_state_dict(shared[1])
@@ -352,6 +360,7 @@ class Run:
         decoder.to(self.device), encoder.to(self.device)
         if main and resume is None:
             shutil.rmtree(self.dir / SNAPSHOTS, ignore_errors=True)  # from an earlier training
+        self.deadline.begin()
         try:
             result = train(
                 decoder, encoder, dataset.train.to(self.device), dataset.valid.to(self.device), epochs=t.epochs,
@@ -366,6 +375,7 @@ class Run:
                 if main else None,
                 checkpoint_seconds=TRAIN_STATE_SECONDS, progress=self.progress,
                 data_parallel=(self.ranks.rank, self.ranks.world_size) if self.data_parallel else None,
+                should_stop=self._should_stop,
             )
         except ResumeError as error:
             raise RunError(f"{state_path} does not fit this run ({error}); delete it to start training "
@@ -404,11 +414,57 @@ class Run:
                                "encoder": _cpu(encoder.state_dict())})
         return save
 
-    def _batches(self, x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-        """This rank's datapoints in batches of ``eval.batch_size``: (index of the first, (b, D) on the device)."""
-        size, mine = self.config.eval.batch_size, shard(x.shape[0], self.ranks)
-        return [(start, x[start:min(start + size, mine.stop)].to(self.device))
-                for start in range(mine.start, mine.stop, size)]
+    def _plan(self, num_datapoints: int, unit_size: int | None = None) -> list[list[Unit]]:
+        """Every rank's datapoints (its shard) in batches of ``eval.batch_size``, cut into units of at most
+        ``unit_size`` datapoints (default: one unit per batch); ``plan[r]`` holds rank r's units."""
+        size = self.config.eval.batch_size
+        plan = []
+        for rank in range(self.ranks.world_size):
+            mine = shard(num_datapoints, self.ranks._replace(rank=rank))
+            batches = [range(start, min(start + size, mine.stop)) for start in range(mine.start, mine.stop, size)]
+            plan.append(units_of(batches, unit_size or size))
+        return plan
+
+    def _should_stop(self) -> bool:
+        """After an epoch: with train.data_parallel rank 0 asks the deadline and every rank gets its answer;
+        otherwise rank 0 trains alone and asks it."""
+        self.deadline.progressed()
+        if not self.data_parallel:
+            return self.deadline.should_stop()
+        return broadcast(self.deadline.should_stop() if self.ranks.is_main else None, self.ranks)
+
+    def _stop_inside(self) -> None:
+        """Inside a unit of work (one process only: ranks cannot agree in the middle of a unit)."""
+        if not self.ranks.is_distributed and self.deadline.is_expired():
+            raise StopRequested("stopped inside a unit")
+
+    def _partial_key(self, stage: str, reads: tuple[str, ...]) -> str:
+        """The key of a stage's partial files: its config hash and the sha256 of the files it reads."""
+        digest = hashlib.sha256(self.folder.stage_hash(stage).encode())
+        for name in reads:
+            digest.update(hashlib.sha256((self.dir / name).read_bytes()).digest())
+        return digest.hexdigest()
+
+    def _evaluate(self, stage: str, plan: list[list[Unit]], compute: Callable[[Unit], UnitResult], *,
+                  reads: tuple[str, ...] = ("checkpoint.pt",), part: str | None = None,
+                  desc: str) -> list[UnitResult] | None:
+        """Every unit of ``plan`` through ``compute``, resuming from and saving to partial/ (see
+        ``gapbench.partial``); the results in datapoint order on rank 0, None on the others."""
+        from tqdm.auto import tqdm
+        name = stage if part is None else f"{stage}_{part}"
+        store = PartialStore(self.dir, name, self._partial_key(stage, reads)) if self.ranks.is_main else None
+        self.deadline.begin()
+        with tqdm(total=sum(u.size for units in plan for u in units), desc=desc, unit="datapoint",
+                  disable=not self.progress) as bar:
+            def on_round(num_datapoints: int) -> None:
+                bar.update(num_datapoints)
+                self.deadline.progressed()
+            return run_units(plan, compute, store=store, ranks=self.ranks, should_stop=self.deadline.should_stop,
+                             what=name, on_round=on_round, on_saved=bar.update)
+
+    def _clear_partial(self, stage: str, parts: tuple[str, ...] = ()) -> None:
+        for name in [f"{stage}_{p}" for p in parts] or [stage]:
+            PartialStore(self.dir, name, "").clear()
 
     def _streams(self, stage: str, offset: int, batch: torch.Tensor, *, part: str | None = None) -> DatapointStreams:
         return datapoint_streams(self.config.seed, stage, range(offset, offset + batch.shape[0]), self.device,
@@ -422,22 +478,26 @@ class Run:
         if self.ranks.is_main:
             self.folder.start("amortized")
         self._use_threads("amortized")
-        from tqdm.auto import tqdm
         e = self.config.eval
         start = time.perf_counter()
-        frames = []
-        for offset, batch in tqdm(self._batches(x), desc="L[q], IWAE", unit="batch", disable=not self.progress):
+
+        def compute(unit: Unit) -> UnitResult:
+            batch = x[unit.start:unit.stop].to(self.device)
             with torch.no_grad():
                 q = encoder(batch)
             pair = bounds_of(decoder, q, batch, num_samples=e.num_samples,
                              chunk_size=self._chunk_size(batch.shape[0], with_gradient=False),
-                             generator=self._streams("amortized", offset, batch))
-            frames.append(pd.DataFrame({**estimate_columns("elbo_q", pair.elbo),
-                                        **estimate_columns("iwae_q", pair.iwae)}))
-        frame = self._gather(frames)
-        if self.ranks.is_main:
-            io.write_csv(path, frame)
-            self.folder.finish("amortized", time.perf_counter() - start)
+                             generator=self._streams("amortized", unit.start, batch))
+            return UnitResult(pd.DataFrame({**estimate_columns("elbo_q", pair.elbo),
+                                            **estimate_columns("iwae_q", pair.iwae)}), {})
+        results = self._evaluate("amortized", self._plan(x.shape[0], max(1, AMORTIZED_UNIT_ROWS // e.num_samples)),
+                                 compute, desc="L[q], IWAE")
+        if not self.ranks.is_main:
+            return None
+        frame, _ = concat(results)
+        io.write_csv(path, frame)
+        self.folder.finish("amortized", time.perf_counter() - start)
+        self._clear_partial("amortized")
         return frame
 
     def local_stage(self, decoder, encoder, x: torch.Tensor) -> pd.DataFrame:
@@ -452,52 +512,50 @@ class Run:
         start = time.perf_counter()
         frames, params = [], {}
         for name in self.config.refine.families:
-            frame, params[name] = self._refine_family(decoder, encoder, x, name)
-            frames.append(frame)
-        frame = self._gather([pd.concat(frames, axis=1)] if frames and len(frames[0]) else [])
-        all_params = gather(params, self.ranks)  # every rank's {family: {name: (b, ...)}}, in shard order
-        if self.ranks.is_main:
-            saved = {}
-            for name in self.config.refine.families:
-                parts = [p[name] for p in all_params if p and p[name]]  # ranks without datapoints hold {}
-                saved[name] = {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
-            io.save_torch(self.dir / "local.pt", saved)
-            io.write_csv(path, frame)
-            self.folder.finish("local", time.perf_counter() - start)
+            results = self._evaluate("local", self._plan(x.shape[0]), self._refine_unit(decoder, encoder, x, name),
+                                     part=name, desc=f"refine q*_{name}")
+            if self.ranks.is_main:
+                frame, params[name] = concat(results)
+                frames.append(frame)
+        if not self.ranks.is_main:
+            return None
+        frame = pd.concat(frames, axis=1)
+        io.save_torch(self.dir / "local.pt", params)
+        io.write_csv(path, frame)
+        self.folder.finish("local", time.perf_counter() - start)
+        self._clear_partial("local", tuple(self.config.refine.families))
         return frame
 
-    def _refine_family(self, decoder, encoder, x: torch.Tensor, name: str) -> tuple[pd.DataFrame, dict]:
-        """q*_name for this rank's datapoints, batch by batch: the per-datapoint columns and the parameters
-        (on the CPU). Each family draws from its own streams (per datapoint, keyed by the family's name
-        too), so adding a family changes no other family's numbers."""
+    def _refine_unit(self, decoder, encoder, x: torch.Tensor, name: str) -> Callable[[Unit], UnitResult]:
+        """q*_name for a unit of datapoints: the per-datapoint columns and the parameters (on the CPU).
+        Each family draws from its own streams (per datapoint, keyed by the family's name too), so adding
+        a family changes no other family's numbers."""
         from tqdm.auto import tqdm
         e, r = self.config.eval, self.config.refine
         family = local_family(self.config, name)
         procedure = r.resolved(name)
-        frames, params = [], []
-        for offset, batch in self._batches(x):
-            generator = self._streams("local", offset, batch, part=name)
-            with tqdm(desc=f"refine q*_{name} [{offset}:{offset + batch.shape[0]}]", unit="step",
+
+        def compute(unit: Unit) -> UnitResult:
+            batch = x[unit.start:unit.stop].to(self.device)
+            generator = self._streams("local", unit.start, batch, part=name)
+            with tqdm(total=unit.size, desc=f"  [{unit.start}:{unit.stop}] stopped", unit="datapoint", leave=False,
                       disable=not self.progress) as bar:
-                def callback(step: int, num_active: int) -> None:
-                    bar.update(1)
-                    bar.set_postfix(active=num_active)
+                def callback(step: int, num_active: int) -> None:  # datapoints leave as they converge
+                    bar.set_postfix(step=step, active=num_active, refresh=False)
+                    bar.update(unit.size - num_active - bar.n)
+                    self._stop_inside()
                 result = local_posterior(decoder, encoder, batch, family=family, init=r.init,
                                          procedure=procedure, generator=generator, callback=callback)
             pair = bounds_of(decoder, family.posterior(result.params), batch, num_samples=e.num_samples,
                              chunk_size=self._chunk_size(batch.shape[0], with_gradient=False), generator=generator)
-            frames.append(pd.DataFrame({
+            return UnitResult(pd.DataFrame({
                 **estimate_columns(f"elbo_q_star_{name}", pair.elbo),
                 **estimate_columns(f"iwae_q_star_{name}", pair.iwae),
                 f"refine_steps_{name}": result.num_steps.cpu().numpy(),
                 f"refine_converged_{name}": result.is_converged.cpu().numpy(),
                 f"refine_diverged_{name}": result.is_diverged.cpu().numpy(),
-            }))
-            params.append(_cpu(result.params))
-        if not frames:  # a rank with no datapoints (more ranks than datapoints)
-            return pd.DataFrame(), {}
-        return (pd.concat(frames, ignore_index=True),
-                {k: torch.cat([p[k] for p in params]) for k in params[0]})
+            }), _cpu(result.params))
+        return compute
 
     def ais_stage(self, decoder, encoder, x: torch.Tensor) -> pd.DataFrame | None:
         """AIS from the configured start for every datapoint; None when ``ais.enabled`` is false."""
@@ -520,25 +578,32 @@ class Run:
             # before flows, local.pt held one family's tensors
             q_star_params = broadcast(saved.get(own, saved) if saved is not None else None, self.ranks)
         start = time.perf_counter()
-        frames = []
-        for offset, batch in self._batches(x):
+
+        def compute(unit: Unit) -> UnitResult:
+            batch = x[unit.start:unit.stop].to(self.device)
             q_star = None
             if q_star_params is not None:
-                q_star = family.posterior({k: v[offset:offset + batch.shape[0]].to(self.device)
+                q_star = family.posterior({k: v[unit.start:unit.stop].to(self.device)
                                            for k, v in q_star_params.items()})
-            with tqdm(total=a.num_steps, desc=f"AIS [{offset}:{offset + batch.shape[0]}]", unit="step",
+            with tqdm(total=a.num_steps, desc=f"  [{unit.start}:{unit.stop}] annealing", unit="step", leave=False,
                       disable=not self.progress) as bar:
+                def callback(t: int) -> None:
+                    bar.update(1)
+                    self._stop_inside()
                 estimate = ais_of(decoder, batch, init=a.init, encoder=encoder, q_star=q_star,
                                   procedure=a.procedure(),
                                   chunk_size=self._chunk_size(batch.shape[0], with_gradient=True),
-                                  generator=self._streams("ais", offset, batch),
-                                  callback=lambda t: bar.update(1))
-            frames.append(pd.DataFrame({**estimate_columns("ais", estimate),
-                                        **{k: v.cpu().numpy() for k, v in ais_diagnostics(estimate).items()}}))
-        frame = self._gather(frames)
-        if self.ranks.is_main:
-            io.write_csv(path, frame)
-            self.folder.finish("ais", time.perf_counter() - start)
+                                  generator=self._streams("ais", unit.start, batch), callback=callback)
+            return UnitResult(pd.DataFrame({**estimate_columns("ais", estimate),
+                                            **{k: v.cpu().numpy() for k, v in ais_diagnostics(estimate).items()}}), {})
+        reads = ("checkpoint.pt", "local.pt") if a.init == "q_star" else ("checkpoint.pt",)
+        results = self._evaluate("ais", self._plan(x.shape[0]), compute, reads=reads, desc="AIS")
+        if not self.ranks.is_main:
+            return None
+        frame, _ = concat(results)
+        io.write_csv(path, frame)
+        self.folder.finish("ais", time.perf_counter() - start)
+        self._clear_partial("ais")
         return frame
 
     def calibration_stage(self, decoder, encoder) -> dict | None:
@@ -579,6 +644,7 @@ class Run:
             return io.read_csv(path) if self.ranks.is_main else None
         if self.ranks.is_main:
             self.folder.start("log_px")
+        self._use_threads("log_px")
         c = self.config
         candidates = log_px_candidates(c)
         columns = [n for name in candidates for n in (name, f"{name}_stderr", f"{name}_ess")]
@@ -590,12 +656,11 @@ class Run:
             saved = {f: saved.get(f, saved) for f in c.refine.families}
         q_star_params = broadcast(saved, self.ranks)
         a = c.ais
-        from tqdm.auto import tqdm
         start = time.perf_counter()
-        frames = []
-        for offset, batch in tqdm(self._batches(x), desc="log p_hat(x), fresh draws", unit="batch",
-                                  disable=not self.progress):
-            rows = slice(offset, offset + batch.shape[0])
+
+        def compute(unit: Unit) -> UnitResult:
+            batch = x[unit.start:unit.stop].to(self.device)
+            rows = slice(unit.start, unit.stop)
             q_stars = {f"iwae_q_star_{f}": (local_family(c, f), {k: v[rows].to(self.device) for k, v in
                                                                  q_star_params[f].items()})
                        for f in c.refine.families}
@@ -604,16 +669,21 @@ class Run:
                 "q_star": f"iwae_q_star_{c.model.posterior}" if a.init == "q_star" else None,
                 "chunk_size": self._chunk_size(batch.shape[0], with_gradient=True)}
 
-            def streams(name: str, positions: torch.Tensor, offset: int = offset) -> DatapointStreams:
-                return datapoint_streams(c.seed, "log_px", (positions + offset).tolist(), self.device, part=name)
+            def streams(name: str, positions: torch.Tensor) -> DatapointStreams:
+                return datapoint_streams(c.seed, "log_px", (positions + unit.start).tolist(), self.device, part=name)
             fns = fresh_estimators(decoder, batch, encoder=encoder, q_stars=q_stars, num_samples=c.eval.num_samples,
                                    chunk_size=self._chunk_size(batch.shape[0], with_gradient=False), ais=ais,
                                    streams=streams)
-            frames.append(selected_log_px(pilot.iloc[rows].reset_index(drop=True), candidates, fns))
-        frame = self._gather(frames)
-        if self.ranks.is_main:
-            io.write_csv(path, frame)
-            self.folder.finish("log_px", time.perf_counter() - start)
+            return UnitResult(selected_log_px(pilot.iloc[rows].reset_index(drop=True), candidates, fns), {})
+        reads = ("checkpoint.pt", "amortized.csv", "local.csv", "local.pt", *(("ais.csv",) if a.enabled else ()))
+        results = self._evaluate("log_px", self._plan(x.shape[0]), compute, reads=reads,
+                                 desc="log p_hat(x), fresh draws")
+        if not self.ranks.is_main:
+            return None
+        frame, _ = concat(results)
+        io.write_csv(path, frame)
+        self.folder.finish("log_px", time.perf_counter() - start)
+        self._clear_partial("log_px")
         return frame
 
     def curve_stage(self, decoder, encoder, x: torch.Tensor, local: pd.DataFrame) -> pd.DataFrame | None:
@@ -634,19 +704,26 @@ class Run:
         # L[q*] of every datapoint: local.csv is rank 0's, so rank 0 sends the column to every rank
         elbo_q_star = broadcast(local[q_star_column(local)].to_numpy() if self.ranks.is_main else None, self.ranks)
         start = time.perf_counter()
-        frames = []
-        for offset, batch in self._batches(x):
-            with tqdm(total=procedure.steps[-1], desc=f"curve [{offset}:{offset + batch.shape[0]}]", unit="step",
+
+        def compute(unit: Unit) -> UnitResult:
+            batch = x[unit.start:unit.stop].to(self.device)
+            with tqdm(total=procedure.steps[-1], desc=f"  [{unit.start}:{unit.stop}] SVI", unit="step", leave=False,
                       disable=not self.progress) as bar:
+                def callback(step: int) -> None:
+                    bar.update(1)
+                    self._stop_inside()
                 curve = refinement_curve(decoder, encoder, batch, **procedure._asdict(),
                                          chunk_size=self.config.eval.chunk_size,
-                                         generator=self._streams("curve", offset, batch),
-                                         callback=lambda step: bar.update(1))
-            frames.append(curve_frame(curve, elbo_q_star[offset:offset + batch.shape[0]], offset=offset))
-        frame = self._gather(frames)
-        if self.ranks.is_main:
-            io.write_csv(path, frame)
-            self.folder.finish("curve", time.perf_counter() - start)
+                                         generator=self._streams("curve", unit.start, batch), callback=callback)
+            return UnitResult(curve_frame(curve, elbo_q_star[unit.start:unit.stop], offset=unit.start), {})
+        results = self._evaluate("curve", self._plan(x.shape[0]), compute, reads=("checkpoint.pt", "local.csv"),
+                                 desc="curve")
+        if not self.ranks.is_main:
+            return None
+        frame, _ = concat(results)
+        io.write_csv(path, frame)
+        self.folder.finish("curve", time.perf_counter() - start)
+        self._clear_partial("curve")
         return frame
 
     def _pilot(self, amortized: pd.DataFrame, local: pd.DataFrame, ais: pd.DataFrame | None) -> pd.DataFrame:
@@ -782,6 +859,7 @@ class Run:
         try:
             with ExitStack() as stack:
                 self._open_folder(stack, resolved)
+                stack.enter_context(self._stopping())
                 try:
                     with torch.random.fork_rng(devices=[]):
                         decoder, encoder, training = self.networks(dataset)
@@ -804,6 +882,24 @@ class Run:
         finally:
             if joined:
                 close_ranks(self.ranks, wait=is_done)
+
+    @contextmanager
+    def _stopping(self) -> Iterator[None]:
+        """SIGTERM stops the stages at a safe point like the time limit; a stop says what is done and what
+        remains (rank 0's folder knows)."""
+        with self.deadline.handling_sigterm():
+            try:
+                yield
+            except StopRequested as stop:
+                finished = [s for s in STAGES if self.folder is not None and s in self.folder.records]
+                remaining = [s for s in STAGES if s not in finished and self._is_enabled(s)]
+                raise StopRequested(
+                    f"stopped at {self.deadline.reason()} in the {remaining[0]} stage: {stop} (saved); "
+                    f"finished: {', '.join(finished) or 'nothing yet'}; to do: {', '.join(remaining)}. "
+                    "Run the same command again to continue.") from None
+
+    def _is_enabled(self, stage: str) -> bool:
+        return {"ais": self.config.ais.enabled, "curve": self.config.curve.enabled}.get(stage, True)
 
     def _open_folder(self, stack: ExitStack, resolved: dict) -> None:
         """Rank 0 opens (and locks) the folder; a refusal stops every rank with rank 0's message."""
@@ -864,13 +960,16 @@ def comparable_config(previous: dict, current: dict) -> dict:
 def run_experiment(config: ExperimentConfig, out_dir: str | Path, *, force: bool = False,
                    progress: bool = True, log: Callable[[str], None] = print,
                    device: torch.device | str = "cpu", ranks: Ranks = ONE_PROCESS,
-                   threads: int | None = None, figures: bool = True) -> dict | None:
+                   threads: int | None = None, figures: bool = True, deadline: Deadline | None = None) -> dict | None:
     """Run (or resume) an experiment into ``out_dir``; returns the summary dict (None on ranks other
     than 0 of a distributed job: see ``gapbench.distributed``). ``threads``: torch threads of every
     stage (None: chosen per stage from its size, ``gapbench.device.stage_threads``); ``figures``: the
-    report stage writes figures/ (``gapbench.report.figures``)."""
+    report stage writes figures/ (``gapbench.report.figures``).
+
+    ``deadline``: a time limit (and SIGTERM handling): the stages stop at a safe point before it and
+    raise :class:`~gapbench.deadline.StopRequested`; the same call again continues."""
     return Run(config, out_dir, force=force, progress=progress, log=log, device=device, ranks=ranks,
-               threads=threads, figures=figures).execute()
+               threads=threads, figures=figures, deadline=deadline).execute()
 
 
 def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -19,11 +19,18 @@ import torch
 from torch import nn
 
 from .data import binarize, check_values
+from .deadline import StopRequested
 from .estimators import elbo
 from .posteriors import as_posterior, fork_seed
 from .semi_amortized import SemiAmortized, semi_amortized_gradients
 
 SCHEDULES = ("constant", "paper")
+# Implementations of the same Adam update (torch.optim.Adam's foreach / fused flags): "fused" updates every
+# tensor in one kernel, "foreach" in a few multi-tensor ops, "for-loop" one tensor at a time (torch's default
+# on the CPU). They differ only in rounding; the optimiser state (state_dict) is the same, so a training
+# state saved under one continues under another. `gapbench bench train` times them.
+ADAM_IMPLEMENTATIONS = {"fused": {"fused": True, "foreach": None}, "foreach": {"fused": None, "foreach": True},
+                        "for-loop": {"fused": None, "foreach": False}}
 
 
 def paper_learning_rate(epoch: int, base: float) -> float:
@@ -98,6 +105,14 @@ def validation_elbo(decoder, encoder, x: torch.Tensor, *, num_samples: int, batc
     return total / x.shape[0]
 
 
+def make_adam(params: list[nn.Parameter], *, learning_rate: float, eps: float,
+              implementation: str = "fused") -> torch.optim.Adam:
+    """torch.optim.Adam (Kingma & Ba, 2015) with the given implementation (:data:`ADAM_IMPLEMENTATIONS`)."""
+    if implementation not in ADAM_IMPLEMENTATIONS:
+        raise ValueError(f"unknown Adam implementation {implementation!r}; choose one of {tuple(ADAM_IMPLEMENTATIONS)}")
+    return torch.optim.Adam(params, lr=learning_rate, eps=eps, **ADAM_IMPLEMENTATIONS[implementation])
+
+
 class ResumeError(ValueError):
     """A ``resume_from`` snapshot that does not fit the networks or optimiser it is loaded into."""
 
@@ -141,7 +156,10 @@ def _restore(state: dict, decoder: nn.Module, encoder: nn.Module, optimizer: tor
     try:
         decoder.load_state_dict(state["decoder"])
         encoder.load_state_dict(state["encoder"])
+        flags = {k: optimizer.param_groups[0][k] for k in ("fused", "foreach")}
         optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:  # a saved state carries the flags of the Adam that saved it
+            group.update(flags)
         generator.set_state(state["generator"])
         best = (state["best_decoder"], state["best_encoder"]) if state["best_decoder"] is not None else None
         return _Progress(int(state["epoch"]), int(state["step"]), float(state["best_elbo"]),
@@ -160,7 +178,8 @@ def train(decoder: nn.Module, encoder: nn.Module, train_x: torch.Tensor, valid_x
           on_epoch: Callable[[EpochRecord, bool], None] | None = None,
           resume_from: dict | None = None, on_checkpoint: Callable[[dict], None] | None = None,
           checkpoint_seconds: float = 0.0, progress: bool = True,
-          data_parallel: tuple[int, int] | None = None) -> TrainResult:
+          data_parallel: tuple[int, int] | None = None,
+          should_stop: Callable[[], bool] | None = None, adam: str = "fused") -> TrainResult:
     """Train ``decoder`` and ``encoder`` in place; return the best (validation-ELBO) weights.
 
     Parameters
@@ -193,6 +212,11 @@ def train(decoder: nn.Module, encoder: nn.Module, train_x: torch.Tensor, valid_x
         same Adam steps. Shuffling and binarisation come from ``generator`` on every rank alike; the z
         samples of a rank from a stream forked from it per epoch and rank. None: one process. Not with
         semi-amortized training (ValueError).
+    should_stop : asked after every epoch that does not end training (a time limit, SIGTERM; with
+        ``data_parallel`` it must give every rank the same answer): when it says yes, the snapshot goes
+        to ``on_checkpoint`` at once and :class:`~gapbench.deadline.StopRequested` is raised, so a call
+        with ``resume_from`` that snapshot continues exactly.
+    adam : the implementation of Adam's update (:data:`ADAM_IMPLEMENTATIONS`; same update, other rounding)
 
     Training stops early when an epoch's training ELBO is not finite (``stop_reason="diverged"``);
     the best weights from before are returned. It raises FloatingPointError when no validation ELBO
@@ -210,7 +234,7 @@ def train(decoder: nn.Module, encoder: nn.Module, train_x: torch.Tensor, valid_x
     check_values(train_x, "training data")
     check_values(valid_x, "validation data")
     params = list(decoder.parameters()) + list(encoder.parameters())
-    optimizer = torch.optim.Adam(params, lr=learning_rate, eps=adam_eps)
+    optimizer = make_adam(params, learning_rate=learning_rate, eps=adam_eps, implementation=adam)
     valid_bin = binarize(valid_x, mode=binarization, threshold=threshold, generator=generator)
     static_train = None if binarization == "dynamic" else binarize(train_x, mode=binarization, threshold=threshold)
     num_batches = math.ceil(train_x.shape[0] / batch_size)
@@ -240,7 +264,7 @@ def train(decoder: nn.Module, encoder: nn.Module, train_x: torch.Tensor, valid_x
         if data_parallel is not None:  # the shared stream stays in step on every rank
             noise = torch.Generator(device=data.device).manual_seed(fork_seed(generator) + rank)
         decoder.train(), encoder.train()
-        total, step = 0.0, state.step
+        total, step = torch.zeros((), dtype=torch.float64, device=data.device), state.step
         for b in range(num_batches):
             batch = data[order[b * batch_size:(b + 1) * batch_size]]
             if data_parallel is not None:
@@ -255,7 +279,8 @@ def train(decoder: nn.Module, encoder: nn.Module, train_x: torch.Tensor, valid_x
                 batch_elbo = semi_amortized_gradients(decoder, encoder, batch, settings=semi_amortized, beta=beta,
                                                       generator=noise)
             optimizer.step()
-            total += float(batch_elbo.sum())
+            total += batch_elbo.sum()  # on the device: no wait for it at every step
+        total = float(total)
         if data_parallel is not None:  # the epoch's ELBO sum over every rank's rows
             import torch.distributed as dist
             summed = torch.tensor([total], dtype=torch.float64, device=data.device)
@@ -287,10 +312,14 @@ def train(decoder: nn.Module, encoder: nn.Module, train_x: torch.Tensor, valid_x
         bar.set_postfix(elbo=f"{record.train_elbo:.2f}", valid=f"{best_elbo:.2f}", beta=f"{beta:.2f}")
         if on_epoch is not None:
             on_epoch(record, is_best)
-        if on_checkpoint is not None and (stop_reason is not None
+        is_stopping = stop_reason is None and should_stop is not None and should_stop()
+        if on_checkpoint is not None and (stop_reason is not None or is_stopping
                                           or time.perf_counter() - last_checkpoint >= checkpoint_seconds):
             on_checkpoint(train_state(decoder, encoder, optimizer, generator, state))
             last_checkpoint = time.perf_counter()
+        if is_stopping:
+            bar.close()
+            raise StopRequested(f"[train] {epoch} of {epochs} epochs done, {epochs - epoch} remain")
     bar.close()
     if state.best_state is None:  # every validation ELBO was NaN
         raise FloatingPointError("training diverged: the validation ELBO was never finite; "

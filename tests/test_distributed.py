@@ -164,3 +164,29 @@ def test_data_parallel_refuses_semi_amortized_training(tmp_path, capsys):
     error = capsys.readouterr().err
     assert "train.data_parallel" in error and "semi_amortized_steps" in error
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_two_ranks_stop_at_the_time_limit_together_and_resume(tmp_path):
+    """Slow (about ten torchrun jobs: 3 min on 2 busy cores): with a limit shorter than start-up every job
+    does one unit and stops; rank 0 decides, both ranks stop after the same round, and the stretches
+    end with the files of a job that was never stopped."""
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    batches = ["--set", "eval.batch_size=6"]  # two units per rank and stage
+    assert _torchrun(whole, 2, *batches).returncode == 0
+    os.environ["GAPBENCH_TIME_LIMIT"] = "0.001s"
+    try:
+        results = []
+        while not results or results[-1].returncode != 0:
+            results.append(_torchrun(cut, 2, *batches))
+            assert len(results) < 20, results[-1].stderr[-3000:]
+    finally:
+        del os.environ["GAPBENCH_TIME_LIMIT"]
+    stopped = [r for r in results if "stopped at the time limit" in r.stderr]
+    assert len(stopped) == len(results) - 1 >= 5
+    for result in stopped:
+        assert result.returncode != 0  # torchrun reports a rank's exit code 3 as its own failure
+        assert result.stderr.count("Run the same command again to continue") == 2, result.stderr[-3000:]
+    assert not (cut / "partial").exists()
+    for name in (*PER_DATAPOINT[:3], "datapoints.csv", "local.pt"):
+        assert (cut / name).read_bytes() == (whole / name).read_bytes(), name

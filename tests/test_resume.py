@@ -53,7 +53,10 @@ def assert_nothing_half_written(folder: Path) -> None:
         if path.is_dir() and path.name == "figures":  # the report stage's: PNG and PDF, whole
             assert all(p.suffix in (".png", ".pdf") for p in path.iterdir()), list(path.iterdir())
             continue
-        if path.name.startswith("."):
+        if path.name == "partial":  # finished units of the stage that was killed (gapbench.partial)
+            for unit in path.glob("*/*"):
+                assert unit.suffix == ".tmp" or torch.load(unit, weights_only=True)["format"] == "gapbench-partial"
+        elif path.name.startswith("."):
             assert path.name == ".lock" or path.name.endswith(".tmp"), path
         elif path.suffix == ".json":
             json.loads(path.read_text())

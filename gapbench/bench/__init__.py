@@ -87,6 +87,14 @@ def _threads(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .train import bench_train
+    figures = bench_train(args.source, implementations=tuple(args.adam), rounds=args.rounds,
+                          num_train=args.num_train, threads=args.threads)
+    _write(figures, args.out)
+    return 0
+
+
 def add_bench_parser(sub) -> None:
     from ..cli import positive_int
 
@@ -175,6 +183,18 @@ def add_bench_parser(sub) -> None:
     th.add_argument("--no-steps", action="store_true", help="time the job only")
     th.add_argument("--out", help="also write the figures as JSON here")
     th.set_defaults(func=_threads)
+    tr = kinds.add_parser("train", help="seconds per training epoch and share of the matmul peak, per Adam "
+                                        "implementation (fresh networks, alternating epochs)")
+    tr.add_argument("source", metavar="RUN_DIR_OR_EXPERIMENT", help="a run folder or an experiment TOML file")
+    tr.add_argument("--adam", nargs="+", default=["for-loop", "foreach", "fused"],
+                    choices=["for-loop", "foreach", "fused"], help="implementations to time; the first is the "
+                    "reference of the speed-ups (default: for-loop foreach fused; for-loop is torch's CPU default)")
+    tr.add_argument("--rounds", type=int, default=3, help="epochs per implementation, alternating (default 3)")
+    tr.add_argument("--num-train", type=int, default=None,
+                    help="time epochs of the first N training datapoints, scaled to the whole split")
+    tr.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    tr.add_argument("--out", help="also write the figures as JSON here")
+    tr.set_defaults(func=_train)
 
 
 __all__ = ["add_bench_parser"]
