@@ -899,7 +899,9 @@ class Run:
                     "Run the same command again to continue.") from None
 
     def _is_enabled(self, stage: str) -> bool:
-        return {"ais": self.config.ais.enabled, "curve": self.config.curve.enabled}.get(stage, True)
+        a = self.config.ais
+        return {"ais": a.enabled, "calibration": a.enabled and a.calibration_datapoints > 0,
+                "curve": self.config.curve.enabled}.get(stage, True)
 
     def _open_folder(self, stack: ExitStack, resolved: dict) -> None:
         """Rank 0 opens (and locks) the folder; a refusal stops every rank with rank 0's message."""

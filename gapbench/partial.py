@@ -56,6 +56,14 @@ def _fits(unit: Unit, frame: pd.DataFrame, tensors: dict[str, torch.Tensor]) -> 
     return rows_fit and all(v.shape[0] == unit.size for v in tensors.values())
 
 
+def _column_value(column: pd.Series) -> torch.Tensor | list[str]:
+    """A frame column as torch.save stores it for ``weights_only`` loading: numbers as a tensor, text
+    (an estimator's name) as a list of strings."""
+    if not (pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column)):
+        return [str(v) for v in column]
+    return torch.from_numpy(column.to_numpy().copy())
+
+
 class PartialStore:
     """``partial/<name>/`` of a run folder, for the stage key ``key``."""
 
@@ -72,7 +80,7 @@ class PartialStore:
         io.save_torch(self._path(unit), {
             "format": PARTIAL_FORMAT, "key": self.key, "start": unit.start, "stop": unit.stop,
             "columns": list(result.frame.columns),
-            "values": [torch.from_numpy(result.frame[c].to_numpy().copy()) for c in result.frame],
+            "values": [_column_value(result.frame[c]) for c in result.frame],
             "tensors": result.tensors,
         })
 
@@ -86,7 +94,8 @@ class PartialStore:
             saved = torch.load(path, weights_only=True)
             if (saved["format"] == PARTIAL_FORMAT and saved["key"] == self.key
                     and (saved["start"], saved["stop"]) == unit):
-                frame = pd.DataFrame({c: v.numpy() for c, v in zip(saved["columns"], saved["values"], strict=True)})
+                frame = pd.DataFrame({c: v.numpy() if isinstance(v, torch.Tensor) else pd.array(v, dtype=object)
+                                      for c, v in zip(saved["columns"], saved["values"], strict=True)})
                 if _fits(unit, frame, saved["tensors"]):
                     return UnitResult(frame, dict(saved["tensors"]))
         except Exception:  # a damaged or foreign file is redone, never used

@@ -43,7 +43,7 @@ def example_run(tmp_path_factory):
 def test_the_example_writes_the_files_of_a_built_in_run(example_run):
     expected = {"config.json", "stages.json", *[f for stage, files in STAGE_OUTPUTS.items()
                                                 if stage not in ("curve", "calibration") for f in files]}
-    assert {p.name for p in example_run.iterdir() if p.name != ".lock"} == expected
+    assert {p.name for p in example_run.iterdir() if p.name not in (".lock", "figures")} == expected
     stages = json.loads((example_run / "stages.json").read_text())
     assert list(stages) == ["train", "amortized", "local", "ais", "log_px", "report"]
     summary = json.loads((example_run / "summary.json").read_text())

@@ -77,7 +77,7 @@ def test_a_run_stopped_many_times_ends_as_one_never_stopped(whole_run, tmp_path,
     assert code == 0, err
     where = [line.split(" stage:")[0].split(" the ")[-1] for line in stops]
     for stage in ("train", "amortized", "local", "ais", "curve"):  # every stage was stopped at least once
-        assert stage in where, stops
+        assert stage in where, "\n".join(stops)
     assert any("[local_ffg] 0 of 20 datapoints done" in line for line in stops)
     assert_same_results(out, whole_run)
 
