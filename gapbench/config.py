@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serial
 
 from .curves import CurveProcedure
 from .estimators import AISProcedure
+from .health import AIS_FLAG_DEFAULTS
 from .measure import RefineProcedure
 from .semi_amortized import SemiAmortized
 
@@ -175,6 +176,10 @@ class AISConfig(Section):
     adaptation_rate: float = Field(0.1, ge=0.0)  # log step-size change per unit of acceptance error (0: fixed)
     min_step_size: float = Field(1e-4, gt=0.0)  # clamp of the adapted step sizes
     max_step_size: float = Field(0.5, gt=0.0)
+    # a datapoint's AIS is flagged unhealthy, and left out of log p_hat(x), when (gapbench.health):
+    flag_acceptance_error: float = Field(AIS_FLAG_DEFAULTS["flag_acceptance_error"], gt=0.0)  # |acceptance - target| above this
+    flag_divergence_rate: float = Field(AIS_FLAG_DEFAULTS["flag_divergence_rate"], ge=0.0, le=1.0)  # diverged transitions above this
+    flag_ess_fraction: float = Field(AIS_FLAG_DEFAULTS["flag_ess_fraction"], ge=0.0, le=1.0)  # ESS below this x num_chains
 
     @model_validator(mode="after")
     def _step_size_within_clamp(self) -> "AISConfig":
@@ -186,6 +191,11 @@ class AISConfig(Section):
     def procedure(self) -> AISProcedure:
         """The keyword arguments of ``gapbench.ais`` (everything here but ``enabled`` and ``init``)."""
         return AISProcedure(**{k: getattr(self, k) for k in AISProcedure._fields})
+
+    def flags(self) -> dict[str, float]:
+        """The keyword arguments of ``gapbench.health.ais_flags``."""
+        return {"target_acceptance": self.target_acceptance, "num_chains": self.num_chains,
+                **{k: getattr(self, k) for k in AIS_FLAG_DEFAULTS}}
 
 
 class CurveConfig(Section):
@@ -209,8 +219,8 @@ class CurveConfig(Section):
 
 
 class ExperimentConfig(Section):
-    name: str = Field(min_length=1)  # run name; the default output folder is runs/<name>
-    seed: int = Field(0, ge=0)  # every random stream of the run derives from it
+    name: str = Field(min_length=1)  # run name; the default output folder is runs/<name> (a plain folder name)
+    seed: int = Field(0, ge=0, le=2**64 - 1)  # every random stream of the run derives from it (torch takes 64 bits)
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
@@ -218,6 +228,14 @@ class ExperimentConfig(Section):
     refine: RefineConfig = RefineConfig()
     ais: AISConfig = AISConfig()
     curve: CurveConfig = CurveConfig()
+
+    @model_validator(mode="after")
+    def _plain_name(self) -> "ExperimentConfig":
+        name = self.name
+        if name in (".", "..") or any(c in name for c in "/\\\0") or name != name.strip():
+            raise ValueError(f"name = {name!r} is not a plain folder name (the default run folder is runs/<name>); "
+                             "use letters, digits, '-', '_' or '.', without '/' (choose the folder with --out)")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -390,7 +408,10 @@ def read_raw(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"experiment file {path} does not exist; pass a TOML file such as experiments/digits.toml")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8") from None
     try:
         return json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as error:

@@ -54,12 +54,16 @@ from .data import Dataset, binarize, check_binary, check_levels, check_values, l
 from .device import row_bytes, rows_that_fit, samples_per_chunk
 from .distributed import ONE_PROCESS, Ranks, broadcast, close_ranks, gather, init_ranks, shard
 from .gaps import NO_FAULT, best_bound, decompose, estimate_columns, find_faults, summarize, summarize_column
+from .health import UNHEALTHY, ais_flags, health_counts
 from .measure import ais_diagnostics, ais_of, bounds_of, effective_procedure, local_posterior
+from .outputs import join_on_index, with_index
+from .resources import activation_widths, memory_problems
 from .models import ConvDecoder, ConvTrunk, Decoder, DecoderBase, HierarchicalDecoder
 from .posteriors import (DatapointStreams, HierarchicalEncoder, HierarchicalFamily, LocalFamily, make_encoder,
                          make_family)
 from .report import gap_table_markdown
-from .rundir import TRAIN_STATE, RunError, RunFolder, hashed_sections, open_run_folder
+from .rundir import TRAIN_STATE, RunError, RunFolder, hashed_sections, open_run_folder, recorded_stages
+from .stage_files import read_finished, read_q_star, read_summary_of
 from .train import ResumeError, train
 
 __all__ = ["CHECKPOINT_FORMAT", "Run", "RunError", "build_networks", "datapoint_streams", "evaluation_data",
@@ -224,12 +228,7 @@ class Run:
         GPU's free memory, else None (the estimators' CPU defaults)."""
         if self.config.eval.chunk_size is not None and not with_gradient:
             return self.config.eval.chunk_size
-        m = self.config.model
-        latent, hidden = m.latent_size, list(m.decoder_hidden)
-        if m.kind == "hierarchical":  # z = (z1, z2) and the network of p(z1|z2)
-            latent, hidden = latent + m.latent_size_2, hidden + list(m.prior_hidden)
-        if m.kind == "conv":  # stride-2 layers: channels c_i at a quarter of the previous size (D bounds H x W)
-            hidden = hidden + [2 * c * self.data_size // 4 ** (i + 1) for i, c in enumerate(m.conv_channels)]
+        latent, hidden = activation_widths(self.config, self.data_size)
         rows = rows_that_fit(self.device, row_bytes(self.data_size, latent, hidden, with_gradient=with_gradient))
         return samples_per_chunk(rows, num_datapoints)
 
@@ -354,7 +353,7 @@ class Run:
         path = self.dir / "amortized.csv"
         if self._is_finished("amortized"):
             self.log(f"[amortized] skipped: finished ({path})")
-            return io.read_csv(path) if self.ranks.is_main else None
+            return read_finished(path, self.config) if self.ranks.is_main else None
         if self.ranks.is_main:
             self.folder.start("amortized")
         from tqdm.auto import tqdm
@@ -367,8 +366,8 @@ class Run:
             pair = bounds_of(decoder, q, batch, num_samples=e.num_samples,
                              chunk_size=self._chunk_size(batch.shape[0], with_gradient=False),
                              generator=self._streams("amortized", offset, batch))
-            frames.append(pd.DataFrame({**estimate_columns("elbo_q", pair.elbo),
-                                        **estimate_columns("iwae_q", pair.iwae)}))
+            frames.append(with_index(pd.DataFrame({**estimate_columns("elbo_q", pair.elbo),
+                                                   **estimate_columns("iwae_q", pair.iwae)}), offset))
         frame = self._gather(frames)
         if self.ranks.is_main:
             io.write_csv(path, frame)
@@ -380,7 +379,7 @@ class Run:
         path = self.dir / "local.csv"
         if self._is_finished("local"):
             self.log(f"[local] skipped: finished ({path})")
-            return io.read_csv(path) if self.ranks.is_main else None
+            return read_finished(path, self.config) if self.ranks.is_main else None
         if self.ranks.is_main:
             self.folder.start("local")
         start = time.perf_counter()
@@ -388,7 +387,7 @@ class Run:
         for name in self.config.refine.families:
             frame, params[name] = self._refine_family(decoder, encoder, x, name)
             frames.append(frame)
-        frame = self._gather([pd.concat(frames, axis=1)] if frames and len(frames[0]) else [])
+        frame = self._gather([join_on_index(frames)] if frames and len(frames[0]) else [])
         all_params = gather(params, self.ranks)  # every rank's {family: {name: (b, ...)}}, in shard order
         if self.ranks.is_main:
             saved = {}
@@ -420,13 +419,13 @@ class Run:
                                          procedure=procedure, generator=generator, callback=callback)
             pair = bounds_of(decoder, family.posterior(result.params), batch, num_samples=e.num_samples,
                              chunk_size=self._chunk_size(batch.shape[0], with_gradient=False), generator=generator)
-            frames.append(pd.DataFrame({
+            frames.append(with_index(pd.DataFrame({
                 **estimate_columns(f"elbo_q_star_{name}", pair.elbo),
                 **estimate_columns(f"iwae_q_star_{name}", pair.iwae),
                 f"refine_steps_{name}": result.num_steps.cpu().numpy(),
                 f"refine_converged_{name}": result.is_converged.cpu().numpy(),
                 f"refine_diverged_{name}": result.is_diverged.cpu().numpy(),
-            }))
+            }), offset))
             params.append(_cpu(result.params))
         if not frames:  # a rank with no datapoints (more ranks than datapoints)
             return pd.DataFrame(), {}
@@ -441,7 +440,7 @@ class Run:
         path = self.dir / "ais.csv"
         if self._is_finished("ais"):
             self.log(f"[ais] skipped: finished ({path})")
-            return io.read_csv(path) if self.ranks.is_main else None
+            return read_finished(path, self.config) if self.ranks.is_main else None
         if self.ranks.is_main:
             self.folder.start("ais")
         from tqdm.auto import tqdm
@@ -449,9 +448,8 @@ class Run:
         family = local_family(self.config, own)
         q_star_params = None
         if a.init == "q_star":  # rank 0 reads local.pt and sends it: no shared file system needed
-            saved = torch.load(self.dir / "local.pt", weights_only=True) if self.ranks.is_main else None
-            # before flows, local.pt held one family's tensors
-            q_star_params = broadcast(saved.get(own, saved) if saved is not None else None, self.ranks)
+            saved = read_q_star(self.dir / "local.pt", own, x.shape[0]) if self.ranks.is_main else None
+            q_star_params = broadcast(saved, self.ranks)
         start = time.perf_counter()
         frames = []
         for offset, batch in self._batches(x):
@@ -466,8 +464,9 @@ class Run:
                                   chunk_size=self._chunk_size(batch.shape[0], with_gradient=True),
                                   generator=self._streams("ais", offset, batch),
                                   callback=lambda t: bar.update(1))
-            frames.append(pd.DataFrame({**estimate_columns("ais", estimate),
-                                        **{k: v.cpu().numpy() for k, v in ais_diagnostics(estimate).items()}}))
+            frames.append(with_index(pd.DataFrame({
+                **estimate_columns("ais", estimate),
+                **{k: v.cpu().numpy() for k, v in ais_diagnostics(estimate).items()}}), offset))
         frame = self._gather(frames)
         if self.ranks.is_main:
             io.write_csv(path, frame)
@@ -510,19 +509,21 @@ class Run:
                      ais: pd.DataFrame | None, curve: pd.DataFrame | None, dataset: Dataset, training: dict) -> dict:
         if self.folder.is_finished("report"):
             self.log(f"[report] skipped: finished ({self.dir / 'summary.json'})")
-            return json.loads((self.dir / "summary.json").read_text())
+            return read_summary_of(self.dir)
         self.folder.start("report")
         local = _local_in_current_form(local, self.config.model.posterior)
-        frame = pd.concat([amortized, local] + ([ais] if ais is not None else []), axis=1)
+        if ais is not None:  # a flagged AIS estimate stays in the frame but not in log p_hat (gapbench.health)
+            ais = pd.concat([ais, ais_flags(ais, **self.config.ais.flags())], axis=1)
+        frame = join_on_index([amortized, local] + ([ais] if ais is not None else []))
         own = self.config.model.posterior  # the run's gaps compare L[q] with L[q*] of the encoder's family
         for column in ("elbo_q_star", "elbo_q_star_stderr", "elbo_q_star_ess", "refine_steps", "refine_converged",
                        "refine_diverged"):
             frame[column] = frame[family_column(column, own)]
         candidates = log_px_candidates(self.config)
-        frame = decompose(pd.concat([frame, best_bound(frame, candidates)], axis=1))
+        trusted = frame.assign(ais=frame["ais"].where(~frame[UNHEALTHY])) if ais is not None else frame
+        frame = decompose(pd.concat([frame, best_bound(trusted, candidates)], axis=1))
         flags = tuple(f"refine_diverged_{f}" for f in self.config.refine.families)
         frame["fault"] = find_faults(frame, ("elbo_q", "elbo_q_star", *candidates), flags=flags)
-        frame.insert(0, "index", np.arange(len(frame)))
         io.write_csv(self.dir / "datapoints.csv", frame)
         summary = self.summary(frame, x, dataset, training)
         if curve is not None:
@@ -531,6 +532,11 @@ class Run:
         io.write_text(self.dir / "table.md", gap_table_markdown(summary))
         self.folder.finish("report", 0.0)
         faults = summary["faults"]
+        if ais is not None and summary["ais"]["unhealthy"]["num_unhealthy"]:
+            unhealthy = summary["ais"]["unhealthy"]
+            self.log(f"[report] AIS was flagged unhealthy for {unhealthy['num_unhealthy']} of {faults['num_datapoints']} "
+                     f"datapoints ({', '.join(f'{k}: {v}' for k, v in unhealthy.items() if k != 'num_unhealthy')}); "
+                     f"their AIS is left out of log p_hat(x) (datapoints.csv, column {UNHEALTHY})")
         if faults["num_faulty"]:
             self.log(f"[report] {faults['num_faulty']} of {faults['num_datapoints']} datapoints had numerical "
                      f"faults ({', '.join(f'{k}: {v}' for k, v in faults['counts'].items())}); they are left "
@@ -562,6 +568,7 @@ class Run:
                 "mean_divergence_rate": float(frame["ais_divergence_rate"].mean()),
                 "mean_ess": float(frame["ais_ess"].mean()),
                 "min_ess": float(frame["ais_ess"].min()),
+                "unhealthy": health_counts(frame),
             }
         summary["settings"] = {
             "name": c.name,
@@ -587,7 +594,7 @@ class Run:
                            "procedures": {name: effective_procedure(local_family(c, name),
                                                                     c.refine.resolved(name))._asdict()
                                           for name in families}},
-            "ais": c.ais.model_dump(mode="json"),
+            "ais": hashed_sections(c.model_dump(mode="json"), "report")["ais"],  # the health thresholds when set
             **({"curve": c.curve.model_dump(mode="json")} if c.curve.enabled else {}),
             "model": c.model.model_dump(mode="json"),
             "train": hashed_sections(c.model_dump(mode="json"), "train")["train"],  # semi_amortized_* only when K > 0
@@ -605,6 +612,7 @@ class Run:
             check_values(dataset.split(split), f"{dataset.name} {split} split")
         x = evaluation_data(self.config, dataset)
         resolved = self.config.model_dump(mode="json")
+        self._check_memory(dataset, resolved)  # before the folder is opened: nothing written, nothing moved
         joined = self.ranks.is_distributed and not torch.distributed.is_initialized()
         init_ranks(self.ranks, self.device)
         is_done = False
@@ -629,6 +637,15 @@ class Run:
         finally:
             if joined:
                 close_ranks(self.ranks, wait=is_done)
+
+    def _check_memory(self, dataset: Dataset, resolved: dict) -> None:
+        """Refuse (RunError) a config whose unfinished stages cannot fit in the device's free memory
+        (``gapbench.resources``)."""
+        finished = recorded_stages(self.dir, resolved) if self.ranks.is_main else set()
+        problems = memory_problems(self.config, dataset.data_size, self.device, skip=finished)
+        if problems:
+            raise RunError("the run cannot fit in memory: " + "; ".join(problems)
+                           + " (estimates of the largest arrays, gapbench/resources.py)")
 
     def _open_folder(self, stack: ExitStack, resolved: dict) -> None:
         """Rank 0 opens (and locks) the folder; a refusal stops every rank with rank 0's message."""
