@@ -78,7 +78,8 @@ def read_summary(path: str | Path) -> dict[str, Any]:
         raise CheckError(f"{file} is not readable JSON ({error}); regenerate it") from None
     if isinstance(data, dict) and data.get("format") == BASELINE_FORMAT:
         if data.get("format_version") != BASELINE_VERSION:
-            raise CheckError(f"{file} is a baseline of format_version {data.get('format_version')!r}, but this gapbench "
+            raise CheckError(f"{file} is a baseline of format_version {data.get('format_version')!r}, but this "
+                             "gapbench "
                              f"reads version {BASELINE_VERSION}; regenerate it with gapbench check RUN_DIR --baseline "
                              f"{file} --update, or use the gapbench version that wrote it")
         data = data.get("summary")

@@ -176,10 +176,13 @@ class AISConfig(Section):
     adaptation_rate: float = Field(0.1, ge=0.0)  # log step-size change per unit of acceptance error (0: fixed)
     min_step_size: float = Field(1e-4, gt=0.0)  # clamp of the adapted step sizes
     max_step_size: float = Field(0.5, gt=0.0)
-    # a datapoint's AIS is flagged unhealthy, and left out of log p_hat(x), when (gapbench.health):
-    flag_acceptance_error: float = Field(AIS_FLAG_DEFAULTS["flag_acceptance_error"], gt=0.0)  # |acceptance - target| above this
-    flag_divergence_rate: float = Field(AIS_FLAG_DEFAULTS["flag_divergence_rate"], ge=0.0, le=1.0)  # diverged transitions above this
-    flag_ess_fraction: float = Field(AIS_FLAG_DEFAULTS["flag_ess_fraction"], ge=0.0, le=1.0)  # ESS below this x num_chains
+    # a datapoint's AIS is flagged unhealthy, and left out of log p_hat(x), when (gapbench.health) ...
+    flag_acceptance_error: float = Field(AIS_FLAG_DEFAULTS["flag_acceptance_error"],
+                                         gt=0.0)  # |acceptance - target_acceptance| is above this
+    flag_divergence_rate: float = Field(AIS_FLAG_DEFAULTS["flag_divergence_rate"],
+                                        ge=0.0, le=1.0)  # the fraction of diverged transitions is above this
+    flag_ess_fraction: float = Field(AIS_FLAG_DEFAULTS["flag_ess_fraction"],
+                                     ge=0.0, le=1.0)  # the ESS of the final weights is below this x num_chains
 
     @model_validator(mode="after")
     def _step_size_within_clamp(self) -> "AISConfig":

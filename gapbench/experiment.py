@@ -25,13 +25,15 @@ Files of a run folder:
     datapoints.csv     everything per datapoint, with log p_hat(x), the three gaps and numerical faults
     summary.json       means with standard errors, fault counts, and every setting that changes a number
     table.md           the gap table
-    stages.json        which stages finished, with which config (sha256), when, and how long they took
+    stages.json        which stages finished, with which config (sha256), the sha256 of each output, when,
+                       and how long they took
+Every per-datapoint file has the column ``index`` (the datapoint's position in the split); the report
+joins the files on it (``gapbench.outputs``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import platform
 import shutil
@@ -534,7 +536,8 @@ class Run:
         faults = summary["faults"]
         if ais is not None and summary["ais"]["unhealthy"]["num_unhealthy"]:
             unhealthy = summary["ais"]["unhealthy"]
-            self.log(f"[report] AIS was flagged unhealthy for {unhealthy['num_unhealthy']} of {faults['num_datapoints']} "
+            self.log(f"[report] AIS was flagged unhealthy for {unhealthy['num_unhealthy']} of "
+                     f"{faults['num_datapoints']} "
                      f"datapoints ({', '.join(f'{k}: {v}' for k, v in unhealthy.items() if k != 'num_unhealthy')}); "
                      f"their AIS is left out of log p_hat(x) (datapoints.csv, column {UNHEALTHY})")
         if faults["num_faulty"]:

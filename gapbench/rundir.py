@@ -13,16 +13,18 @@ depends on:
     report     all of them and name                  datapoints.csv, summary.json, table.md
 
 A stage counts as finished when ``stages.json`` records it with the hash of the current config, its
-outputs exist, and no stage it reads was redone in this process. Every output is written
-atomically (``gapbench.io``: a temporary name, then a rename) before the stage is recorded, so a
-process killed at any moment leaves whole files and a true record, and the next process with the
+outputs exist with the sha256 recorded for each (``gapbench.outputs``; a changed output makes its
+stage redone, a changed checkpoint.pt is refused), and no stage it reads was redone in this process.
+Every output is written atomically (``gapbench.io``: a temporary name, then a rename) before the
+stage is recorded, so a process killed at any moment leaves whole files and a true record, and the next process with the
 same command redoes only the stages that were not recorded. Training also saves
 ``train_state.pt`` at the end of an epoch (at most every ``experiment.TRAIN_STATE_SECONDS``), so an
 interrupted training stage continues from its last saved epoch.
 
 A folder holding a run with another config is refused unless ``force``: then the stages whose
 config sections changed (and the stages that read them) are redone and the others are kept, so a
-change in ``eval`` or ``refine`` keeps the trained model.
+change in ``eval`` or ``refine`` keeps the trained model. The outputs it replaces wait in
+``.replaced/`` until the run finishes, and are put back if it fails.
 
 Keys that change no number are left out of the hashes (:func:`hashed_sections`): the
 ``train.semi_amortized_*`` settings while ``train.semi_amortized_steps = 0`` (the plain VAE),
@@ -238,30 +240,32 @@ def open_run_folder(path: str | Path, resolved: dict, *, force: bool, log: Calla
             for tmp in path.glob(".*.tmp"):  # left by a process killed mid-write; never read
                 tmp.unlink(missing_ok=True)
         records = _read_records(path)
-        replaced = False
+        replaced = started = False
         try:
-            previous = None
-            if config_path.exists():
-                previous = recorded = _read_json(config_path, "delete the folder to start the run again")
-                if normalize is not None:
-                    recorded, previous = previous, normalize(previous)
-                    if lock_fd is not None:
-                        _rehash_records(path, recorded, previous, records)
-            if lock_fd is None and previous != resolved:
-                raise OSError(errno.EROFS, "read-only file system", str(path))
-            if previous is not None and previous != resolved:
-                replaced = _change_config(path, previous, resolved, records, force=force, log=log, recorded=recorded)
-            if previous != resolved:
-                io.write_json(config_path, resolved)
-            if lock_fd is not None:
-                _adopt_legacy_records(path, resolved, records)
-        except OSError as error:
-            raise RunError(f"cannot write the run folder {path}: {error.strerror}; "
-                           "choose a writable --out") from None
-        try:
+            try:
+                previous = None
+                if config_path.exists():
+                    previous = recorded = _read_json(config_path, "delete the folder to start the run again")
+                    if normalize is not None:
+                        recorded, previous = previous, normalize(previous)
+                        if lock_fd is not None:
+                            _rehash_records(path, recorded, previous, records)
+                if lock_fd is None and previous != resolved:
+                    raise OSError(errno.EROFS, "read-only file system", str(path))
+                if previous is not None and previous != resolved:
+                    replaced = _change_config(path, previous, resolved, records, force=force, log=log,
+                                              recorded=recorded)
+                if previous != resolved:
+                    io.write_json(config_path, resolved)
+                if lock_fd is not None:
+                    _adopt_legacy_records(path, resolved, records)
+            except OSError as error:
+                raise RunError(f"cannot write the run folder {path}: {error.strerror}; "
+                               "choose a writable --out") from None
+            started = True
             yield RunFolder(path, resolved, records, log=log)
-        except Exception:
-            if replaced or (path / REPLACED).is_dir():
+        except Exception:  # not on Ctrl-C or a kill: then the same command resumes the new run
+            if replaced or (started and (path / REPLACED).is_dir()):
                 _restore_replaced(path, log)
             raise
         if (path / REPLACED).is_dir():  # the new run finished: what it replaced can go
@@ -369,12 +373,17 @@ def _change_config(path: Path, previous: dict, resolved: dict, records: dict[str
     for stage in redo:  # records first: an output without a record is never trusted
         records.pop(stage, None)
     io.write_json(path / "stages.json", records)
-    for name in names:
-        if (path / name).exists():
-            if moved:
-                os.replace(path / name, aside / "files" / name)
-            else:
-                (path / name).unlink()
+    try:
+        for name in names:
+            if (path / name).exists():
+                if moved:
+                    os.replace(path / name, aside / "files" / name)
+                else:
+                    (path / name).unlink()
+    except OSError:
+        if moved:
+            _restore_replaced(path, log)
+        raise
     if moved:
         log(f"[run] the replaced outputs are kept in {aside} until the new stages finish (put back if they fail)")
     return moved

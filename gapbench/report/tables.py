@@ -49,9 +49,11 @@ def gap_table_markdown(summary: dict, *, digits: int = 3) -> str:
                       f"({counts}) and are left out of the means; see datapoints.csv, column fault."]
     unhealthy = ((summary.get("ais") or {}).get("unhealthy") or {})
     if unhealthy.get("num_unhealthy"):
-        reasons = ", ".join(f"{name}: {count}" for name, count in unhealthy.items() if name != "num_unhealthy" and count)
-        lines += ["", f"AIS was flagged unhealthy for {unhealthy['num_unhealthy']} of {faults.get('num_datapoints', '?')} "
-                      f"datapoints ({reasons}) and left out of their log p̂(x); see datapoints.csv, column ais_unhealthy."]
+        reasons = ", ".join(f"{name}: {count}" for name, count in unhealthy.items()
+                            if name != "num_unhealthy" and count)
+        lines += ["", f"AIS was flagged unhealthy for {unhealthy['num_unhealthy']} of "
+                      f"{faults.get('num_datapoints', '?')} datapoints ({reasons}) and left out of their log p̂(x); "
+                      "see datapoints.csv, column ais_unhealthy."]
     return "\n".join(lines) + "\n"
 
 
