@@ -102,7 +102,7 @@ def missing_files(directory: Path) -> list[str]:
     return [f for f in FILE_NAMES if not (directory / f).is_file()]
 
 
-def _refuse_incomplete(given: list[Path], missing_fn) -> None:
+def _refuse_incomplete(name: str, given: list[Path], missing_fn) -> None:
     """Refuse a ``data_dir`` holding some of the dataset's files but not all of them (rather than
     silently loading another copy from elsewhere); DataError naming the missing files."""
     if not given or any(not missing_fn(d) for d in given):
@@ -110,9 +110,10 @@ def _refuse_incomplete(given: list[Path], missing_fn) -> None:
     for directory in given:
         missing = missing_fn(directory)
         if directory.is_dir() and len(missing) < len(FILE_NAMES):
-            raise DataError(f"data_dir {directory} holds only part of the dataset: {', '.join(missing)} "
-                            f"missing. Fix: put the missing files there, or remove data.data_dir to use "
-                            f"another copy (the cache or the system directory).")
+            raise DataError(f"{DISPLAY_NAMES[name]} files not found in data_dir: {directory} holds only part of the "
+                            f"dataset, missing {', '.join(missing)} (gapbench does not fall back to another copy). "
+                            "Fix: provide the four files there, or remove data.data_dir to use another copy (the "
+                            "cache or the system directory).")
 
 
 def load_mnist_family(
@@ -138,7 +139,7 @@ def load_mnist_family(
     if name not in DISPLAY_NAMES:
         raise DataError(f"unknown dataset {name!r}. Fix: use one of {', '.join(DISPLAY_NAMES)}.")
     dirs = search_dirs(name, data_dir)
-    _refuse_incomplete([d for d, how in dirs if how.startswith("data_dir")], missing_files)
+    _refuse_incomplete(name, [d for d, how in dirs if how.startswith("data_dir")], missing_files)
     for directory, how in dirs:
         if not missing_files(directory):
             return _load_dir(name, directory, found_via=how, downloaded_from={})
