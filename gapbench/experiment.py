@@ -262,6 +262,7 @@ class Run:
         if self.ranks.is_main and self.folder.is_finished("train"):
             checkpoint = load_checkpoint(path, self.config, dataset.data_size)
             load_weights(path, checkpoint, decoder, encoder)
+            self.folder.refuse_changed_checkpoint()
             (self.dir / TRAIN_STATE).unlink(missing_ok=True)  # left if killed right after the record
             self.log(f"[train] skipped: finished ({path})")
         else:

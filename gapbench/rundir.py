@@ -148,6 +148,7 @@ class RunFolder:
         self.redone: set[str] = set()
         self.log = log
         self._verified: dict[str, bool] = {}
+        self.changed_checkpoint: str | None = None  # why the train stage's outputs are not as recorded
 
     def stage_hash(self, stage: str) -> str:
         return section_hash(self.resolved, stage)
@@ -164,11 +165,13 @@ class RunFolder:
         """Whether the recorded stage's outputs are the files it wrote: their sha256 as recorded (records
         made before sha256s were recorded: per-datapoint files hold one row per datapoint and summary.json
         is a summary). A changed output of an evaluation stage makes it (and the stages reading it)
-        redone; a changed checkpoint.pt is refused (RunError), since redoing would retrain."""
+        redone. A changed output of the train stage counts as intact here but is noted in
+        ``changed_checkpoint``: the runner refuses it (:meth:`refuse_changed_checkpoint`) after loading it,
+        since redoing would retrain (and a damaged checkpoint gets the loader's own message)."""
         if stage not in self._verified:
             problem = self._output_problem(stage)
             if problem is not None and stage == "train":
-                raise RunError(f"{problem}; restore the file, or delete checkpoint.pt to retrain")
+                self.changed_checkpoint, problem = problem, None
             if problem is not None:
                 self.log(f"[{stage}] {problem}: redoing the {stage} stage and the stages that read it")
             self._verified[stage] = problem is None
@@ -187,6 +190,11 @@ class RunFolder:
             if problem is not None:
                 return f"{file} does not match its stage record: {problem}"
         return None
+
+    def refuse_changed_checkpoint(self) -> None:
+        """RunError when the finished train stage's outputs changed after it was recorded."""
+        if self.changed_checkpoint is not None:
+            raise RunError(f"{self.changed_checkpoint}; restore the file, or delete checkpoint.pt to retrain")
 
     def start(self, stage: str) -> None:
         """Mark ``stage`` as being redone (its readers must be redone too) and drop its record."""
