@@ -58,12 +58,12 @@ from .distributed import ONE_PROCESS, Ranks, broadcast, close_ranks, gather, ini
 from .gaps import NO_FAULT, best_bound, decompose, estimate_columns, find_faults, summarize, summarize_column
 from .health import UNHEALTHY, ais_flags, health_counts
 from .measure import ais_diagnostics, ais_of, bounds_of, effective_procedure, local_posterior
-from .outputs import join_on_index, with_index
-from .resources import activation_widths, memory_problems
 from .models import ConvDecoder, ConvTrunk, Decoder, DecoderBase, HierarchicalDecoder
+from .outputs import join_on_index, with_index
 from .posteriors import (DatapointStreams, HierarchicalEncoder, HierarchicalFamily, LocalFamily, make_encoder,
                          make_family)
 from .report import gap_table_markdown
+from .resources import activation_widths, memory_problems
 from .rundir import TRAIN_STATE, RunError, RunFolder, hashed_sections, open_run_folder, recorded_stages
 from .stage_files import read_finished, read_q_star, read_summary_of
 from .train import ResumeError, train
