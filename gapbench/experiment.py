@@ -684,7 +684,7 @@ def _local_in_current_form(local: pd.DataFrame, own: str) -> pd.DataFrame:
     gets its columns suffixed with the encoder's family; one from before refinement flagged divergence
     gets no divergence."""
     if "elbo_q_star" in local and f"elbo_q_star_{own}" not in local:
-        local = local.rename(columns={c: family_column(c, own) for c in local.columns})
+        local = local.rename(columns={c: family_column(c, own) for c in local.columns if c != "index"})
     if f"refine_diverged_{own}" not in local:
         local = local.assign(**{f"refine_diverged_{own}": False})
     return local
