@@ -32,6 +32,8 @@ from pathlib import Path
 from statistics import NormalDist
 from typing import Any, NamedTuple
 
+from .outputs import summary_value_problem
+
 BASELINE_FORMAT = "gapbench-baseline"
 BASELINE_VERSION = 1
 BLOCKS = ("bounds", "gaps", "other_bounds")
@@ -75,9 +77,20 @@ def read_summary(path: str | Path) -> dict[str, Any]:
     except (OSError, ValueError) as error:
         raise CheckError(f"{file} is not readable JSON ({error}); regenerate it") from None
     if isinstance(data, dict) and data.get("format") == BASELINE_FORMAT:
+        if data.get("format_version") != BASELINE_VERSION:
+            raise CheckError(f"{file} is a baseline of format_version {data.get('format_version')!r}, but this "
+                             "gapbench "
+                             f"reads version {BASELINE_VERSION}; regenerate it with gapbench check RUN_DIR --baseline "
+                             f"{file} --update, or use the gapbench version that wrote it")
         data = data.get("summary")
     if not isinstance(data, dict) or not any(isinstance(data.get(b), dict) for b in BLOCKS):
         raise CheckError(f"{file} is neither a gapbench summary.json nor a baseline; pass the right file")
+    problem = summary_value_problem(data)
+    if problem is not None:
+        raise CheckError(f"{file} cannot be compared: {problem}; regenerate it (a baseline with --update)")
+    if not _entries(data):
+        raise CheckError(f"{file} holds no bound or gap to compare (its bounds, gaps and other_bounds are empty); "
+                         "regenerate it from a finished run (a baseline with --update)")
     return data
 
 
@@ -112,6 +125,9 @@ def compare(run: dict, baseline: dict, *, alpha: float = DEFAULT_ALPHA, min_diff
     notes = []
     base_entries, run_entries = _entries(baseline), _entries(run)
     shared = [q for q in base_entries if q in run_entries]
+    if not shared:
+        raise CheckError("the run and the baseline have no bound or gap in common, so nothing can be compared; "
+                         "regenerate the baseline from a run of this gapbench version with --update")
     threshold = z_threshold(alpha, len(shared))
     rows, is_moved = [], False
     for quantity in shared:

@@ -10,6 +10,7 @@ from pathlib import Path
 EXIT_MOVED = 1  # gapbench check: a number moved beyond chance
 EXIT_USAGE = 2  # bad input: the message names the problem and the fix
 EXIT_STOPPED = 3  # gapbench run: stopped at the time limit or by SIGTERM; the same command continues
+EXIT_ALL_FAULTY = 4  # run: every datapoint had a numerical fault, so the table has no numbers
 EXIT_INTERRUPTED = 130  # Ctrl-C
 TIME_LIMIT_ENV = "GAPBENCH_TIME_LIMIT"  # the default of gapbench run --time-limit
 
@@ -23,6 +24,26 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def check_writable(path: str) -> None:
+    """Refuse (exit 2) an --out file that cannot be written, before anything is computed: a
+    temporary file is made (and removed) beside it."""
+    import os
+    import tempfile
+
+    from .config import ConfigError
+
+    out = Path(path)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give a file name, e.g. {out / 'out.csv'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise ConfigError(f"cannot write --out {out}: {error.strerror or error}; choose a writable path") from None
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -39,6 +60,7 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / points[0].config.name
     deadline = Deadline(args.time_limit)  # the clock starts before the first stage of the first run
     init_ranks(ranks, device)  # once for every run of a sweep
+    all_faulty = False
     try:
         for point in points:
             folder = out / point.label if point.label else out
@@ -55,6 +77,12 @@ def _run(args: argparse.Namespace) -> int:
                   f"{s['num_datapoints']} {s['split']} datapoints, k = {s['num_samples']['iwae_k']}\n")
             print(gap_table_markdown(summary))
             print(f"run folder: {folder}")
+            faults = summary.get("faults", {})
+            if faults.get("num_datapoints") and faults.get("num_faulty") == faults.get("num_datapoints"):
+                print(f"gapbench: every one of the {faults['num_datapoints']} datapoints of {folder} had a numerical "
+                      f"fault ({faults.get('counts')}), so no bound or gap could be estimated; see datapoints.csv, "
+                      "column fault", file=sys.stderr)
+                all_faulty = True
     except BaseException:
         close_ranks(ranks, wait=False)
         raise
@@ -63,13 +91,15 @@ def _run(args: argparse.Namespace) -> int:
         write_index(out, args.experiment, points)
         print(f"\nsweep of {len(points)} runs in {out}; mean over seeds ± standard error, standard deviation:\n")
         print(aggregate_markdown(aggregate([out / p.label for p in points])))
-    return 0
+    return EXIT_ALL_FAULTY if all_faulty else 0
 
 
 def _aggregate(args: argparse.Namespace) -> int:
     from . import io
     from .sweep import aggregate, aggregate_markdown, run_folders
 
+    if args.out:
+        check_writable(args.out)
     table = aggregate(run_folders(args.run_dirs))
     print(aggregate_markdown(table))
     if args.out:
@@ -119,9 +149,16 @@ def _check(args: argparse.Namespace) -> int:
 
 def _bdmc(args: argparse.Namespace) -> int:
     from . import io
+    from .config import ConfigError
     from .experiment import open_run_config
     from .sandwich import bdmc_run, bdmc_table
 
+    for name in ("num_datapoints", "num_chains", "num_steps", "num_leapfrog"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+    if args.out:  # before the computation, so that its result is not lost
+        check_writable(args.out)
     ais = open_run_config(args.run_dir).ais  # the settings the run's AIS stage uses (defaults if none)
     overrides = {k: getattr(args, k) for k in ("num_chains", "num_steps", "schedule", "num_leapfrog")
                  if getattr(args, k) is not None}
@@ -136,8 +173,12 @@ def _bdmc(args: argparse.Namespace) -> int:
     return 0
 def _track(args: argparse.Namespace) -> int:
     from .report.track_figure import track_figure
+    from .config import ConfigError
     from .track import track
 
+    for name in ("num_datapoints", "num_samples"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr))
     frame = track(args.run_dir, num_datapoints=args.num_datapoints, num_samples=args.num_samples,
                   progress=not args.quiet, log=log)

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serial
 
 from .curves import CurveProcedure
 from .estimators import AISProcedure
+from .health import AIS_FLAG_DEFAULTS
 from .measure import RefineProcedure
 from .semi_amortized import SemiAmortized
 
@@ -229,6 +230,13 @@ class AISConfig(Section):
     max_step_size: float = Field(0.5, gt=0.0)
     calibration_datapoints: int = Field(0, ge=0)  # BDMC on this many datapoints simulated from the model (0: none)
     calibration_tolerance: float = Field(0.2, gt=0.0)  # nats of BDMC sandwich width above which the report warns
+    # a datapoint's AIS is flagged unhealthy, and left out of log p_hat(x), when (gapbench.health) ...
+    flag_acceptance_error: float = Field(AIS_FLAG_DEFAULTS["flag_acceptance_error"],
+                                         gt=0.0)  # |acceptance - target_acceptance| is above this
+    flag_divergence_rate: float = Field(AIS_FLAG_DEFAULTS["flag_divergence_rate"],
+                                        ge=0.0, le=1.0)  # the fraction of diverged transitions is above this
+    flag_ess_fraction: float = Field(AIS_FLAG_DEFAULTS["flag_ess_fraction"],
+                                     ge=0.0, le=1.0)  # the ESS of the final weights is below this x num_chains
 
     @model_validator(mode="after")
     def _step_size_within_clamp(self) -> "AISConfig":
@@ -241,6 +249,11 @@ class AISConfig(Section):
         """The keyword arguments of ``gapbench.ais`` (everything here but ``enabled``, ``init`` and the
         ``calibration_*`` keys)."""
         return AISProcedure(**{k: getattr(self, k) for k in AISProcedure._fields})
+
+    def flags(self) -> dict[str, float]:
+        """The keyword arguments of ``gapbench.health.ais_flags``."""
+        return {"target_acceptance": self.target_acceptance, "num_chains": self.num_chains,
+                **{k: getattr(self, k) for k in AIS_FLAG_DEFAULTS}}
 
 
 class CurveConfig(Section):
@@ -264,8 +277,8 @@ class CurveConfig(Section):
 
 
 class ExperimentConfig(Section):
-    name: str = Field(min_length=1)  # run name; the default output folder is runs/<name>
-    seed: int = Field(0, ge=0)  # every random stream of the run derives from it
+    name: str = Field(min_length=1)  # run name; the default output folder is runs/<name> (a plain folder name)
+    seed: int = Field(0, ge=0, le=2**64 - 1)  # every random stream of the run derives from it (torch takes 64 bits)
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
@@ -273,6 +286,14 @@ class ExperimentConfig(Section):
     refine: RefineConfig = RefineConfig()
     ais: AISConfig = AISConfig()
     curve: CurveConfig = CurveConfig()
+
+    @model_validator(mode="after")
+    def _plain_name(self) -> "ExperimentConfig":
+        name = self.name
+        if name in (".", "..") or any(c in name for c in "/\\\0") or name != name.strip():
+            raise ValueError(f"name = {name!r} is not a plain folder name (the default run folder is runs/<name>); "
+                             "use letters, digits, '-', '_' or '.', without '/' (choose the folder with --out)")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -488,7 +509,10 @@ def read_raw(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"experiment file {path} does not exist; pass a TOML file such as experiments/digits.toml")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8") from None
     try:
         return json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as error:

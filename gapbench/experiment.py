@@ -30,14 +30,16 @@ Files of a run folder:
     summary.json       means with standard errors, fault counts, and every setting that changes a number
     table.md           the gap table
     figures/           gap_bars, gap_distributions, gap_scatter (PNG and PDF), unless --no-figures
-    stages.json        which stages finished, with which config (sha256), when, and how long they took
+    stages.json        which stages finished, with which config (sha256), the sha256 of each output, when,
+                       and how long they took
+Every per-datapoint file has the column ``index`` (the datapoint's position in the split); the report
+joins the files on it (``gapbench.outputs``).
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import math
 import platform
 import shutil
@@ -63,14 +65,18 @@ from .device import row_bytes, rows_that_fit, samples_per_chunk, use_stage_threa
 from .distributed import ONE_PROCESS, Ranks, broadcast, close_ranks, gather, init_ranks, shard
 from .external import ExternalModel, build_external, check_external, with_checkpoint_sha256
 from .gaps import NO_FAULT, decompose, estimate_columns, find_faults, summarize, summarize_column
+from .health import UNHEALTHY, ais_flags, health_counts
 from .log_px import method_description, selected_log_px
 from .measure import ais_diagnostics, ais_of, bounds_of, effective_procedure, fresh_estimators, local_posterior
 from .partial import PartialStore, Unit, UnitResult, concat, run_units, units_of
 from .models import ConvDecoder, ConvTrunk, Decoder, DecoderBase, HierarchicalDecoder
+from .outputs import join_on_index, with_index
 from .posteriors import (DatapointStreams, HierarchicalEncoder, HierarchicalFamily, LocalFamily, make_encoder,
                          make_family)
 from .report import gap_table_markdown
-from .rundir import STAGES, TRAIN_STATE, RunError, RunFolder, hashed_sections, open_run_folder
+from .resources import activation_widths, memory_problems
+from .rundir import STAGES, TRAIN_STATE, RunError, RunFolder, hashed_sections, open_run_folder, recorded_stages
+from .stage_files import read_finished, read_q_star, read_summary_of
 from .train import ResumeError, train
 
 __all__ = ["CHECKPOINT_FORMAT", "Run", "RunError", "build_networks", "datapoint_streams", "dataset_of",
@@ -260,12 +266,7 @@ class Run:
             return self.config.eval.chunk_size
         if self.external is not None:  # sizes unknown: eval.chunk_size (IWAE) or the estimators' defaults
             return None if with_gradient else self.config.eval.chunk_size
-        m = self.config.model
-        latent, hidden = m.latent_size, list(m.decoder_hidden)
-        if m.kind == "hierarchical":  # z = (z1, z2) and the network of p(z1|z2)
-            latent, hidden = latent + m.latent_size_2, hidden + list(m.prior_hidden)
-        if m.kind == "conv":  # stride-2 layers: channels c_i at a quarter of the previous size (D bounds H x W)
-            hidden = hidden + [2 * c * self.data_size // 4 ** (i + 1) for i, c in enumerate(m.conv_channels)]
+        latent, hidden = activation_widths(self.config, self.data_size)
         rows = rows_that_fit(self.device, row_bytes(self.data_size, latent, hidden, with_gradient=with_gradient))
         return samples_per_chunk(rows, num_datapoints)
 
@@ -332,6 +333,7 @@ class Run:
         if self.ranks.is_main and self.folder.is_finished("train"):
             checkpoint = load_checkpoint(path, self.config, dataset.data_size)
             load_weights(path, checkpoint, decoder, encoder)
+            self.folder.refuse_changed_checkpoint()
             (self.dir / TRAIN_STATE).unlink(missing_ok=True)  # left if killed right after the record
             self.log(f"[train] skipped: finished ({path})")
         else:
@@ -474,7 +476,7 @@ class Run:
         path = self.dir / "amortized.csv"
         if self._is_finished("amortized"):
             self.log(f"[amortized] skipped: finished ({path})")
-            return io.read_csv(path) if self.ranks.is_main else None
+            return read_finished(path, self.config) if self.ranks.is_main else None
         if self.ranks.is_main:
             self.folder.start("amortized")
         self._use_threads("amortized")
@@ -488,8 +490,8 @@ class Run:
             pair = bounds_of(decoder, q, batch, num_samples=e.num_samples,
                              chunk_size=self._chunk_size(batch.shape[0], with_gradient=False),
                              generator=self._streams("amortized", unit.start, batch))
-            return UnitResult(pd.DataFrame({**estimate_columns("elbo_q", pair.elbo),
-                                            **estimate_columns("iwae_q", pair.iwae)}), {})
+            return UnitResult(with_index(pd.DataFrame({**estimate_columns("elbo_q", pair.elbo),
+                                                       **estimate_columns("iwae_q", pair.iwae)}), unit.start), {})
         results = self._evaluate("amortized", self._plan(x.shape[0], max(1, AMORTIZED_UNIT_ROWS // e.num_samples)),
                                  compute, desc="L[q], IWAE")
         if not self.ranks.is_main:
@@ -505,7 +507,7 @@ class Run:
         path = self.dir / "local.csv"
         if self._is_finished("local"):
             self.log(f"[local] skipped: finished ({path})")
-            return io.read_csv(path) if self.ranks.is_main else None
+            return read_finished(path, self.config) if self.ranks.is_main else None
         if self.ranks.is_main:
             self.folder.start("local")
         self._use_threads("local")
@@ -519,7 +521,7 @@ class Run:
                 frames.append(frame)
         if not self.ranks.is_main:
             return None
-        frame = pd.concat(frames, axis=1)
+        frame = join_on_index(frames)
         io.save_torch(self.dir / "local.pt", params)
         io.write_csv(path, frame)
         self.folder.finish("local", time.perf_counter() - start)
@@ -548,13 +550,13 @@ class Run:
                                          procedure=procedure, generator=generator, callback=callback)
             pair = bounds_of(decoder, family.posterior(result.params), batch, num_samples=e.num_samples,
                              chunk_size=self._chunk_size(batch.shape[0], with_gradient=False), generator=generator)
-            return UnitResult(pd.DataFrame({
+            return UnitResult(with_index(pd.DataFrame({
                 **estimate_columns(f"elbo_q_star_{name}", pair.elbo),
                 **estimate_columns(f"iwae_q_star_{name}", pair.iwae),
                 f"refine_steps_{name}": result.num_steps.cpu().numpy(),
                 f"refine_converged_{name}": result.is_converged.cpu().numpy(),
                 f"refine_diverged_{name}": result.is_diverged.cpu().numpy(),
-            }), _cpu(result.params))
+            }), unit.start), _cpu(result.params))
         return compute
 
     def ais_stage(self, decoder, encoder, x: torch.Tensor) -> pd.DataFrame | None:
@@ -565,7 +567,7 @@ class Run:
         path = self.dir / "ais.csv"
         if self._is_finished("ais"):
             self.log(f"[ais] skipped: finished ({path})")
-            return io.read_csv(path) if self.ranks.is_main else None
+            return read_finished(path, self.config) if self.ranks.is_main else None
         if self.ranks.is_main:
             self.folder.start("ais")
         self._use_threads("ais")
@@ -574,9 +576,8 @@ class Run:
         family = local_family(self.config, own)
         q_star_params = None
         if a.init == "q_star":  # rank 0 reads local.pt and sends it: no shared file system needed
-            saved = torch.load(self.dir / "local.pt", weights_only=True) if self.ranks.is_main else None
-            # before flows, local.pt held one family's tensors
-            q_star_params = broadcast(saved.get(own, saved) if saved is not None else None, self.ranks)
+            saved = read_q_star(self.dir / "local.pt", own, x.shape[0]) if self.ranks.is_main else None
+            q_star_params = broadcast(saved, self.ranks)
         start = time.perf_counter()
 
         def compute(unit: Unit) -> UnitResult:
@@ -594,8 +595,9 @@ class Run:
                                   procedure=a.procedure(),
                                   chunk_size=self._chunk_size(batch.shape[0], with_gradient=True),
                                   generator=self._streams("ais", unit.start, batch), callback=callback)
-            return UnitResult(pd.DataFrame({**estimate_columns("ais", estimate),
-                                            **{k: v.cpu().numpy() for k, v in ais_diagnostics(estimate).items()}}), {})
+            return UnitResult(with_index(pd.DataFrame({
+                **estimate_columns("ais", estimate),
+                **{k: v.cpu().numpy() for k, v in ais_diagnostics(estimate).items()}}), unit.start), {})
         reads = ("checkpoint.pt", "local.pt") if a.init == "q_star" else ("checkpoint.pt",)
         results = self._evaluate("ais", self._plan(x.shape[0]), compute, reads=reads, desc="AIS")
         if not self.ranks.is_main:
@@ -641,7 +643,7 @@ class Run:
         path = self.dir / "log_px.csv"
         if self._is_finished("log_px"):
             self.log(f"[log_px] skipped: finished ({path})")
-            return io.read_csv(path) if self.ranks.is_main else None
+            return read_finished(path, self.config) if self.ranks.is_main else None
         if self.ranks.is_main:
             self.folder.start("log_px")
         self._use_threads("log_px")
@@ -674,7 +676,8 @@ class Run:
             fns = fresh_estimators(decoder, batch, encoder=encoder, q_stars=q_stars, num_samples=c.eval.num_samples,
                                    chunk_size=self._chunk_size(batch.shape[0], with_gradient=False), ais=ais,
                                    streams=streams)
-            return UnitResult(selected_log_px(pilot.iloc[rows].reset_index(drop=True), candidates, fns), {})
+            chosen = selected_log_px(pilot.iloc[rows].reset_index(drop=True), candidates, fns)
+            return UnitResult(with_index(chosen, unit.start), {})
         reads = ("checkpoint.pt", "amortized.csv", "local.csv", "local.pt", *(("ais.csv",) if a.enabled else ()))
         results = self._evaluate("log_px", self._plan(x.shape[0]), compute, reads=reads,
                                  desc="log p_hat(x), fresh draws")
@@ -729,16 +732,18 @@ class Run:
     def _pilot(self, amortized: pd.DataFrame, local: pd.DataFrame, ais: pd.DataFrame | None) -> pd.DataFrame:
         """amortized.csv, local.csv (in this version's form) and ais.csv side by side: the pilot bounds."""
         local = _local_in_current_form(local, self.config.model.posterior)
-        return pd.concat([amortized, local] + ([ais] if ais is not None else []), axis=1)
+        if ais is not None:  # a flagged AIS estimate stays in the frame but not in log p_hat (gapbench.health)
+            ais = pd.concat([ais, ais_flags(ais, **self.config.ais.flags())], axis=1)
+        return join_on_index([amortized, local] + ([ais] if ais is not None else []))
 
     def report_stage(self, x: torch.Tensor, amortized: pd.DataFrame, local: pd.DataFrame,
                      ais: pd.DataFrame | None, log_px: pd.DataFrame, curve: pd.DataFrame | None, dataset: Dataset,
                      training: dict, calibration: dict | None = None) -> dict:
         if self.folder.is_finished("report"):
             self.log(f"[report] skipped: finished ({self.dir / 'summary.json'})")
-            return json.loads((self.dir / "summary.json").read_text())
+            return read_summary_of(self.dir)
         self.folder.start("report")
-        frame = pd.concat([self._pilot(amortized, local, ais), log_px], axis=1)
+        frame = join_on_index([self._pilot(amortized, local, ais), log_px])
         own = self.config.model.posterior  # the run's gaps compare L[q] with L[q*] of the encoder's family
         for column in ("elbo_q_star", "elbo_q_star_stderr", "elbo_q_star_ess", "refine_steps", "refine_converged",
                        "refine_diverged"):
@@ -747,7 +752,6 @@ class Run:
         frame = decompose(frame)
         flags = tuple(f"refine_diverged_{f}" for f in self.config.refine.families)
         frame["fault"] = find_faults(frame, ("elbo_q", "elbo_q_star", *candidates, "log_px"), flags=flags)
-        frame.insert(0, "index", np.arange(len(frame)))
         io.write_csv(self.dir / "datapoints.csv", frame)
         summary = self.summary(frame, x, dataset, training)
         if calibration is not None:
@@ -763,6 +767,12 @@ class Run:
                                                       if p.suffix == ".png") + f" in {self.dir / 'figures'}")
         self.folder.finish("report", 0.0)
         faults = summary["faults"]
+        if ais is not None and summary["ais"]["unhealthy"]["num_unhealthy"]:
+            unhealthy = summary["ais"]["unhealthy"]
+            self.log(f"[report] AIS was flagged unhealthy for {unhealthy['num_unhealthy']} of "
+                     f"{faults['num_datapoints']} "
+                     f"datapoints ({', '.join(f'{k}: {v}' for k, v in unhealthy.items() if k != 'num_unhealthy')}); "
+                     f"their AIS is left out of log p_hat(x) (datapoints.csv, column {UNHEALTHY})")
         if faults["num_faulty"]:
             self.log(f"[report] {faults['num_faulty']} of {faults['num_datapoints']} datapoints had numerical "
                      f"faults ({', '.join(f'{k}: {v}' for k, v in faults['counts'].items())}); they are left "
@@ -808,6 +818,7 @@ class Run:
                 "mean_divergence_rate": float(frame["ais_divergence_rate"].mean()),
                 "mean_ess": float(frame["ais_ess"].mean()),
                 "min_ess": float(frame["ais_ess"].min()),
+                "unhealthy": health_counts(frame),
             }
         summary["settings"] = {
             "name": c.name,
@@ -833,7 +844,7 @@ class Run:
                            "procedures": {name: effective_procedure(local_family(c, name),
                                                                     c.refine.resolved(name))._asdict()
                                           for name in families}},
-            "ais": c.ais.model_dump(mode="json"),
+            "ais": hashed_sections(c.model_dump(mode="json"), "report")["ais"],  # the health thresholds when set
             **({"curve": c.curve.model_dump(mode="json")} if c.curve.enabled else {}),
             "model": c.model.model_dump(mode="json"),
             "train": hashed_sections(c.model_dump(mode="json"), "train")["train"],  # semi_amortized_* only when K > 0
@@ -853,6 +864,7 @@ class Run:
             self.config = with_checkpoint_sha256(self.config)
             self.external = external_networks(self.config, x, self.device)
         resolved = self.config.model_dump(mode="json")
+        self._check_memory(dataset, resolved)  # before the folder is opened: nothing written, nothing moved
         joined = self.ranks.is_distributed and not torch.distributed.is_initialized()
         init_ranks(self.ranks, self.device)
         is_done = False
@@ -903,6 +915,15 @@ class Run:
         return {"ais": a.enabled, "calibration": a.enabled and a.calibration_datapoints > 0,
                 "curve": self.config.curve.enabled}.get(stage, True)
 
+    def _check_memory(self, dataset: Dataset, resolved: dict) -> None:
+        """Refuse (RunError) a config whose unfinished stages cannot fit in the device's free memory
+        (``gapbench.resources``)."""
+        finished = recorded_stages(self.dir, resolved) if self.ranks.is_main else set()
+        problems = memory_problems(self.config, dataset.data_size, self.device, skip=finished)
+        if problems:
+            raise RunError("the run cannot fit in memory: " + "; ".join(problems)
+                           + " (estimates of the largest arrays, gapbench/resources.py)")
+
     def _open_folder(self, stack: ExitStack, resolved: dict) -> None:
         """Rank 0 opens (and locks) the folder; a refusal stops every rank with rank 0's message."""
         error = None
@@ -936,7 +957,7 @@ def _local_in_current_form(local: pd.DataFrame, own: str) -> pd.DataFrame:
     gets its columns suffixed with the encoder's family; one from before refinement flagged divergence
     gets no divergence."""
     if "elbo_q_star" in local and f"elbo_q_star_{own}" not in local:
-        local = local.rename(columns={c: family_column(c, own) for c in local.columns})
+        local = local.rename(columns={c: family_column(c, own) for c in local.columns if c != "index"})
     if f"refine_diverged_{own}" not in local:
         local = local.assign(**{f"refine_diverged_{own}": False})
     return local

@@ -7,6 +7,7 @@ even if the process is killed mid-write (SIGKILL included). A kill leaves at mos
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -62,5 +63,13 @@ def read_csv(path: str | Path) -> pd.DataFrame:
 
 
 def save_torch(path: str | Path, obj: Any) -> None:
-    with _atomic_path(Path(path)) as tmp, open(tmp, "wb") as file:
-        torch.save(obj, file)  # to a file object: the archive is named "archive", not after tmp
+    """``torch.save`` atomically; a failed write (a full disk: torch raises RuntimeError
+    "[enforce fail at inline_container.cc] ... file write failed") is an OSError naming ``path``."""
+    try:
+        with _atomic_path(Path(path)) as tmp, open(tmp, "wb") as file:
+            torch.save(obj, file)  # to a file object: the archive is named "archive", not after tmp
+    except RuntimeError as error:
+        lines = str(error).strip().splitlines()
+        raise OSError(errno.EIO, f"writing the torch file failed ({lines[0] if lines else error}); is the disk full?",
+                      str(path)) from None
+

@@ -15,16 +15,18 @@ depends on:
     report     all of them and name                  datapoints.csv, summary.json, table.md
 
 A stage counts as finished when ``stages.json`` records it with the hash of the current config, its
-outputs exist, and no stage it reads was redone in this process. Every output is written
-atomically (``gapbench.io``: a temporary name, then a rename) before the stage is recorded, so a
-process killed at any moment leaves whole files and a true record, and the next process with the
+outputs exist with the sha256 recorded for each (``gapbench.outputs``; a changed output makes its
+stage redone, a changed checkpoint.pt is refused), and no stage it reads was redone in this process.
+Every output is written atomically (``gapbench.io``: a temporary name, then a rename) before the
+stage is recorded, so a process killed at any moment leaves whole files and a true record, and the next process with the
 same command redoes only the stages that were not recorded. Training also saves
 ``train_state.pt`` at the end of an epoch (at most every ``experiment.TRAIN_STATE_SECONDS``), so an
 interrupted training stage continues from its last saved epoch.
 
 A folder holding a run with another config is refused unless ``force``: then the stages whose
 config sections changed (and the stages that read them) are redone and the others are kept, so a
-change in ``eval`` or ``refine`` keeps the trained model.
+change in ``eval`` or ``refine`` keeps the trained model. The outputs it replaces wait in
+``.replaced/`` until the run finishes, and are put back if it fails.
 
 Keys that change no number are left out of the hashes (:func:`hashed_sections`): the
 ``train.semi_amortized_*`` settings while ``train.semi_amortized_steps = 0`` (the plain VAE),
@@ -36,15 +38,19 @@ whose config changes only such a key.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
 from . import io
+from .health import AIS_FLAG_DEFAULTS
+from .outputs import content_problem, sha256_file
 
 STAGES = ("train", "amortized", "local", "ais", "calibration", "log_px", "curve", "report")
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {  # config sections whose values a stage's output depends on
@@ -74,6 +80,7 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
 }
 TRAIN_STATE = "train_state.pt"  # training's resume point, while the train stage is unfinished
 LOCK = ".lock"
+REPLACED = ".replaced"  # --force: the outputs it replaces, kept until the run finishes (restored if it fails)
 
 
 class RunError(RuntimeError):
@@ -96,8 +103,14 @@ def hashed_sections(resolved: dict, stage: str) -> dict:
             train = {k: v for k, v in train.items() if k != "data_parallel"}
         sections["train"] = train
     ais = sections.get("ais")
-    if isinstance(ais, dict) and (not ais.get("calibration_datapoints") or stage in ("ais", "log_px")):
-        sections["ais"] = {k: v for k, v in ais.items() if not k.startswith("calibration_")}
+    if isinstance(ais, dict):
+        # the AIS health thresholds change which estimator log p_hat(x) draws and the report, and nothing at
+        # their defaults; the calibration keys change the calibration stage only, and nothing while it is off
+        ais = {k: v for k, v in ais.items()
+               if k not in AIS_FLAG_DEFAULTS or (stage in ("log_px", "report") and v != AIS_FLAG_DEFAULTS[k])}
+        if not ais.get("calibration_datapoints") or stage in ("ais", "log_px"):
+            ais = {k: v for k, v in ais.items() if not k.startswith("calibration_")}
+        sections["ais"] = ais
     curve = sections.get("curve", {})
     if "curve" in sections and not (isinstance(curve, dict) and curve.get("enabled")):
         del sections["curve"]
@@ -124,51 +137,97 @@ def diff_keys(a: dict, b: dict, prefix: str = "") -> set[str]:
 def affected_stages(changed_keys: set[str]) -> list[str]:
     """The stages to redo after a config change: those depending on a changed section, and every
     stage that reads one of them."""
-    sections = {key.split(".")[0] for key in changed_keys}
+    sections = {key.split(".")[0] for key in changed_keys if key.removeprefix("ais.") not in AIS_FLAG_DEFAULTS}
     affected: list[str] = []
     for stage in STAGES:  # in order, so a stage's readers come after it
         if sections & set(STAGE_SECTIONS[stage]) or set(STAGE_READS[stage]) & set(affected):
             affected.append(stage)
+    if "report" not in affected and any(k.removeprefix("ais.") in AIS_FLAG_DEFAULTS for k in changed_keys):
+        affected.append("report")  # the AIS health thresholds
     return affected
 
 
 def _is_ours(name: str) -> bool:
     """Files gapbench leaves in a folder that holds no run yet: the lock and temporary files."""
-    return name == LOCK or (name.startswith(".") and name.endswith(".tmp"))
+    return name in (LOCK, REPLACED) or (name.startswith(".") and name.endswith(".tmp"))
 
 
 class RunFolder:
     """An open run folder: the lock is held, the config recorded, the stage records loaded."""
 
-    def __init__(self, path: Path, resolved: dict, records: dict[str, dict]):
+    def __init__(self, path: Path, resolved: dict, records: dict[str, dict], *,
+                 log: Callable[[str], None] = print):
         self.path = path
         self.resolved = resolved
         self.records = records
         self.redone: set[str] = set()
+        self.log = log
+        self._verified: dict[str, bool] = {}
+        self.changed_checkpoint: str | None = None  # why the train stage's outputs are not as recorded
 
     def stage_hash(self, stage: str) -> str:
         return section_hash(self.resolved, stage)
 
     def is_finished(self, stage: str) -> bool:
-        """Recorded with the current config, outputs present, and nothing it reads redone."""
+        """Recorded with the current config, outputs present and unchanged (:meth:`outputs_intact`), and
+        nothing it reads redone."""
         record = self.records.get(stage)
         return (isinstance(record, dict) and record.get("config_sha256") == self.stage_hash(stage)
                 and all((self.path / name).is_file() for name in STAGE_OUTPUTS[stage])
-                and not set(STAGE_READS[stage]) & self.redone)
+                and not set(STAGE_READS[stage]) & self.redone and self.outputs_intact(stage))
+
+    def outputs_intact(self, stage: str) -> bool:
+        """Whether the recorded stage's outputs are the files it wrote: their sha256 as recorded (records
+        made before sha256s were recorded: per-datapoint files hold one row per datapoint and summary.json
+        is a summary). A changed output of an evaluation stage makes it (and the stages reading it)
+        redone. A changed output of the train stage counts as intact here but is noted in
+        ``changed_checkpoint``: the runner refuses it (:meth:`refuse_changed_checkpoint`) after loading it,
+        since redoing would retrain (and a damaged checkpoint gets the loader's own message)."""
+        if stage not in self._verified:
+            problem = self._output_problem(stage)
+            if problem is not None and stage == "train":
+                self.changed_checkpoint, problem = problem, None
+            if problem is not None:
+                self.log(f"[{stage}] {problem}: redoing the {stage} stage and the stages that read it")
+            self._verified[stage] = problem is None
+        return self._verified[stage]
+
+    def _output_problem(self, stage: str) -> str | None:
+        recorded = self.records[stage].get("outputs_sha256")
+        for name in STAGE_OUTPUTS[stage]:
+            file = self.path / name
+            if isinstance(recorded, dict) and name in recorded:
+                if sha256_file(file) != recorded[name]:
+                    return f"{file} changed after the stage finished (its sha256 differs from stages.json)"
+                continue
+            problem = content_problem(file, num_datapoints=self.resolved["eval"]["num_datapoints"],
+                                      num_curve_steps=len(self.resolved.get("curve", {}).get("steps", [])))
+            if problem is not None:
+                return f"{file} does not match its stage record: {problem}"
+        return None
+
+    def refuse_changed_checkpoint(self) -> None:
+        """RunError when the finished train stage's outputs changed after it was recorded."""
+        if self.changed_checkpoint is not None:
+            raise RunError(f"{self.changed_checkpoint}; restore the file, or delete checkpoint.pt to retrain")
 
     def start(self, stage: str) -> None:
         """Mark ``stage`` as being redone (its readers must be redone too) and drop its record."""
         self.redone.add(stage)
+        self._verified.pop(stage, None)
         if self.records.pop(stage, None) is not None:
             io.write_json(self.path / "stages.json", self.records)
 
     def finish(self, stage: str, seconds: float) -> None:
-        """Record ``stage`` as finished (after its outputs are written)."""
+        """Record ``stage`` as finished (after its outputs are written), with each output's sha256."""
         self.records[stage] = {
             "config_sha256": self.stage_hash(stage),
             "seconds": round(seconds, 3),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "outputs_sha256": {name: sha256_file(self.path / name) for name in STAGE_OUTPUTS[stage]
+                               if (self.path / name).is_file()},
         }
+        self._verified[stage] = True
         io.write_json(self.path / "stages.json", {s: self.records[s] for s in STAGES if s in self.records})
 
 
@@ -182,7 +241,11 @@ def open_run_folder(path: str | Path, resolved: dict, *, force: bool, log: Calla
 
     Refuses (RunError) a path that is not a writable folder, a non-empty folder that holds no
     gapbench run, a folder another gapbench process is using, and a run with another config unless
-    ``force``. Holds an exclusive lock (released when the process ends, even by SIGKILL) while open.
+    ``force`` (or no stage of it finished). Holds an exclusive lock (released when the process ends,
+    even by SIGKILL) while open. ``force`` moves the outputs it replaces to ``.replaced/``; they are
+    deleted when the block ends normally and put back (with the old config and records) when it
+    raises an Exception. A finished run on a read-only disk opens read-only (no lock), so its
+    table can be printed again.
     """
     path = Path(path)
     config_path = path / "config.json"
@@ -193,34 +256,58 @@ def open_run_folder(path: str | Path, resolved: dict, *, force: bool, log: Calla
         if foreign:
             raise RunError(f"{path} is not empty ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}) "
                            "and holds no gapbench run; choose a new or empty folder as --out")
+    lock_fd = _open_lock(path)
+    try:
+        if lock_fd is not None:
+            _lock(lock_fd, path)
+            for tmp in path.glob(".*.tmp"):  # left by a process killed mid-write; never read
+                tmp.unlink(missing_ok=True)
+        records = _read_records(path)
+        replaced = started = False
+        try:
+            try:
+                previous = None
+                if config_path.exists():
+                    previous = recorded = _read_json(config_path, "delete the folder to start the run again")
+                    if normalize is not None:
+                        recorded, previous = previous, normalize(previous)
+                        if lock_fd is not None:
+                            _rehash_records(path, recorded, previous, records)
+                if lock_fd is None and previous != resolved:
+                    raise OSError(errno.EROFS, "read-only file system", str(path))
+                if previous is not None and previous != resolved:
+                    replaced = _change_config(path, previous, resolved, records, force=force, log=log,
+                                              recorded=recorded)
+                if previous != resolved:
+                    io.write_json(config_path, resolved)
+                if lock_fd is not None:
+                    _adopt_legacy_records(path, resolved, records)
+            except OSError as error:
+                raise RunError(f"cannot write the run folder {path}: {error.strerror}; "
+                               "choose a writable --out") from None
+            started = True
+            yield RunFolder(path, resolved, records, log=log)
+        except Exception:  # not on Ctrl-C or a kill: then the same command resumes the new run
+            if replaced or (started and (path / REPLACED).is_dir()):
+                _restore_replaced(path, log)
+            raise
+        if (path / REPLACED).is_dir():  # the new run finished: what it replaced can go
+            shutil.rmtree(path / REPLACED, ignore_errors=True)
+    finally:
+        if lock_fd is not None:
+            os.close(lock_fd)  # releases the lock
+
+
+def _open_lock(path: Path) -> int | None:
+    """The lock file's descriptor (the folder made if needed); None for a run folder on a disk that
+    cannot be written (it is then opened read-only: nothing may change in it)."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        lock_fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        return os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as error:
+        if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and (path / "config.json").is_file():
+            return None
         raise RunError(f"cannot write the run folder {path}: {error.strerror}; choose a writable --out") from None
-    try:
-        _lock(lock_fd, path)
-        for tmp in path.glob(".*.tmp"):  # left by a process killed mid-write; never read
-            tmp.unlink(missing_ok=True)
-        records = _read_records(path)
-        try:
-            previous = None
-            if config_path.exists():
-                previous = _read_json(config_path, "delete the folder to start the run again")
-                if normalize is not None:
-                    recorded, previous = previous, normalize(previous)
-                    _rehash_records(path, recorded, previous, records)
-            if previous is not None and previous != resolved:
-                _change_config(path, previous, resolved, records, force=force, log=log)
-            if previous != resolved:
-                io.write_json(config_path, resolved)
-            _adopt_legacy_records(path, resolved, records)
-        except OSError as error:
-            raise RunError(f"cannot write the run folder {path}: {error.strerror}; "
-                           "choose a writable --out") from None
-        yield RunFolder(path, resolved, records)
-    finally:
-        os.close(lock_fd)  # releases the lock
 
 
 def _lock(fd: int, path: Path) -> None:
@@ -283,11 +370,16 @@ def _read_records(path: Path) -> dict[str, dict]:
 
 
 def _change_config(path: Path, previous: dict, resolved: dict, records: dict[str, dict], *,
-                   force: bool, log: Callable[[str], None]) -> None:
-    """Refuse a config change, or (force) forget the stages it affects and delete their outputs."""
+                   force: bool, log: Callable[[str], None], recorded: dict | None = None) -> bool:
+    """Refuse a config change, or (force) forget the stages it affects and move their outputs to
+    ``.replaced/`` (see :func:`open_run_folder`); True when outputs were moved there. A folder where no
+    stage finished (e.g. a run refused for its size) takes the new config without ``force``."""
     changed = sorted(diff_keys(previous, resolved))
     redo = affected_stages(set(changed))
     kept = [s for s in STAGES if s not in redo]
+    if not records and not (path / TRAIN_STATE).exists() and not (path / REPLACED).exists():
+        log(f"[run] no stage of the run in {path} finished; starting it with the new config")
+        return False
     if not force:
         keeps = f"keeps {_stages_phrase(kept)}" if kept else "keeps nothing"
         raise RunError(
@@ -295,9 +387,54 @@ def _change_config(path: Path, previous: dict, resolved: dict, records: dict[str
             f"choose another --out, or pass --force to redo {_stages_phrase(redo)} with the new config ({keeps})"
         )
     log(f"[run] config changed ({', '.join(changed)}): redoing {', '.join(redo)}")
+    names = [name for stage in redo for name in STAGE_OUTPUTS[stage] + ((TRAIN_STATE,) if stage == "train" else ())]
+    aside = path / REPLACED
+    moved = not aside.exists()  # an earlier forced run that did not finish keeps the finished outputs it set aside
+    if moved:
+        (aside / "files").mkdir(parents=True)
+        io.write_json(aside / "replaced.json", {"config": recorded or previous, "records": records, "redo": redo})
     for stage in redo:  # records first: an output without a record is never trusted
         records.pop(stage, None)
     io.write_json(path / "stages.json", records)
-    for stage in redo:
-        for name in STAGE_OUTPUTS[stage] + ((TRAIN_STATE,) if stage == "train" else ()):
-            (path / name).unlink(missing_ok=True)
+    try:
+        for name in names:
+            if (path / name).exists():
+                if moved:
+                    os.replace(path / name, aside / "files" / name)
+                else:
+                    (path / name).unlink()
+    except OSError:
+        if moved:
+            _restore_replaced(path, log)
+        raise
+    if moved:
+        log(f"[run] the replaced outputs are kept in {aside} until the new stages finish (put back if they fail)")
+    return moved
+
+
+def _restore_replaced(path: Path, log: Callable[[str], None]) -> None:
+    """Put back what ``--force`` set aside: the old outputs, config.json and stages.json."""
+    aside = path / REPLACED
+    try:
+        saved = json.loads((aside / "replaced.json").read_text())
+        for stage in saved["redo"]:
+            for name in STAGE_OUTPUTS[stage]:
+                (path / name).unlink(missing_ok=True)
+        for file in (aside / "files").iterdir():
+            os.replace(file, path / file.name)
+        io.write_json(path / "stages.json", saved["records"])
+        io.write_json(path / "config.json", saved["config"])
+        shutil.rmtree(aside)
+        log(f"[run] the run failed: the outputs it was replacing, its config and stage records are back in {path}")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        log(f"[run] could not put back the replaced outputs from {aside} ({error}); they are still there")
+
+
+def recorded_stages(path: str | Path, resolved: dict) -> set[str]:
+    """The stages of the folder ``path`` recorded as finished with the config ``resolved``, read without
+    opening (or locking) the folder; empty when it holds no readable records."""
+    try:
+        records = _read_records(Path(path))
+    except RunError:
+        return set()
+    return {stage for stage, record in records.items() if record.get("config_sha256") == section_hash(resolved, stage)}

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from .config import ConfigError, ExperimentConfig, apply_overrides, parse_config, parse_overridden, read_raw
+from .outputs import summary_problem
 
 SWEEP_FILE = "sweep.json"
 QUANTITIES = (("bounds", "log_px"), ("bounds", "elbo_q_star"), ("bounds", "elbo_q"), ("gaps", "approximation"),
@@ -124,7 +125,14 @@ def runs_frame(folders: list[Path]) -> tuple[pd.DataFrame, list[str]]:
     and the differing keys other than the seed (the grouping)."""
     rows, configs = [], []
     for folder in folders:
+        problem = summary_problem(folder / "summary.json")
+        if problem is not None:
+            raise ConfigError(f"{folder / 'summary.json'} cannot be used: {problem}; rerun the run's command to "
+                              "redo its report stage, or leave the folder out")
         summary = json.loads((folder / "summary.json").read_text())
+        if not isinstance(summary.get("settings", {}).get("seed"), int):
+            raise ConfigError(f"{folder / 'summary.json'} has no settings.seed; rerun the run's command to redo "
+                              "its report stage, or leave the folder out")
         config_path = folder / "config.json"
         config = _flatten(json.loads(config_path.read_text())) if config_path.is_file() else {}
         configs.append(config)

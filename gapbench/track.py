@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from . import io
+from .checkpoints import load_weights, safe_load
 from .config import load_config
 from .experiment import SNAPSHOTS, dataset_of, evaluation_data, networks_for
 from .measure import measure_gaps
@@ -53,10 +54,11 @@ def track(run_dir: str | Path, *, num_datapoints: int = 100, num_samples: int = 
     decoder, encoder = networks_for(config, dataset)
     rows = []
     for path in tqdm(paths, desc="snapshots", disable=not progress):
-        snapshot = torch.load(path, map_location="cpu", weights_only=True)
-        decoder.load_state_dict(snapshot["decoder"])
-        encoder.load_state_dict(snapshot["encoder"])
-        decoder.eval(), encoder.eval()
+        snapshot = safe_load(path, "gapbench training snapshot", "delete it, or retrain with train.snapshot_every")
+        if not isinstance(snapshot, dict) or not isinstance(snapshot.get("epoch"), int):
+            raise RunError(f"{path} is not a gapbench training snapshot (no epoch); delete it, or retrain with "
+                           "train.snapshot_every")
+        load_weights(path, snapshot, decoder, encoder)
         for split, x in data.items():
             generator = torch.Generator().manual_seed(config.seed)  # the same noise for every snapshot
             _, summary = measure_gaps(decoder, encoder, x, family="ffg", init="encoder", num_samples=num_samples,

@@ -11,6 +11,7 @@ import torch
 
 from gapbench.check import CheckError, compare, z_threshold
 from gapbench.cli import main
+from gapbench.outputs import sha256_file
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,6 +146,9 @@ def test_a_weakened_decoder_fails(baseline, tmp_path, capsys):
     last = [k for k in checkpoint["decoder"] if k.endswith("weight")][-1]
     checkpoint["decoder"][last] = 0.8 * checkpoint["decoder"][last]  # blurrier pixel probabilities
     torch.save(checkpoint, weak / "checkpoint.pt")
+    records = json.loads((weak / "stages.json").read_text())  # as if training had made this model
+    records["train"]["outputs_sha256"]["checkpoint.pt"] = sha256_file(weak / "checkpoint.pt")
+    (weak / "stages.json").write_text(json.dumps(records))
     for name in ("amortized.csv", "local.csv"):  # evaluate the weakened model
         (weak / name).unlink()
     assert main(["run", str(DIGITS), "--out", str(weak), *QUICK]) == 0

@@ -196,6 +196,14 @@ def load_cifar10(*, data_dir: str | os.PathLike[str] | None = None, download: bo
     if not 1 <= bits <= 8:
         raise DataError(f"bits = {bits}; CIFAR-10 has 8-bit levels. Fix: choose bits from 1 to 8.")
     dirs = search_dirs(data_dir)
+    given = [d for d, how in dirs if how.startswith("data_dir")]
+    if given and not any(_has_batches(d) or (d / ARCHIVE).is_file() for d in given):
+        for directory in given:
+            missing = [name for name in BATCH_NAMES if not (directory / name).is_file()]
+            if directory.is_dir() and len(missing) < len(BATCH_NAMES):
+                raise DataError(f"data_dir {directory} holds only part of CIFAR-10: {', '.join(missing)} missing. "
+                                f"Fix: put the missing batches there (or {ARCHIVE}), or remove data.data_dir to "
+                                "use another copy.")
     for directory, how in dirs:
         if _has_batches(directory):
             return _load(_read_dir(directory), source=str(directory), found_via=how, downloaded_from=None, bits=bits)

@@ -102,6 +102,20 @@ def missing_files(directory: Path) -> list[str]:
     return [f for f in FILE_NAMES if not (directory / f).is_file()]
 
 
+def _refuse_incomplete(name: str, dirs: list[tuple[Path, str]], *, download: bool) -> None:
+    """Refuse a ``data_dir`` holding some of the dataset's files but not all of them, rather than
+    silently loading another copy from elsewhere; DataError naming the missing files."""
+    given = [(d, how) for d, how in dirs if how.startswith("data_dir")]
+    if not given or any(not missing_files(d) for d, _ in given):
+        return
+    if any(d.is_dir() and len(missing_files(d)) < len(FILE_NAMES) for d, _ in given):
+        note = ("data_dir holds only part of the dataset; gapbench does not fall back to another copy (the cache, "
+                "the system directory or a download): remove data.data_dir to use one.")
+        switched_off = "Downloading was switched off (download=False)."
+        message = _not_found_message(name, dirs, failures=None)
+        raise DataError(message.replace(switched_off, f"{switched_off} {note}" if not download else note))
+
+
 def load_mnist_family(
     name: str,
     *,
@@ -125,6 +139,7 @@ def load_mnist_family(
     if name not in DISPLAY_NAMES:
         raise DataError(f"unknown dataset {name!r}. Fix: use one of {', '.join(DISPLAY_NAMES)}.")
     dirs = search_dirs(name, data_dir)
+    _refuse_incomplete(name, dirs, download=download)
     for directory, how in dirs:
         if not missing_files(directory):
             return _load_dir(name, directory, found_via=how, downloaded_from={})

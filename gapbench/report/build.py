@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from .. import io
+from ..outputs import summary_problem
 from .published import (PublishedError, comparison_csv, comparison_markdown, comparison_rows, datasets_of,
                         gap_consistency, has_published, load_published, source_line, transcription_lines)
 from .tables import column_labels, cross_family_csv, cross_family_latex, cross_family_markdown, cross_family_rows
@@ -24,6 +25,9 @@ def read_summaries(run_dirs: list[str | Path]) -> list[dict]:
         path = Path(run_dir) / "summary.json"
         if not path.is_file():
             raise ReportError(f"{run_dir} has no summary.json; finish the run first (gapbench run ... --out {run_dir})")
+        problem = summary_problem(path)
+        if problem is not None:
+            raise ReportError(f"{path} cannot be used: {problem}; rerun the run's command to redo its report stage")
         summaries.append(json.loads(path.read_text()))
     return summaries
 

@@ -43,7 +43,8 @@ def gap_table_markdown(summary: dict) -> str:
 
     ``summary`` is the dict written to ``summary.json``. L[q*] gets one row per refined family
     (``bounds.elbo_q_star_<family>``); a summary without those shows the single ``elbo_q_star``. A line
-    under the table counts the datapoints left out for numerical faults, if any.
+    under the table counts the datapoints left out for numerical faults, and those whose AIS was flagged
+    unhealthy (``gapbench.health``), if any.
     """
     bounds = summary["bounds"]
     star_rows = [(f"elbo_q_star_{f}", f"L[q*_{_label(f)}]") for f in FAMILY_ORDER if f"elbo_q_star_{f}" in bounds]
@@ -70,6 +71,13 @@ def gap_table_markdown(summary: dict) -> str:
         counts = ", ".join(f"{name}: {count}" for name, count in faults["counts"].items())
         lines += ["", f"{faults['num_faulty']} of {faults['num_datapoints']} datapoints had numerical faults "
                       f"({counts}) and are left out of the means; see datapoints.csv, column fault."]
+    unhealthy = ((summary.get("ais") or {}).get("unhealthy") or {})
+    if unhealthy.get("num_unhealthy"):
+        reasons = ", ".join(f"{name}: {count}" for name, count in unhealthy.items()
+                            if name != "num_unhealthy" and count)
+        lines += ["", f"AIS was flagged unhealthy for {unhealthy['num_unhealthy']} of "
+                      f"{faults.get('num_datapoints', '?')} datapoints ({reasons}) and left out of their log p̂(x); "
+                      "see datapoints.csv, column ais_unhealthy."]
     return "\n".join(lines) + "\n"
 
 
