@@ -149,14 +149,9 @@ def _check(args: argparse.Namespace) -> int:
 
 def _bdmc(args: argparse.Namespace) -> int:
     from . import io
-    from .config import ConfigError
     from .experiment import open_run_config
     from .sandwich import bdmc_run, bdmc_table
 
-    for name in ("num_datapoints", "num_chains", "num_steps", "num_leapfrog"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} {value}: must be at least 1")
     if args.out:  # before the computation, so that its result is not lost
         check_writable(args.out)
     ais = open_run_config(args.run_dir).ais  # the settings the run's AIS stage uses (defaults if none)
@@ -171,14 +166,12 @@ def _bdmc(args: argparse.Namespace) -> int:
         io.write_csv(Path(args.out), frame)
         print(f"per-datapoint bounds written to {args.out}", file=sys.stderr)
     return 0
+
+
 def _track(args: argparse.Namespace) -> int:
     from .report.track_figure import track_figure
-    from .config import ConfigError
     from .track import track
 
-    for name in ("num_datapoints", "num_samples"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr))
     frame = track(args.run_dir, num_datapoints=args.num_datapoints, num_samples=args.num_samples,
                   progress=not args.quiet, log=log)
