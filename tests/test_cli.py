@@ -47,7 +47,7 @@ def test_run_writes_every_file(quick_run, capsys):
     assert settings["ais"] == {"enabled": True, "num_chains": 4, "num_steps": 20, "schedule": "sigmoid",
                                "init": "encoder", "num_leapfrog": 10, "target_acceptance": 0.65, "step_size": 0.05,
                                "adaptation": "datapoint", "adaptation_rate": 0.1, "min_step_size": 1e-4,
-                               "max_step_size": 0.5, "calibration_datapoints": 0, "calibration_tolerance": 0.2}
+                               "max_step_size": 0.5}  # calibration and health keys at their defaults: left out
     assert "fresh draw" in settings["log_px"] and "iwae_q, iwae_q_star_ffg, ais" in settings["log_px"]
     assert set(summary["other_bounds"]) == {"iwae_q", "iwae_q_star_ffg", "ais"}
     assert set(summary["diagnostics"]) == {"max_pilot_bound"}
