@@ -70,7 +70,7 @@ from .log_px import method_description, selected_log_px
 from .measure import ais_diagnostics, ais_of, bounds_of, effective_procedure, fresh_estimators, local_posterior
 from .partial import PartialStore, Unit, UnitResult, concat, run_units, units_of
 from .models import ConvDecoder, ConvTrunk, Decoder, DecoderBase, HierarchicalDecoder
-from .outputs import join_on_index, with_index
+from .outputs import join_on_index, sha256_file, with_index
 from .posteriors import (DatapointStreams, HierarchicalEncoder, HierarchicalFamily, LocalFamily, make_encoder,
                          make_family)
 from .report import gap_table_markdown
@@ -444,7 +444,7 @@ class Run:
         """The key of a stage's partial files: its config hash and the sha256 of the files it reads."""
         digest = hashlib.sha256(self.folder.stage_hash(stage).encode())
         for name in reads:
-            digest.update(hashlib.sha256((self.dir / name).read_bytes()).digest())
+            digest.update(sha256_file(self.dir / name).encode())
         return digest.hexdigest()
 
     def _evaluate(self, stage: str, plan: list[list[Unit]], compute: Callable[[Unit], UnitResult], *,

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError, ExperimentConfig
+from .outputs import sha256_file
 from .posteriors import as_posterior
 
 PROBE_DATAPOINTS = 2  # datapoints of the forward pass that checks a factory's networks
@@ -50,21 +51,13 @@ class ExternalModel(NamedTuple):
     record: dict  # JSON: factory, module file and sha256, checkpoint and sha256, versions
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def path_sha256(path: str | Path) -> str:
     """sha256 of a file; of a folder (e.g. a pythae model folder), the sha256 of its files' relative paths
     and sha256s, in sorted order."""
     path = Path(path)
     if path.is_file():
-        return file_sha256(path)
-    lines = [f"{p.relative_to(path).as_posix()} {file_sha256(p)}\n" for p in sorted(path.rglob("*")) if p.is_file()]
+        return sha256_file(path)
+    lines = [f"{p.relative_to(path).as_posix()} {sha256_file(p)}\n" for p in sorted(path.rglob("*")) if p.is_file()]
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
@@ -145,7 +138,7 @@ def build_external(spec: str, *, factory_path: str | None = None, checkpoint: st
     module = sys.modules[factory.__module__]
     source = inspect.getsourcefile(module) if hasattr(module, "__file__") else None
     record = {"factory": spec, "factory_path": factory_path, "module_file": source,
-              "module_sha256": file_sha256(source) if source else None,
+              "module_sha256": sha256_file(source) if source else None,
               "checkpoint": checkpoint, "checkpoint_sha256": path_sha256(checkpoint) if checkpoint else None,
               "versions": _versions(factory.__module__)}
     return ExternalModel(model, encoder, record)
