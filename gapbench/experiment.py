@@ -464,6 +464,18 @@ class Run:
             return run_units(plan, compute, store=store, ranks=self.ranks, should_stop=self.deadline.should_stop,
                              what=name, on_round=on_round, on_saved=bar.update)
 
+    def _write_frame(self, stage: str, path: Path, results: list[UnitResult] | None,
+                     start: float) -> pd.DataFrame | None:
+        """The end of a one-file evaluation stage: rank 0 joins the units' rows, writes ``path``, records the
+        stage and removes its partial results; the other ranks return None."""
+        if not self.ranks.is_main:
+            return None
+        frame, _ = concat(results)
+        io.write_csv(path, frame)
+        self.folder.finish(stage, time.perf_counter() - start)
+        self._clear_partial(stage)
+        return frame
+
     def _clear_partial(self, stage: str, parts: tuple[str, ...] = ()) -> None:
         for name in [f"{stage}_{p}" for p in parts] or [stage]:
             PartialStore(self.dir, name, "").clear()
@@ -494,13 +506,7 @@ class Run:
                                                        **estimate_columns("iwae_q", pair.iwae)}), unit.start), {})
         results = self._evaluate("amortized", self._plan(x.shape[0], max(1, AMORTIZED_UNIT_ROWS // e.num_samples)),
                                  compute, desc="L[q], IWAE")
-        if not self.ranks.is_main:
-            return None
-        frame, _ = concat(results)
-        io.write_csv(path, frame)
-        self.folder.finish("amortized", time.perf_counter() - start)
-        self._clear_partial("amortized")
-        return frame
+        return self._write_frame("amortized", path, results, start)
 
     def local_stage(self, decoder, encoder, x: torch.Tensor) -> pd.DataFrame:
         """Refine every family of ``refine.families`` for every datapoint; one frame, columns per family."""
@@ -600,13 +606,7 @@ class Run:
                 **{k: v.cpu().numpy() for k, v in ais_diagnostics(estimate).items()}}), unit.start), {})
         reads = ("checkpoint.pt", "local.pt") if a.init == "q_star" else ("checkpoint.pt",)
         results = self._evaluate("ais", self._plan(x.shape[0]), compute, reads=reads, desc="AIS")
-        if not self.ranks.is_main:
-            return None
-        frame, _ = concat(results)
-        io.write_csv(path, frame)
-        self.folder.finish("ais", time.perf_counter() - start)
-        self._clear_partial("ais")
-        return frame
+        return self._write_frame("ais", path, results, start)
 
     def calibration_stage(self, decoder, encoder) -> dict | None:
         """BDMC with the run's AIS settings on ``ais.calibration_datapoints`` datapoints simulated from the
@@ -681,13 +681,7 @@ class Run:
         reads = ("checkpoint.pt", "amortized.csv", "local.csv", "local.pt", *(("ais.csv",) if a.enabled else ()))
         results = self._evaluate("log_px", self._plan(x.shape[0]), compute, reads=reads,
                                  desc="log p_hat(x), fresh draws")
-        if not self.ranks.is_main:
-            return None
-        frame, _ = concat(results)
-        io.write_csv(path, frame)
-        self.folder.finish("log_px", time.perf_counter() - start)
-        self._clear_partial("log_px")
-        return frame
+        return self._write_frame("log_px", path, results, start)
 
     def curve_stage(self, decoder, encoder, x: torch.Tensor, local: pd.DataFrame) -> pd.DataFrame | None:
         """The refinement curve of every datapoint (``gapbench.curves``); None when ``curve.enabled`` is
@@ -721,13 +715,7 @@ class Run:
             return UnitResult(curve_frame(curve, elbo_q_star[unit.start:unit.stop], offset=unit.start), {})
         results = self._evaluate("curve", self._plan(x.shape[0]), compute, reads=("checkpoint.pt", "local.csv"),
                                  desc="curve")
-        if not self.ranks.is_main:
-            return None
-        frame, _ = concat(results)
-        io.write_csv(path, frame)
-        self.folder.finish("curve", time.perf_counter() - start)
-        self._clear_partial("curve")
-        return frame
+        return self._write_frame("curve", path, results, start)
 
     def _pilot(self, amortized: pd.DataFrame, local: pd.DataFrame, ais: pd.DataFrame | None) -> pd.DataFrame:
         """amortized.csv, local.csv (in this version's form) and ais.csv side by side: the pilot bounds."""
