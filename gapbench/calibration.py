@@ -16,8 +16,8 @@ from typing import Callable
 
 import torch
 
-from .estimators import AISProcedure, bdmc, simulate
-from .measure import amortized_posterior, frozen
+from gapbench.estimators import AISProcedure, bdmc, simulate
+from gapbench.measure import amortized_posterior, frozen
 
 CALIBRATION_INITS = ("prior", "encoder")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import io
+from gapbench import io
 
 INDEX = "index"
 PER_DATAPOINT = ("amortized.csv", "local.csv", "ais.csv", "log_px.csv", "datapoints.csv")

@@ -5,7 +5,7 @@ log p(z) - log q(z|x) rises linearly from 0 to 1 over the first ``warmup_epochs`
 Optional learning-rate schedule of Burda et al. (2016), used by Cremer et al. (2018): in stage
 i = 0, 1, 2, ... the rate is lr * 10^(-i/7), and stage i lasts 3^i epochs.
 Optional semi-amortized training (Kim et al., 2018): the encoder's output refined by K SVI steps
-inside every training step (``gapbench.semi_amortized``).
+inside every training step (``gapbench.inference.semi_amortized``).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
-from .data import binarize, check_values
-from .deadline import StopRequested
-from .estimators import elbo
-from .posteriors import as_posterior, fork_seed
-from .semi_amortized import SemiAmortized, semi_amortized_gradients
+from gapbench.data import binarize, check_values
+from gapbench.deadline import StopRequested
+from gapbench.estimators import elbo
+from gapbench.posteriors import as_posterior, fork_seed
+from gapbench.inference.semi_amortized import SemiAmortized, semi_amortized_gradients
 
 SCHEDULES = ("constant", "paper")
 # Implementations of the same Adam update (torch.optim.Adam's foreach / fused flags): "fused" updates every
@@ -196,7 +196,7 @@ def train(decoder: nn.Module, encoder: nn.Module, train_x: torch.Tensor, valid_x
     generator : every random draw (shuffling, binarisation, z samples) comes from it; pass a fresh
         generator seeded as for the first call also when resuming
     semi_amortized : with ``num_steps`` K > 0, every training step refines the encoder's output by K
-        SVI steps and trains on the refined ELBO (Kim et al., 2018; ``gapbench.semi_amortized``); the
+        SVI steps and trains on the refined ELBO (Kim et al., 2018; ``gapbench.inference.semi_amortized``); the
         epoch's train ELBO is then the refined posterior's. K = 0: the plain VAE
     on_epoch : called with each EpochRecord and whether it is the best so far
     resume_from : a snapshot passed to ``on_checkpoint`` by an earlier call with the same arguments;

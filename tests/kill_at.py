@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-import gapbench.experiment as experiment
+import gapbench.runner.run as experiment
 import gapbench.io as io
 from gapbench.cli import main
-from gapbench.rundir import RunFolder
+from gapbench.runner.rundir import RunFolder
 
 
 def die() -> None:

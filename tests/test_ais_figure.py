@@ -3,7 +3,7 @@
 import pandas as pd
 
 from gapbench import io
-from gapbench.report.ais_figure import main
+from gapbench.report.figures.ais import main
 
 
 def test_figure_and_its_numbers_are_written(tmp_path):

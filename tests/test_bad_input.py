@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import gapbench.data.mnist as mnist
-import gapbench.experiment as experiment
+import gapbench.runner.run as experiment
 import gapbench.io as io
 from gapbench.cli import main
 

@@ -9,9 +9,9 @@ import torch
 
 from gapbench.calibration import calibrate_ais, calibration_lines
 from gapbench.cli import main
-from gapbench.config import parse_config
+from gapbench.runner.config import parse_config
 from gapbench.estimators import AISProcedure, simulate
-from gapbench.rundir import STAGES, section_hash
+from gapbench.runner.rundir import STAGES, section_hash
 
 from conftest import make_linear_gaussian
 from test_cli import DIGITS, QUICK

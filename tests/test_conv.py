@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch.distributions import AffineTransform, SigmoidTransform, TransformedDistribution, Uniform
 
-from gapbench.config import parse_config
+from gapbench.runner.config import parse_config
 from gapbench.data import DataError
-from gapbench.experiment import build_networks
+from gapbench.runner.run import build_networks
 from gapbench.models import ConvDecoder, ConvTrunk, Decoder, discretized_logistic_log_prob, discretized_logistic_sample
 from gapbench.posteriors import (
     AuxiliaryCouplingFlow,

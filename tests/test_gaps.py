@@ -9,7 +9,7 @@ import torch
 
 from gapbench.estimators import Estimate
 from gapbench.gaps import decompose, gap_frame, summarize, summarize_column
-from gapbench.log_px import selected_log_px
+from gapbench.estimators.log_px import selected_log_px
 from gapbench.report import gap_table_markdown
 from gapbench.report.tables import format_mean_stderr
 

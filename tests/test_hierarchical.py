@@ -12,7 +12,7 @@ from gapbench.estimators import ais, elbo, iwae, simulate
 from gapbench.measure import RefineProcedure, local_posterior, measure_gaps
 from gapbench.models import HierarchicalDecoder, HierarchicalLinearGaussian, linear_conditional_joint
 from gapbench.posteriors import HierarchicalEncoder, HierarchicalFamily, HierarchicalPosterior
-from gapbench.refine import refine
+from gapbench.inference.refine import refine
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per module

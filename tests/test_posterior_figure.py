@@ -3,7 +3,7 @@
 import pytest
 
 from gapbench.posteriors import DiagonalGaussian
-from gapbench.report.posterior_figure import kl_on_grid, main, true_posterior_grid
+from gapbench.report.figures.posterior import kl_on_grid, main, true_posterior_grid
 
 from conftest import make_linear_gaussian
 

@@ -10,7 +10,7 @@ import gapbench
 from gapbench.estimators import elbo
 from gapbench.measure import RefineProcedure, local_posterior
 from gapbench.posteriors import DiagonalGaussianFamily
-from gapbench.refine import refine
+from gapbench.inference.refine import refine
 
 from conftest import make_linear_gaussian
 
@@ -104,7 +104,7 @@ def test_model_parameters_are_untouched():
 
 def test_paired_check_replays_the_same_noise():
     """At the anchor itself the paired difference is exactly zero: both sides saw the same noise."""
-    from gapbench.refine import ActiveSet, paired_check
+    from gapbench.inference.refine import ActiveSet, paired_check
 
     model, x = make_linear_gaussian(num_datapoints=5)
     family = DiagonalGaussianFamily()

@@ -13,14 +13,14 @@ import pandas as pd
 import pytest
 import torch
 
-import gapbench.experiment as experiment
-import gapbench.rundir as rundir
+import gapbench.runner.run as experiment
+import gapbench.runner.rundir as rundir
 from gapbench.cli import EXIT_ALL_FAULTY, main
-from gapbench.config import parse_config
-from gapbench.health import AIS_FLAG_DEFAULTS, ais_flags
+from gapbench.runner.config import parse_config
+from gapbench.estimators.health import AIS_FLAG_DEFAULTS, ais_flags
 from gapbench.outputs import index_problem
-from gapbench.resources import memory_problems, stage_memory
-from gapbench.rundir import section_hash
+from gapbench.runner.resources import memory_problems, stage_memory
+from gapbench.runner.rundir import section_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK_TOML = ROOT / "experiments" / "ci_quick.toml"
@@ -277,7 +277,7 @@ def test_a_run_name_that_is_a_path_is_refused(tmp_path, capsys, monkeypatch, nam
 
 @pytest.mark.parametrize("command", [["bdmc", "--num-steps", "2", "--quiet"], ["aggregate"]])
 def test_an_unwritable_out_is_refused_before_computing(finished, capsys, monkeypatch, command):
-    import gapbench.sandwich as sandwich
+    import gapbench.commands.bdmc as sandwich
     monkeypatch.setattr(sandwich, "bdmc_run", lambda *a, **k: pytest.fail("computed before checking --out"))
     assert main([command[0], str(finished), *command[1:], "--out", "/proc/no/such/file.csv"]) == 2
     assert "cannot write --out /proc/no/such/file.csv" in error_of(capsys)
@@ -327,7 +327,7 @@ def test_bad_arguments_are_exit_2(finished, tmp_path, capsys, args, message):
     args = [str(bad) if a == "BAD_TOML" else str(finished) if a == "RUN" else a for a in args]
     try:
         code = main(args + (["--out", str(tmp_path / "out")] if args[0] == "run" else []))
-    except SystemExit as exit:  # argparse refuses a count below 1 (gapbench.cli.positive_int)
+    except SystemExit as exit:  # argparse refuses a count below 1 (gapbench.commands.arguments.positive_int)
         code = exit.code
     assert code == 2
     err = capsys.readouterr().err

@@ -10,7 +10,7 @@ from gapbench.estimators import ais, elbo, iwae
 from gapbench.measure import RefineProcedure, bounds_of, local_posterior
 from gapbench.models import Decoder
 from gapbench.posteriors import DatapointStreams, DiagonalGaussian, GaussianEncoder, get_family, standard_normal
-from gapbench.posteriors.streams import mix64
+from gapbench.random import mix64
 
 
 def test_mix64_matches_splitmix64_reference():
@@ -140,7 +140,7 @@ def _evaluate_merged(indices):
     model (its q(z1|x) q(z2|z1), AIS from its ancestral prior, a local hierarchical family started from
     random layers), a planar local family at random initial weights, AIS from a flow encoder's fitted
     diagonal Gaussian, and the refinement curve."""
-    from gapbench.curves import refinement_curve
+    from gapbench.inference.curves import refinement_curve
     from gapbench.estimators.ais import DEFAULT_AIS
     from gapbench.measure import ais_of
     from gapbench.models import HierarchicalDecoder

@@ -18,12 +18,12 @@ from typing import Callable
 
 import torch
 
-from ..estimators import AISProcedure, ais
-from ..estimators.ais import chains_per_chunk
-from ..estimators.hmc import value_and_grad
-from ..experiment import open_run
-from ..measure import frozen
-from .iwae import _status_kib, decoder_flops_per_row, matmul_gflops
+from gapbench.estimators import AISProcedure, ais
+from gapbench.estimators.ais import chains_per_chunk
+from gapbench.estimators.hmc import value_and_grad
+from gapbench.runner.run import open_run
+from gapbench.measure import frozen
+from gapbench.bench.iwae import _status_kib, decoder_flops_per_row, matmul_gflops
 
 
 def gradient_gflops(decoder, x: torch.Tensor, *, num_chains: int, chunk_size: int | None,

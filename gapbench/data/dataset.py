@@ -196,7 +196,7 @@ def load_dataset(
     DataError
         If the name is unknown, or the files cannot be found, fetched or read.
     """
-    from gapbench.data import cifar10, digits, mnist, userfile  # here: they import Dataset from this module
+    from gapbench.data import cifar10, digits, mnist, userfile
 
     if name == "file":
         if file is None:

@@ -42,11 +42,11 @@ from typing import Callable, NamedTuple
 import torch
 from torch.distributions import Distribution
 
-from ..posteriors import (DiagonalGaussian, DistributionPosterior, Posterior, RandomStream, as_posterior,
-                          random_normal)
-from .hmc import HMCState, hmc_step
-from .iwae import iwae_from_stats
-from .log_weights import DEFAULT_ROWS_PER_CHUNK, empty_stats
+from gapbench.posteriors import (DiagonalGaussian, DistributionPosterior, Posterior, RandomStream, as_posterior,
+    random_normal)
+from gapbench.estimators.hmc import HMCState, hmc_step
+from gapbench.estimators.iwae import iwae_from_stats
+from gapbench.estimators.log_weights import DEFAULT_ROWS_PER_CHUNK, empty_stats
 
 SCHEDULES = ("linear", "sigmoid")
 SIGMOID_RADIUS = 4.0  # delta of the sigmoid schedule (Grosse, Ghahramani & Adams, 2015)

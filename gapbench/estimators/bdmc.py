@@ -18,8 +18,8 @@ from typing import Callable, NamedTuple
 import torch
 from torch.distributions import Distribution
 
-from ..posteriors import Posterior
-from .ais import DEFAULT_AIS, AISEstimate, ais, reverse_ais
+from gapbench.posteriors import Posterior
+from gapbench.estimators.ais import DEFAULT_AIS, AISEstimate, ais, reverse_ais
 
 
 class BDMCEstimate(NamedTuple):

@@ -19,7 +19,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from ..posteriors import RandomStream, random_normal, random_uniform
+from gapbench.posteriors import RandomStream, random_normal, random_uniform
 
 LogDensityFn = Callable[[torch.Tensor], torch.Tensor]
 

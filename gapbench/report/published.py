@@ -18,7 +18,7 @@ import json
 import math
 from pathlib import Path
 
-from .tables import format_mean_stderr, table_grid
+from gapbench.report.tables import format_mean_stderr, table_grid
 
 PUBLISHED_FORMAT = "gapbench-published"
 PUBLISHED_VERSIONS = (1, 2)

@@ -8,7 +8,7 @@ import io
 import math
 from typing import Sequence
 
-from ..calibration import calibration_lines
+from gapbench.calibration import calibration_lines
 
 FAMILY_LABELS = {"ffg": "FFG", "flow": "Flow", "iaf": "IAF", "planar": "Planar", "hierarchical": "Hier"}
 # rows of L[q*]: the flows above the FFG, as in Table 2; the two-layer model's q(z1) q(z2|z1) last
@@ -44,7 +44,7 @@ def gap_table_markdown(summary: dict) -> str:
     ``summary`` is the dict written to ``summary.json``. L[q*] gets one row per refined family
     (``bounds.elbo_q_star_<family>``); a summary without those shows the single ``elbo_q_star``. A line
     under the table counts the datapoints left out for numerical faults, and those whose AIS was flagged
-    unhealthy (``gapbench.health``), if any.
+    unhealthy (``gapbench.estimators.health``), if any.
     """
     bounds = summary["bounds"]
     star_rows = [(f"elbo_q_star_{f}", f"L[q*_{_label(f)}]") for f in FAMILY_ORDER if f"elbo_q_star_{f}" in bounds]

@@ -4,7 +4,7 @@ the gaps of training and held-out points drift apart as training goes on).
 
 A run trained with ``train.snapshot_every = N`` holds ``snapshots/epoch_NNNNN.pt``; for each, the
 encoder's L[q], the local FFG's L[q*] (refined from the encoder's output with gapbench's procedure)
-and log p̂(x) (a fresh IWAE under q or q*, whichever did better on a pilot draw: ``gapbench.log_px``) are estimated with ``num_samples`` samples by
+and log p̂(x) (a fresh IWAE under q or q*, whichever did better on a pilot draw: ``gapbench.estimators.log_px``) are estimated with ``num_samples`` samples by
 :func:`gapbench.measure_gaps`, with the same datapoints and random stream for every snapshot.
 Writes ``track.csv`` (long form: epoch, split, quantity, mean, stderr, mc_stderr).
 """
@@ -17,12 +17,12 @@ from typing import Callable
 import pandas as pd
 import torch
 
-from . import io
-from .checkpoints import load_weights, safe_load
-from .config import load_config
-from .experiment import SNAPSHOTS, dataset_of, evaluation_data, networks_for
-from .measure import measure_gaps
-from .rundir import RunError
+from gapbench import io
+from gapbench.runner.checkpoints import load_weights, safe_load
+from gapbench.runner.config import load_config
+from gapbench.runner.run import SNAPSHOTS, dataset_of, evaluation_data, networks_for
+from gapbench.measure import measure_gaps
+from gapbench.runner.rundir import RunError
 
 SPLITS = ("train", "valid")
 

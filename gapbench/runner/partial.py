@@ -21,9 +21,9 @@ from typing import Any, Callable, NamedTuple
 import pandas as pd
 import torch
 
-from . import io
-from .deadline import StopRequested
-from .distributed import Ranks, broadcast, gather
+from gapbench import io
+from gapbench.deadline import StopRequested
+from gapbench.runner.distributed import Ranks, broadcast, gather
 
 PARTIAL = "partial"
 PARTIAL_FORMAT = "gapbench-partial"

@@ -9,9 +9,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .checkpoints import safe_load
-from .outputs import read_datapoints, summary_problem
-from .rundir import RunError
+from gapbench.runner.checkpoints import safe_load
+from gapbench.outputs import read_datapoints, summary_problem
+from gapbench.runner.rundir import RunError
 
 REDO = "delete it (and stages.json's record of its stage) and rerun the same command to redo the stage"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .rundir import RunError
+from gapbench.runner.rundir import RunError
 
 CHECKPOINT_FORMAT = "gapbench-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -70,7 +70,7 @@ def load_checkpoint(path: str | Path, config=None, data_size: int | None = None)
 def _in_current_form(saved: dict, path: str | Path) -> dict:
     """A checkpoint's config as this version resolves it: keys added since (``model.posterior``) take
     their defaults, so a checkpoint from an older version still matches its run's config."""
-    from .config import ConfigError, parse_config
+    from gapbench.runner.config import ConfigError, parse_config
 
     try:
         return parse_config(saved, source=str(path), ignore_unknown=True).model_dump(mode="json")

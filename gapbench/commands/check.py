@@ -32,7 +32,7 @@ from pathlib import Path
 from statistics import NormalDist
 from typing import Any, NamedTuple
 
-from .outputs import summary_value_problem
+from gapbench.outputs import summary_value_problem
 
 BASELINE_FORMAT = "gapbench-baseline"
 BASELINE_VERSION = 1

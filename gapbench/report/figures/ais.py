@@ -1,7 +1,7 @@
 """Figure: AIS and the BDMC sandwich against the number of annealing steps, on a linear-Gaussian
 model whose log p(x) is known exactly.
 
-    python -m gapbench.report.ais_figure --out results/ais_linear_gaussian.png
+    python -m gapbench.report.figures.ais --out results/ais_linear_gaussian.png
 
 Datapoints are simulated from the model, so the z that generated each x is an exact posterior
 sample and reverse AIS can start from it. For every number of steps T, forward AIS (the estimate,
@@ -22,9 +22,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .. import io
-from ..estimators import bdmc, simulate
-from ..models import LinearGaussian
+from gapbench import io
+from gapbench.estimators import bdmc, simulate
+from gapbench.models import LinearGaussian
 
 
 def sandwich_by_steps(*, data_size: int = 100, latent_size: int = 10, num_datapoints: int = 50,
@@ -91,7 +91,7 @@ def plot(frame: pd.DataFrame, path: Path, *, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gapbench.report.ais_figure", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m gapbench.report.figures.ais", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="results/ais_linear_gaussian.png", help="PNG path (a CSV is written beside it)")
     parser.add_argument("--data-size", type=int, default=100)
     parser.add_argument("--latent-size", type=int, default=10)

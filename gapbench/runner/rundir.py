@@ -48,9 +48,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
-from . import io
-from .health import AIS_FLAG_DEFAULTS
-from .outputs import content_problem, sha256_file
+from gapbench import io
+from gapbench.estimators.health import AIS_FLAG_DEFAULTS
+from gapbench.outputs import content_problem, sha256_file
 
 STAGES = ("train", "amortized", "local", "ais", "calibration", "log_px", "curve", "report")
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {  # config sections whose values a stage's output depends on

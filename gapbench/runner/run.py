@@ -4,12 +4,12 @@ Each stage writes its outputs atomically and is recorded in stages.json when the
 a rerun skips recorded stages, and training continues from its last saved epoch (train_state.pt), so a
 run killed at any moment resumes where it stopped and ends with the same numbers. A folder holding
 a run with another config is refused unless ``force``, which redoes only the stages the change
-affects (see ``gapbench.rundir``).
+affects (see ``gapbench.runner.rundir``).
 
 The evaluation stages (amortized, local, ais, curve) draw every datapoint's noise from its own stream
 (``datapoint_streams``), so a datapoint's numbers depend on the seed and its index only. Under
 torchrun each rank evaluates a shard of the datapoints and rank 0, which alone owns the folder and
-trains, gathers the rows and writes the same files as one process (``gapbench.distributed``).
+trains, gathers the rows and writes the same files as one process (``gapbench.runner.distributed``).
 
 Files of a run folder:
     config.json        the resolved configuration (every default filled in)
@@ -23,7 +23,7 @@ Files of a run folder:
     ais_calibration.json  with ais.calibration_datapoints: the BDMC sandwich width of the AIS settings on data
                        simulated from the model (``gapbench.calibration``)
     log_px.csv         per datapoint: log p_hat(x), a fresh draw of the estimator chosen on the pilot bounds of
-                       amortized.csv, local.csv and ais.csv (``gapbench.log_px``), with stderr, ESS and source
+                       amortized.csv, local.csv and ais.csv (``gapbench.estimators.log_px``), with stderr, ESS and source
     curve.csv          with curve.enabled, per datapoint and step count k: the ELBO after k SVI steps from
                        the encoder's output and the fraction of the amortization gap closed
     datapoints.csv     everything per datapoint, with log p_hat(x), the three gaps and numerical faults
@@ -53,31 +53,32 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import io
-from .checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint, load_train_state,
-                          load_weights)
-from .calibration import calibrate_ais, calibration_lines
-from .config import ConfigError, ExperimentConfig
-from .curves import curve_frame, refinement_curve, summarize_curve
-from .data import Dataset, binarize, check_binary, check_levels, check_values, load_dataset
-from .deadline import Deadline, StopRequested
-from .device import row_bytes, rows_that_fit, samples_per_chunk, use_stage_threads
-from .distributed import ONE_PROCESS, Ranks, broadcast, close_ranks, gather, init_ranks, shard
-from .external import ExternalModel, build_external, check_external, with_checkpoint_sha256
-from .gaps import NO_FAULT, decompose, estimate_columns, find_faults, summarize, summarize_column
-from .health import UNHEALTHY, ais_flags, health_counts
-from .log_px import method_description, selected_log_px
-from .measure import ais_diagnostics, ais_of, bounds_of, effective_procedure, fresh_estimators, local_posterior
-from .partial import PartialStore, Unit, UnitResult, concat, run_units, units_of
-from .models import ConvDecoder, ConvTrunk, Decoder, DecoderBase, HierarchicalDecoder
-from .outputs import join_on_index, sha256_file, with_index
-from .posteriors import (DatapointStreams, HierarchicalEncoder, HierarchicalFamily, LocalFamily, make_encoder,
-                         make_family)
-from .report import gap_table_markdown
-from .resources import activation_widths, memory_problems
-from .rundir import STAGES, TRAIN_STATE, RunError, RunFolder, hashed_sections, open_run_folder, recorded_stages
-from .stage_files import read_finished, read_q_star, read_summary_of
-from .train import ResumeError, train
+from gapbench import io
+from gapbench.runner.checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint, load_train_state,
+    load_weights)
+from gapbench.calibration import calibrate_ais, calibration_lines
+from gapbench.runner.config import ConfigError, ExperimentConfig
+from gapbench.inference.curves import curve_frame, refinement_curve, summarize_curve
+from gapbench.data import Dataset, binarize, check_binary, check_levels, check_values, load_dataset
+from gapbench.deadline import Deadline, StopRequested
+from gapbench.runner.device import row_bytes, rows_that_fit, samples_per_chunk, use_stage_threads
+from gapbench.runner.distributed import ONE_PROCESS, Ranks, broadcast, close_ranks, gather, init_ranks, shard
+from gapbench.runner.external import ExternalModel, build_external, check_external, with_checkpoint_sha256
+from gapbench.gaps import NO_FAULT, decompose, estimate_columns, find_faults, summarize, summarize_column
+from gapbench.estimators.health import UNHEALTHY, ais_flags, health_counts
+from gapbench.estimators.log_px import method_description, selected_log_px
+from gapbench.measure import ais_diagnostics, ais_of, bounds_of, effective_procedure, fresh_estimators, local_posterior
+from gapbench.runner.partial import PartialStore, Unit, UnitResult, concat, run_units, units_of
+from gapbench.models import ConvDecoder, ConvTrunk, Decoder, DecoderBase, HierarchicalDecoder
+from gapbench.outputs import join_on_index, sha256_file, with_index
+from gapbench.posteriors import (DatapointStreams, HierarchicalEncoder, HierarchicalFamily, LocalFamily, make_encoder,
+    make_family)
+from gapbench.report import gap_table_markdown
+from gapbench.runner.resources import activation_widths, memory_problems
+from gapbench.runner.rundir import (STAGES, TRAIN_STATE, RunError, RunFolder, hashed_sections, open_run_folder,
+    recorded_stages)
+from gapbench.runner.stage_files import read_finished, read_q_star, read_summary_of
+from gapbench.train import ResumeError, train
 
 __all__ = ["CHECKPOINT_FORMAT", "Run", "RunError", "build_networks", "datapoint_streams", "dataset_of",
            "evaluation_data", "external_networks", "load_checkpoint", "networks_for", "open_run", "open_run_config",
@@ -163,7 +164,7 @@ def build_networks(config: ExperimentConfig, data_size: int, *, image_shape: tup
 
 def networks_for(config: ExperimentConfig, dataset: Dataset) -> tuple[DecoderBase, torch.nn.Module]:
     """:func:`build_networks` for the images of ``dataset``; with ``model.factory``, the external model
-    and encoder, checked on two datapoints (``gapbench.external``)."""
+    and encoder, checked on two datapoints (``gapbench.runner.external``)."""
     if config.model.factory is not None:
         external = external_networks(config, evaluation_data(config, dataset)[:2])
         return external.model, external.encoder
@@ -196,7 +197,7 @@ def local_family(config: ExperimentConfig, name: str) -> LocalFamily:
 
 
 def log_px_candidates(config: ExperimentConfig) -> tuple[str, ...]:
-    """The estimators log p_hat(x) chooses from per datapoint (``gapbench.log_px``): IWAE under q and
+    """The estimators log p_hat(x) chooses from per datapoint (``gapbench.estimators.log_px``): IWAE under q and
     under every q*, and AIS when the AIS stage runs."""
     return ("iwae_q", *[f"iwae_q_star_{f}" for f in config.refine.families],
             *(("ais",) if config.ais.enabled else ()))
@@ -225,13 +226,13 @@ def evaluation_data(config: ExperimentConfig, dataset: Dataset) -> torch.Tensor:
 
 
 def versions() -> dict[str, str]:
-    from . import __version__
+    from gapbench import __version__
     return {"gapbench": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "numpy": np.__version__, "pandas": pd.__version__}
 
 
 class Run:
-    """One run folder and the stages that fill it (see ``gapbench.rundir`` for the bookkeeping)."""
+    """One run folder and the stages that fill it (see ``gapbench.runner.rundir`` for the bookkeeping)."""
 
     def __init__(self, config: ExperimentConfig, out_dir: str | Path, *, force: bool = False,
                  progress: bool = True, log: Callable[[str], None] = print,
@@ -451,7 +452,7 @@ class Run:
                   reads: tuple[str, ...] = ("checkpoint.pt",), part: str | None = None,
                   desc: str) -> list[UnitResult] | None:
         """Every unit of ``plan`` through ``compute``, resuming from and saving to partial/ (see
-        ``gapbench.partial``); the results in datapoint order on rank 0, None on the others."""
+        ``gapbench.runner.partial``); the results in datapoint order on rank 0, None on the others."""
         from tqdm.auto import tqdm
         name = stage if part is None else f"{stage}_{part}"
         store = PartialStore(self.dir, name, self._partial_key(stage, reads)) if self.ranks.is_main else None
@@ -638,7 +639,7 @@ class Run:
     def log_px_stage(self, decoder, encoder, x: torch.Tensor, pilot: pd.DataFrame | None) -> pd.DataFrame:
         """log p_hat(x) for every datapoint: the estimator chosen on the pilot bounds (``pilot``, rank 0's
         frame of amortized.csv, local.csv and ais.csv side by side), drawn again from the datapoint's
-        streams of this stage, one part per estimator (``gapbench.log_px.selected_log_px``, as
+        streams of this stage, one part per estimator (``gapbench.estimators.log_px.selected_log_px``, as
         ``measure_gaps``)."""
         path = self.dir / "log_px.csv"
         if self._is_finished("log_px"):
@@ -684,7 +685,7 @@ class Run:
         return self._write_frame("log_px", path, results, start)
 
     def curve_stage(self, decoder, encoder, x: torch.Tensor, local: pd.DataFrame) -> pd.DataFrame | None:
-        """The refinement curve of every datapoint (``gapbench.curves``); None when ``curve.enabled`` is
+        """The refinement curve of every datapoint (``gapbench.inference.curves``); None when ``curve.enabled`` is
         false. The fraction of the gap closed uses L[q*] of the local stage."""
         c = self.config.curve
         if not c.enabled:
@@ -720,7 +721,7 @@ class Run:
     def _pilot(self, amortized: pd.DataFrame, local: pd.DataFrame, ais: pd.DataFrame | None) -> pd.DataFrame:
         """amortized.csv, local.csv (in this version's form) and ais.csv side by side: the pilot bounds."""
         local = _local_in_current_form(local, self.config.model.posterior)
-        if ais is not None:  # a flagged AIS estimate stays in the frame but not in log p_hat (gapbench.health)
+        if ais is not None:  # a flagged AIS estimate stays in the frame but not in log p_hat (gapbench.estimators.health)
             ais = pd.concat([ais, ais_flags(ais, **self.config.ais.flags())], axis=1)
         return join_on_index([amortized, local] + ([ais] if ais is not None else []))
 
@@ -750,7 +751,7 @@ class Run:
         io.write_text(self.dir / "table.md", gap_table_markdown(summary))
         shutil.rmtree(self.dir / "figures", ignore_errors=True)  # a redone report leaves no figures of the last
         if self.figures:
-            from .report.figures import write_run_figures
+            from gapbench.report.figures.common import write_run_figures
             self.log("[report] figures: " + ", ".join(p.name for p in write_run_figures(self.dir, frame, summary)
                                                       if p.suffix == ".png") + f" in {self.dir / 'figures'}")
         self.folder.finish("report", 0.0)
@@ -905,12 +906,12 @@ class Run:
 
     def _check_memory(self, dataset: Dataset, resolved: dict) -> None:
         """Refuse (RunError) a config whose unfinished stages cannot fit in the device's free memory
-        (``gapbench.resources``)."""
+        (``gapbench.runner.resources``)."""
         finished = recorded_stages(self.dir, resolved) if self.ranks.is_main else set()
         problems = memory_problems(self.config, dataset.data_size, self.device, skip=finished)
         if problems:
             raise RunError("the run cannot fit in memory: " + "; ".join(problems)
-                           + " (estimates of the largest arrays, gapbench/resources.py)")
+                           + " (estimates of the largest arrays, gapbench/runner/resources.py)")
 
     def _open_folder(self, stack: ExitStack, resolved: dict) -> None:
         """Rank 0 opens (and locks) the folder; a refusal stops every rank with rank 0's message."""
@@ -956,7 +957,7 @@ def comparable_config(previous: dict, current: dict) -> dict:
     defaults, and a section it lacks (one added since, such as ``[ais]``) takes the current value,
     since nothing in that folder depends on it, so the folder resumes and only the new stage runs.
     A config that does not validate is returned as it is (and then differs)."""
-    from .config import parse_config
+    from gapbench.runner.config import parse_config
 
     try:
         normalized = parse_config(previous, source="config.json", ignore_unknown=True).model_dump(mode="json")
@@ -973,9 +974,9 @@ def run_experiment(config: ExperimentConfig, out_dir: str | Path, *, force: bool
                    device: torch.device | str = "cpu", ranks: Ranks = ONE_PROCESS,
                    threads: int | None = None, figures: bool = True, deadline: Deadline | None = None) -> dict | None:
     """Run (or resume) an experiment into ``out_dir``; returns the summary dict (None on ranks other
-    than 0 of a distributed job: see ``gapbench.distributed``). ``threads``: torch threads of every
-    stage (None: chosen per stage from its size, ``gapbench.device.stage_threads``); ``figures``: the
-    report stage writes figures/ (``gapbench.report.figures``).
+    than 0 of a distributed job: see ``gapbench.runner.distributed``). ``threads``: torch threads of every
+    stage (None: chosen per stage from its size, ``gapbench.runner.device.stage_threads``); ``figures``: the
+    report stage writes figures/ (``gapbench.report.figures.common``).
 
     ``deadline``: a time limit (and SIGTERM handling): the stages stop at a safe point before it and
     raise :class:`~gapbench.deadline.StopRequested`; the same call again continues."""
@@ -990,7 +991,7 @@ def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def open_run_config(run_dir: str | Path) -> ExperimentConfig:
     """A trained run's config; keys this version does not know are ignored with a warning, and
     sections it lacks take their defaults, so folders written by other versions load."""
-    from .config import load_config
+    from gapbench.runner.config import load_config
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file() or not (run_dir / "checkpoint.pt").is_file():

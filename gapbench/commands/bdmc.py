@@ -16,11 +16,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .estimators import AISProcedure, bdmc, simulate
-from .estimators.ais import DEFAULT_AIS
-from .experiment import open_run
-from .rundir import RunError
-from .measure import AIS_INITS, amortized_posterior, frozen
+from gapbench.estimators import AISProcedure, bdmc, simulate
+from gapbench.estimators.ais import DEFAULT_AIS
+from gapbench.runner.run import open_run
+from gapbench.runner.rundir import RunError
+from gapbench.measure import AIS_INITS, amortized_posterior, frozen
 
 
 def bdmc_run(run_dir: str | Path, *, num_datapoints: int = 100, procedure: AISProcedure = DEFAULT_AIS,

@@ -14,7 +14,7 @@ The estimate counts what grows with the settings, in float32 (4 bytes a value), 
     curve      weights + curve.num_samples x B rows with gradient
 
 with B = min(eval.batch_size, eval.num_datapoints) datapoints evaluated together, Z the latent size
-(Z1 + Z2 for the two-layer model), and a row of activations ``gapbench.device.row_bytes``. Free
+(Z1 + Z2 for the two-layer model), and a row of activations ``gapbench.runner.device.row_bytes``. Free
 memory: ``MemAvailable`` of /proc/meminfo (else ``os.sysconf``) on a CPU, ``torch.cuda.mem_get_info``
 on a GPU. A stage whose count exceeds it is refused; the count is a floor of what the stage needs,
 so a refusal is never a false alarm about the arrays it names.
@@ -27,8 +27,8 @@ from typing import NamedTuple
 
 import torch
 
-from .device import BYTES_PER_VALUE, row_bytes
-from .estimators.log_weights import DEFAULT_ROWS_PER_CHUNK
+from gapbench.runner.device import BYTES_PER_VALUE, row_bytes
+from gapbench.estimators.log_weights import DEFAULT_ROWS_PER_CHUNK
 
 AIS_STATE_VALUES = 8  # values per (chain, datapoint, latent dimension) AIS keeps (see the module docstring)
 TRAIN_WEIGHT_COPIES = 6  # weights, gradients, Adam's two moments, best weights, the saved training state
@@ -42,7 +42,7 @@ class StageMemory(NamedTuple):
 
 
 def activation_widths(config, data_size: int) -> tuple[int, list[int]]:
-    """(Z, hidden widths) of one decoder evaluation, as ``gapbench.device.row_bytes`` takes them: the
+    """(Z, hidden widths) of one decoder evaluation, as ``gapbench.runner.device.row_bytes`` takes them: the
     two-layer model adds Z2 and the network of p(z1|z2); a convolutional decoder its feature maps."""
     m = config.model
     latent, hidden = m.latent_size, list(m.decoder_hidden)

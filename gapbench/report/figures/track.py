@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .figures import save, use_style
+from gapbench.report.figures.common import save, use_style
 
 BOUNDS = (("log_px", "log p̂(x)"), ("elbo_q_star", "L[q*]"), ("elbo_q", "L[q]"))
 GAPS = (("approximation", "approximation gap"), ("amortization", "amortization gap"))

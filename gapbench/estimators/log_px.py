@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .estimators import Estimate
+from gapbench.estimators import Estimate
 
 UNHEALTHY_AIS = "ais_unhealthy"
 PENALTY = 2.0  # pilot standard errors subtracted from a pilot value

@@ -41,7 +41,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .posteriors import DiagonalGaussian, as_posterior
+from gapbench.posteriors import DiagonalGaussian, as_posterior
 
 GRADIENTS = ("unrolled", "stop")
 

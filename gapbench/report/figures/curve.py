@@ -1,7 +1,7 @@
 """Figure: refinement curves of one or more runs, the mean ELBO and the fraction of the amortization
 gap closed against the number of SVI steps from the encoder's output.
 
-    python -m gapbench.report.curve_figure RUN_DIR [RUN_DIR ...] --out FILE.png
+    python -m gapbench.report.figures.curve RUN_DIR [RUN_DIR ...] --out FILE.png
 
 Reads ``summary.json["curve"]`` of each run (a run made with ``curve.enabled = true``) and writes
 FILE.png and FILE.pdf. Left: mean ELBO over datapoints (nats) with, dashed, the mean L[q*] of local
@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from .figures import save, use_style
+from gapbench.report.figures.common import save, use_style
 
 
 class FigureError(ValueError):
@@ -80,7 +80,7 @@ def plot(curves: list[tuple[str, dict]], out: str | Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gapbench.report.curve_figure",
+    parser = argparse.ArgumentParser(prog="python -m gapbench.report.figures.curve",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders made with curve.enabled = true")
     parser.add_argument("--out", required=True, help="figure path; FILE.png and FILE.pdf are written")

@@ -33,9 +33,9 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import nn
 
-from .config import ConfigError, ExperimentConfig
-from .outputs import sha256_file
-from .posteriors import as_posterior
+from gapbench.runner.config import ConfigError, ExperimentConfig
+from gapbench.outputs import sha256_file
+from gapbench.posteriors import as_posterior
 
 PROBE_DATAPOINTS = 2  # datapoints of the forward pass that checks a factory's networks
 PROBE_SAMPLES = 3  # z samples per datapoint in that pass

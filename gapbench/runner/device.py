@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .config import ConfigError, ExperimentConfig
+from gapbench.runner.config import ConfigError, ExperimentConfig
 
 DEVICES = ("cpu", "cuda", "auto")
 MEMORY_FRACTION = 0.25  # of the free GPU memory one chunk of activations may take (autograd, copies, allocator slack)

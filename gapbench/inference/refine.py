@@ -40,8 +40,8 @@ from typing import Callable, Mapping, NamedTuple
 
 import torch
 
-from .estimators import log_weights
-from .posteriors import DatapointStreams, LocalFamily, RandomStream, fork_seed
+from gapbench.estimators import log_weights
+from gapbench.posteriors import DatapointStreams, LocalFamily, RandomStream, fork_seed
 
 GRADIENTS = ("stl", "reparam")
 CONVERGENCE_TESTS = ("window", "paired")

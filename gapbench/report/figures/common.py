@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .tables import FAMILY_LABELS, FAMILY_ORDER
+from gapbench.report.tables import FAMILY_LABELS, FAMILY_ORDER
 
 NO_FAULT = "ok"
 
@@ -34,7 +34,7 @@ def save(fig, stem: str | Path) -> list[Path]:
     """Write ``stem``.png (200 dpi) and ``stem``.pdf, each atomically; returns both paths."""
     import matplotlib.pyplot as plt
 
-    from ..io import _atomic_path
+    from gapbench.io import _atomic_path
 
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -177,7 +177,7 @@ def run_figures(frames: Sequence[pd.DataFrame], summaries: Sequence[dict], label
 def write_run_figures(run_dir: str | Path, frame: pd.DataFrame, summary: dict) -> list[Path]:
     """The figures of one run into ``run_dir``/figures, from its datapoints frame (faults left out)
     and summary: what the report stage of ``gapbench run`` writes."""
-    from .tables import column_labels
+    from gapbench.report.tables import column_labels
 
     usable = frame[frame["fault"] == NO_FAULT] if "fault" in frame else frame
     return run_figures([usable], [summary], column_labels([summary]), Path(run_dir) / "figures")

@@ -3,7 +3,7 @@ amortization gap that k steps close.
 
 From lambda_0 = the encoder's (mu, log sigma^2) for each datapoint, a fixed procedure (Adam with a
 constant step size, ``num_samples`` z per step, no convergence test, no early stopping; the same
-per-datapoint Adam as ``gapbench.refine``, so datapoints stay independent) runs to the largest
+per-datapoint Adam as ``gapbench.inference.refine``, so datapoints stay independent) runs to the largest
 requested step count; at each requested count k the ELBO L_k of every datapoint is estimated with
 ``eval_samples`` samples drawn from the *same* noise at every k (common random numbers: the noise
 eps is fixed, z = mu_k + sigma_k eps). So L_0 is exactly the amortized ELBO L[q] estimated with that
@@ -31,11 +31,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .estimators import elbo_from_stats
-from .estimators.log_weights import empty_stats, log_weights, resolve_chunk_size
-from .measure import amortized_posterior, frozen
-from .posteriors import DatapointStreams, DiagonalGaussian, DiagonalGaussianFamily, RandomStream, fork_seed
-from .refine import GRADIENTS, ActiveSet, refine_step
+from gapbench.estimators import elbo_from_stats
+from gapbench.estimators.log_weights import empty_stats, log_weights, resolve_chunk_size
+from gapbench.inference.frozen import amortized_posterior, frozen
+from gapbench.posteriors import DatapointStreams, DiagonalGaussian, DiagonalGaussianFamily, RandomStream, fork_seed
+from gapbench.inference.refine import GRADIENTS, ActiveSet, refine_step
 
 DEFAULT_STEPS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500)
 

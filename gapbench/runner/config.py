@@ -15,11 +15,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
-from .curves import CurveProcedure
-from .estimators import AISProcedure
-from .health import AIS_FLAG_DEFAULTS
-from .measure import RefineProcedure
-from .semi_amortized import SemiAmortized
+from gapbench.inference.curves import CurveProcedure
+from gapbench.estimators import AISProcedure
+from gapbench.estimators.health import AIS_FLAG_DEFAULTS
+from gapbench.measure import RefineProcedure
+from gapbench.inference.semi_amortized import SemiAmortized
 
 
 class ConfigError(ValueError):
@@ -93,7 +93,7 @@ class ModelConfig(Section):
     conv_channels: list[int] = [64, 128, 256]  # kind = "conv": channels of each stride-2 convolution (paper)
     latent_size_2: int = Field(16, ge=1)  # Z2, the top layer (kind = "hierarchical")
     prior_hidden: list[int] = [100]  # hidden widths of p(z1|z2) and q(z2|z1) (kind = "hierarchical")
-    # an external model (gapbench.external): "package.module:function" returning (model, encoder); the
+    # an external model (gapbench.runner.external): "package.module:function" returning (model, encoder); the
     # run then skips training. factory_path: a folder put on sys.path first; checkpoint: a file passed to
     # the factory; checkpoint_sha256: the file's sha256, filled in by the runner (a pinned one must match)
     factory: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -230,7 +230,7 @@ class AISConfig(Section):
     max_step_size: float = Field(0.5, gt=0.0)
     calibration_datapoints: int = Field(0, ge=0)  # BDMC on this many datapoints simulated from the model (0: none)
     calibration_tolerance: float = Field(0.2, gt=0.0)  # nats of BDMC sandwich width above which the report warns
-    # a datapoint's AIS is flagged unhealthy, and left out of log p_hat(x), when (gapbench.health) ...
+    # a datapoint's AIS is flagged unhealthy, and left out of log p_hat(x), when (gapbench.estimators.health) ...
     flag_acceptance_error: float = Field(AIS_FLAG_DEFAULTS["flag_acceptance_error"],
                                          gt=0.0)  # |acceptance - target_acceptance| is above this
     flag_divergence_rate: float = Field(AIS_FLAG_DEFAULTS["flag_divergence_rate"],
@@ -251,7 +251,7 @@ class AISConfig(Section):
         return AISProcedure(**{k: getattr(self, k) for k in AISProcedure._fields})
 
     def flags(self) -> dict[str, float]:
-        """The keyword arguments of ``gapbench.health.ais_flags``."""
+        """The keyword arguments of ``gapbench.estimators.health.ais_flags``."""
         return {"target_acceptance": self.target_acceptance, "num_chains": self.num_chains,
                 **{k: getattr(self, k) for k in AIS_FLAG_DEFAULTS}}
 
@@ -271,7 +271,7 @@ class CurveConfig(Section):
         return self
 
     def procedure(self) -> CurveProcedure:
-        """The keyword arguments of ``gapbench.curves.refinement_curve`` (steps in increasing order)."""
+        """The keyword arguments of ``gapbench.inference.curves.refinement_curve`` (steps in increasing order)."""
         return CurveProcedure(tuple(sorted(self.steps)), self.num_samples, self.learning_rate, self.gradient,
                               self.eval_samples)
 

@@ -8,7 +8,7 @@ q(z|x), the refined q*_FFG and the refined q* of a flow with a density (IAF or p
 coupling flow has no tractable marginal density). Each panel's title gives the KL divergence from the
 approximation to the grid posterior, in nats (KL(q || p) = log p(x) − ELBO, the gap it contributes).
 
-    python -m gapbench.report.posterior_figure RUN_DIR [--datapoints 0 1 2 3] [--flow iaf] --out STEM
+    python -m gapbench.report.figures.posterior RUN_DIR [--datapoints 0 1 2 3] [--flow iaf] --out STEM
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .figures import save, use_style
+from gapbench.report.figures.common import save, use_style
 
 WIDE = 5.0  # the first grid covers [-WIDE, WIDE]^2 (the prior's mass and more)
 
@@ -64,9 +64,9 @@ def kl_on_grid(log_q: torch.Tensor, log_post: torch.Tensor, area: float) -> floa
 
 def posterior_figure(run_dir: str | Path, stem: str | Path, *, datapoints: list[int], flow: str = "iaf") -> list[Path]:
     """Draw the figure for a finished run (2-D latent, ``flow`` among its refine.families)."""
-    from ..experiment import local_family, open_run
-    from ..measure import amortized_posterior
-    from ..rundir import RunError
+    from gapbench.runner.run import local_family, open_run
+    from gapbench.measure import amortized_posterior
+    from gapbench.runner.rundir import RunError
 
     config, decoder, encoder, x = open_run(run_dir)
     if config.model.latent_size != 2:
@@ -120,14 +120,14 @@ def posterior_figure(run_dir: str | Path, stem: str | Path, *, datapoints: list[
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gapbench.report.posterior_figure", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m gapbench.report.figures.posterior", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="a finished run with a 2-D latent space (experiments/digits_2d.toml)")
     parser.add_argument("--datapoints", type=int, nargs="+", default=[0, 1, 2, 3],
                         help="indices among the run's evaluated datapoints (default 0 1 2 3)")
     parser.add_argument("--flow", default="iaf", choices=["iaf", "planar"], help="the local flow to draw (default iaf)")
     parser.add_argument("--out", required=True, help="output path without extension: STEM.png and STEM.pdf")
     args = parser.parse_args(argv)
-    from ..rundir import RunError
+    from gapbench.runner.rundir import RunError
 
     try:
         paths = posterior_figure(args.run_dir, args.out, datapoints=args.datapoints, flow=args.flow)

@@ -26,8 +26,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from .config import ConfigError, ExperimentConfig, apply_overrides, parse_config, parse_overridden, read_raw
-from .outputs import summary_problem
+from gapbench.runner.config import (ConfigError, ExperimentConfig, apply_overrides, parse_config, parse_overridden,
+    read_raw)
+from gapbench.outputs import summary_problem
 
 SWEEP_FILE = "sweep.json"
 QUANTITIES = (("bounds", "log_px"), ("bounds", "elbo_q_star"), ("bounds", "elbo_q"), ("gaps", "approximation"),
@@ -96,7 +97,7 @@ def expand(path: str | Path, overrides: list[str] | None = None) -> list[SweepPo
 
 def write_index(out: Path, path: str | Path, points: list[SweepPoint]) -> None:
     """sweep.json: the experiment file, the swept keys and each run's folder and values."""
-    from . import io
+    from gapbench import io
 
     io.write_json(out / SWEEP_FILE, {"experiment": str(path), "runs": [{"folder": p.label, "values": p.values}
                                                                      for p in points]})
