@@ -238,10 +238,14 @@ def summarize_curve(frame: pd.DataFrame, elbo_q_star: np.ndarray | None = None) 
         return [float(v) for v in table.to_numpy()[usable].mean(0)]
 
     def stderr(table):
-        return [float(v) for v in table.to_numpy()[usable].std(0, ddof=1) / root_n] if n > 1 else [math.nan] * table.shape[1]
+        if n < 2:
+            return [math.nan] * table.shape[1]
+        return [float(v) for v in table.to_numpy()[usable].std(0, ddof=1) / root_n]
 
     def mc_stderr(table):
-        return [float(v) for v in np.sqrt(np.square(table.to_numpy()[usable]).sum(0)) / n] if n else [math.nan] * table.shape[1]
+        if n == 0:
+            return [math.nan] * table.shape[1]
+        return [float(v) for v in np.sqrt(np.square(table.to_numpy()[usable]).sum(0)) / n]
 
     summary = {"steps": [int(k) for k in elbo.columns], "num_datapoints": n,
                "num_diverged": int(frame.groupby("datapoint")["diverged"].any().sum()),
