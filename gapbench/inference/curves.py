@@ -2,9 +2,9 @@
 amortization gap that k steps close.
 
 From lambda_0 = the encoder's (mu, log sigma^2) for each datapoint, a fixed procedure (Adam with a
-constant step size, ``num_samples`` z per step, no convergence test, no early stopping; the same
-per-datapoint Adam as ``gapbench.inference.refine``, so datapoints stay independent) runs to the largest
-requested step count; at each requested count k the ELBO L_k of every datapoint is estimated with
+constant step size, ``num_samples`` z per step, no convergence test, no early stopping; the step of
+``gapbench.inference.refine`` with its per-row Adam, so datapoints stay independent) runs to the
+largest requested step count; at each requested count k the ELBO L_k of every datapoint is estimated with
 ``eval_samples`` samples drawn from the *same* noise at every k (common random numbers: the noise
 eps is fixed, z = mu_k + sigma_k eps). So L_0 is exactly the amortized ELBO L[q] estimated with that
 noise, and the differences L_k - L_0 carry only the noise of the change, not of each estimate; their
@@ -33,9 +33,10 @@ import torch
 
 from gapbench.estimators import elbo_from_stats
 from gapbench.estimators.log_weights import empty_stats, log_weights, resolve_chunk_size
+from gapbench.inference.adam import AdamState, adam_init
 from gapbench.inference.frozen import amortized_posterior, frozen
+from gapbench.inference.refine import GRADIENTS, refine_step
 from gapbench.posteriors import DatapointStreams, DiagonalGaussian, DiagonalGaussianFamily, RandomStream, fork_seed
-from gapbench.inference.refine import GRADIENTS, ActiveSet, refine_step
 
 DEFAULT_STEPS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500)
 
@@ -57,8 +58,8 @@ class RefinementCurve(NamedTuple):
     elbo : (S, B) float64, L_k
     stderr : (S, B) float64, Monte Carlo standard error of L_k
     gain_stderr : (S, B) float64, Monte Carlo standard error of L_k - L_0 (paired samples; 0 at k = 0)
-    is_diverged : (B,) True where an SVI step's estimate stopped being finite; that datapoint keeps its
-        last finite parameters from then on
+    is_diverged : (B,) True where an SVI step's estimate stopped being finite; that datapoint stays at
+        the parameters that estimate was taken at from then on
     """
 
     steps: torch.Tensor
@@ -145,35 +146,24 @@ def refinement_curve(model, encoder: Callable, x: torch.Tensor, *, steps: Sequen
     family = DiagonalGaussianFamily()
     params = family.init_params(x.shape[0], q.mean.shape[-1], like=q.mean, init_from=q)  # (B, Z) each
     eval_noise = _EvaluationNoise(generator)
-    num_datapoints, device = x.shape[0], x.device
-    zeros64 = torch.zeros(num_datapoints, dtype=torch.float64, device=device)
-    state = ActiveSet(
-        positions=torch.arange(num_datapoints, device=device), params=params,
-        exp_avg={k: torch.zeros_like(v) for k, v in params.items()},
-        exp_avg_sq={k: torch.zeros_like(v) for k, v in params.items()},
-        learning_rate=torch.full((num_datapoints,), float(learning_rate), dtype=q.mean.dtype, device=device),
-        window_sum=zeros64, best=zeros64, num_bad_checks=torch.zeros(num_datapoints, dtype=torch.long, device=device),
-        anchor=params, param_sum={k: torch.zeros_like(v) for k, v in params.items()}, candidate=params,
-        last_finite=params,
-    )
-    is_diverged = torch.zeros(num_datapoints, dtype=torch.bool, device=device)
+    adam = adam_init(params, torch.full((x.shape[0],), float(learning_rate), dtype=q.mean.dtype, device=x.device))
+    is_diverged = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     rows, reference = [], None
     with frozen(model):
         for step in range(steps[-1] + 1):
             if step > 0:
-                state, estimate = refine_step(model, family, x, state, step=step, num_samples=num_samples,
-                                              gradient=gradient, generator=generator)
-                bad = ~torch.isfinite(estimate)  # (B,): back to the last finite point, and stay there
+                evaluated = params
+                params, adam, estimate = refine_step(model, family, x, params, adam, step=step,
+                                                     num_samples=num_samples, gradient=gradient, generator=generator)
+                bad = ~torch.isfinite(estimate)  # (B,): back to the parameters of the estimate, and stay there
                 if bool(bad.any()):
-                    state = _freeze(state, bad)
+                    params, adam = _freeze(params, adam, evaluated, bad)
                     is_diverged |= bad
-                state = state._replace(param_sum={k: torch.zeros_like(v) for k, v in state.param_sum.items()},
-                                       window_sum=zeros64)
                 if callback is not None:
                     callback(step)
             if step in steps:
                 value, stderr, gain_stderr, chunks = _evaluate(
-                    model, family.posterior(state.params), x, num_samples=eval_samples, chunk_size=chunk_size,
+                    model, family.posterior(params), x, num_samples=eval_samples, chunk_size=chunk_size,
                     noise=eval_noise, reference=reference)
                 reference = chunks if reference is None else reference
                 rows.append((value, stderr, gain_stderr))
@@ -181,15 +171,16 @@ def refinement_curve(model, encoder: Callable, x: torch.Tensor, *, steps: Sequen
     return RefinementCurve(torch.tensor(steps), value, stderr, gain_stderr, is_diverged)
 
 
-def _freeze(state: ActiveSet, bad: torch.Tensor) -> ActiveSet:
-    """Rows ``bad`` (B,) back to their last finite parameters with zero Adam moments and step size,
-    so no later step moves them."""
+def _freeze(params: dict[str, torch.Tensor], adam: AdamState, evaluated: dict[str, torch.Tensor],
+            bad: torch.Tensor) -> tuple[dict[str, torch.Tensor], AdamState]:
+    """Rows ``bad`` (B,) back to ``evaluated`` with zero Adam moments and step size, so no later step
+    moves them."""
     def where(new: dict, old: dict) -> dict:
         return {k: torch.where(bad.view(-1, *([1] * (v.ndim - 1))), old[k], v) for k, v in new.items()}
-    zeros = {k: torch.zeros_like(v) for k, v in state.params.items()}
-    return state._replace(params=where(state.params, state.last_finite), exp_avg=where(state.exp_avg, zeros),
-                          exp_avg_sq=where(state.exp_avg_sq, zeros),
-                          learning_rate=torch.where(bad, torch.zeros_like(state.learning_rate), state.learning_rate))
+    zeros = {k: torch.zeros_like(v) for k, v in params.items()}
+    lr = adam.learning_rate
+    return where(params, evaluated), AdamState(where(adam.exp_avg, zeros), where(adam.exp_avg_sq, zeros),
+                                               torch.where(bad, torch.zeros_like(lr), lr))
 
 
 def curve_frame(curve: RefinementCurve, elbo_q_star: torch.Tensor | np.ndarray | None = None,
@@ -247,10 +238,14 @@ def summarize_curve(frame: pd.DataFrame, elbo_q_star: np.ndarray | None = None) 
         return [float(v) for v in table.to_numpy()[usable].mean(0)]
 
     def stderr(table):
-        return [float(v) for v in table.to_numpy()[usable].std(0, ddof=1) / root_n] if n > 1 else [math.nan] * table.shape[1]
+        if n < 2:
+            return [math.nan] * table.shape[1]
+        return [float(v) for v in table.to_numpy()[usable].std(0, ddof=1) / root_n]
 
     def mc_stderr(table):
-        return [float(v) for v in np.sqrt(np.square(table.to_numpy()[usable]).sum(0)) / n] if n else [math.nan] * table.shape[1]
+        if n == 0:
+            return [math.nan] * table.shape[1]
+        return [float(v) for v in np.sqrt(np.square(table.to_numpy()[usable]).sum(0)) / n]
 
     summary = {"steps": [int(k) for k in elbo.columns], "num_datapoints": n,
                "num_diverged": int(frame.groupby("datapoint")["diverged"].any().sum()),

@@ -15,7 +15,6 @@ def amortized_posterior(encoder: Callable, x: torch.Tensor):
         return as_posterior(encoder(x))
 
 
-
 class frozen:
     """Context manager: stop a torch model's parameters from collecting gradients."""
 

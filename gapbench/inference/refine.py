@@ -32,6 +32,10 @@ The procedure, per datapoint:
         models it is closer to the optimum than the anchor (mean shortfall 0.0008 against 0.005 nats).
 Cremer, Li & Duvenaud (2018) use Adam with lr 1e-3 from the prior, 50 samples, the window test every
 100 steps, no decay, and stop after more than 10 consecutive bad checks: ``patience=11, lr_decay=1``.
+
+Here: the step (:func:`refine_step`: the ELBO gradient, then ``gapbench.inference.adam``'s per-row
+Adam), the driver (:func:`refine`: step, check, retire stopped rows); the tests' bookkeeping is
+``gapbench.inference.convergence``.
 """
 
 from __future__ import annotations
@@ -40,29 +44,12 @@ from typing import Callable, Mapping, NamedTuple
 
 import torch
 
-from gapbench.estimators import log_weights
+from gapbench.inference.adam import AdamState, adam_init, adam_step
+from gapbench.inference.convergence import (CONVERGENCE_TESTS, ConvergenceState, accumulate, convergence_init,
+                                            paired_check, window_check)
 from gapbench.posteriors import DatapointStreams, LocalFamily, RandomStream, fork_seed
 
 GRADIENTS = ("stl", "reparam")
-CONVERGENCE_TESTS = ("window", "paired")
-PAIRED_Z = 2.0  # one-sided z threshold of the paired test: 2.3% false improvements at convergence
-
-
-class ActiveSet(NamedTuple):
-    """State of the datapoints still being optimised, compacted to the A active rows."""
-
-    positions: torch.Tensor  # (A,) positions in the original batch
-    params: dict[str, torch.Tensor]  # each (A, ...)
-    exp_avg: dict[str, torch.Tensor]  # Adam first moments, like params
-    exp_avg_sq: dict[str, torch.Tensor]  # Adam second moments, like params
-    learning_rate: torch.Tensor  # (A,)
-    window_sum: torch.Tensor  # (A,) float64, sum of per-step ELBO estimates since the last check
-    best: torch.Tensor  # (A,) float64, best window mean so far (window test)
-    num_bad_checks: torch.Tensor  # (A,) consecutive checks without improvement
-    anchor: dict[str, torch.Tensor]  # parameters at the last confirmed improvement (paired test)
-    param_sum: dict[str, torch.Tensor]  # sum of the iterates since the last check (paired test)
-    candidate: dict[str, torch.Tensor]  # the last window's average iterate (paired test)
-    last_finite: dict[str, torch.Tensor]  # the parameters of the last step's ELBO estimate, which was finite
 
 
 class RefineResult(NamedTuple):
@@ -83,6 +70,18 @@ class RefineResult(NamedTuple):
     final_learning_rate: torch.Tensor
     history: torch.Tensor
     is_diverged: torch.Tensor
+
+
+class ActiveSet(NamedTuple):
+    """The datapoints still being optimised, compacted to the A active rows."""
+
+    positions: torch.Tensor  # (A,) positions in the original batch
+    x: torch.Tensor  # (A, D) their data
+    generator: RandomStream  # their random stream
+    params: dict[str, torch.Tensor]  # each (A, ...)
+    last_finite: dict[str, torch.Tensor]  # the parameters of the last step's ELBO estimate, which was finite
+    adam: AdamState
+    convergence: ConvergenceState
 
 
 def _objective(model, family: LocalFamily, params: Mapping[str, torch.Tensor], x: torch.Tensor, *,
@@ -110,47 +109,39 @@ def _objective(model, family: LocalFamily, params: Mapping[str, torch.Tensor], x
     return (log_joint - log_q_path).mean(0), estimate
 
 
-def refine_step(model, family: LocalFamily, x: torch.Tensor, state: ActiveSet, *, step: int,
-                num_samples: int, gradient: str, betas: tuple[float, float] = (0.9, 0.999),
-                eps: float = 1e-8, generator: RandomStream | None) -> tuple[ActiveSet, torch.Tensor]:
-    """One Adam ascent step on the ELBO for the active datapoints.
+def elbo_gradient(model, family: LocalFamily, params: Mapping[str, torch.Tensor], x: torch.Tensor, *,
+                  num_samples: int, gradient: str,
+                  generator: RandomStream | None) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """The gradient of each row's ELBO estimate with respect to its parameters (in the order of ``params``,
+    each (A, ...)) and the estimate (A,), from ``num_samples`` draws of z per row."""
+    params = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    surrogate, estimate = _objective(model, family, params, x, num_samples=num_samples,
+                                     gradient=gradient, generator=generator)
+    return torch.autograd.grad(surrogate.sum(), list(params.values())), estimate
+
+
+def refine_step(model, family: LocalFamily, x: torch.Tensor, params: Mapping[str, torch.Tensor], adam: AdamState, *,
+                step: int, num_samples: int, gradient: str, betas: tuple[float, float] = (0.9, 0.999),
+                eps: float = 1e-8,
+                generator: RandomStream | None) -> tuple[dict[str, torch.Tensor], AdamState, torch.Tensor]:
+    """One Adam ascent step on the ELBO of every row.
 
     Parameters
     ----------
-    x : (A, D), the active datapoints
-    step : 1-based step number (all active datapoints have taken the same number of steps)
+    x : (A, D), the rows' datapoints
+    params : each (A, ...); not changed
+    adam : their Adam state, consumed (:func:`gapbench.inference.adam.adam_step`)
+    step : 1-based step number (every row has taken the same number of steps)
 
     Returns
     -------
-    the new state and the ELBO estimate at the old parameters, (A,)
+    the new parameters, the new Adam state and the ELBO estimate at the old parameters, (A,)
     """
-    params = {k: v.detach().requires_grad_(True) for k, v in state.params.items()}
-    surrogate, estimate = _objective(model, family, params, x, num_samples=num_samples,
-                                     gradient=gradient, generator=generator)
-    grads = torch.autograd.grad(surrogate.sum(), list(params.values()))
-    beta1, beta2 = betas
-    scales = family.step_scale(state.params)
-    new_params, new_m, new_v = {}, {}, {}
-    for (name, value), grad in zip(params.items(), grads):
-        # Adam on the ascent gradient (the moments are the descent moments negated, bit for bit), the
-        # moments and the window's sum of iterates updated in place: a local flow holds ~10^5
-        # parameters per datapoint, so a batched step is bound by passes over memory, and every
-        # pass and every fresh buffer counts. No one else holds these tensors (_select copies rows).
-        m = state.exp_avg[name].mul_(beta1).add_(grad, alpha=1 - beta1)
-        v = state.exp_avg_sq[name].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        # update = lr * m_hat / (sqrt(v_hat) + eps), m_hat = m / (1 - beta1^t), v_hat = v / (1 - beta2^t)
-        lr = state.learning_rate.view(-1, *([1] * (value.ndim - 1))) / (1 - beta1**step)  # (A, 1, ...)
-        update = v.sqrt().div_((1 - beta2**step) ** 0.5).add_(eps).reciprocal_().mul_(m).mul_(lr)
-        if name in scales:
-            update.mul_(scales[name])
-        new_params[name] = update.add_(value.detach())  # value + update (ascent)
-        new_m[name], new_v[name] = m, v
-    param_sum = {k: state.param_sum[k].add_(new_params[k]) for k in new_params}
-    # the parameters the estimate was taken at (the driver stops a datapoint whose estimate is not finite)
-    last_finite = {k: v.detach() for k, v in state.params.items()}
-    state = state._replace(params=new_params, exp_avg=new_m, exp_avg_sq=new_v, param_sum=param_sum,
-                           window_sum=state.window_sum + estimate.to(torch.float64), last_finite=last_finite)
-    return state, estimate
+    grads, estimate = elbo_gradient(model, family, params, x, num_samples=num_samples, gradient=gradient,
+                                    generator=generator)
+    new_params, adam = adam_step(params, grads, adam, step=step, scales=family.step_scale(params),
+                                 betas=betas, eps=eps)
+    return new_params, adam, estimate
 
 
 def rows_finite(params: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -158,63 +149,125 @@ def rows_finite(params: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return torch.stack([torch.isfinite(v.flatten(1)).all(1) for v in params.values()]).all(0)
 
 
-def _record_check(state: ActiveSet, improved: torch.Tensor, *, lr_decay: float) -> ActiveSet:
-    """Reset the bad-check count where ``improved`` (A,), else count it and decay the learning rate."""
-    num_bad = torch.where(improved, torch.zeros_like(state.num_bad_checks), state.num_bad_checks + 1)
-    lr = torch.where(improved, state.learning_rate, state.learning_rate * lr_decay)
-    return state._replace(num_bad_checks=num_bad, learning_rate=lr,
-                          window_sum=torch.zeros_like(state.window_sum))
+def _take_rows(tree, keep: torch.Tensor):
+    """The rows ``keep`` (A,) of a tensor, of every tensor of a dict, or of every field of a named tuple."""
+    if isinstance(tree, torch.Tensor):
+        return tree[keep]
+    if isinstance(tree, dict):
+        return {k: v[keep] for k, v in tree.items()}
+    return type(tree)(*(_take_rows(field, keep) for field in tree))
 
 
-def window_check(state: ActiveSet, *, check_every: int, min_improvement: float,
-                 lr_decay: float) -> tuple[ActiveSet, torch.Tensor]:
-    """The window test; returns the updated state and the window means (A,)."""
-    window_mean = state.window_sum / check_every
-    improved = window_mean > state.best + min_improvement  # (A,)
-    state = state._replace(best=torch.where(improved, window_mean, state.best))
-    return _record_check(state, improved, lr_decay=lr_decay), window_mean
+def _select(active: ActiveSet, keep: torch.Tensor) -> ActiveSet:
+    """Keep the rows where ``keep`` (A,) is True; with per-datapoint streams, their streams too."""
+    generator = active.generator
+    if isinstance(generator, DatapointStreams):
+        generator = generator.select(keep)
+    return ActiveSet(active.positions[keep], active.x[keep], generator, _take_rows(active.params, keep),
+                     _take_rows(active.last_finite, keep), _take_rows(active.adam, keep),
+                     _take_rows(active.convergence, keep))
 
 
-@torch.no_grad()
-def paired_check(model, family: LocalFamily, x: torch.Tensor, state: ActiveSet, *, check_every: int,
-                 check_samples: int, min_improvement: float, lr_decay: float,
-                 generator: RandomStream) -> tuple[ActiveSet, torch.Tensor]:
-    """The paired test with common random numbers; returns the updated state and window means (A,).
-
-    diff_s = log w(params, eps_s) - log w(anchor, eps_s), s = 1..check_samples, the same eps for
-    both; improved where mean(diff) > min_improvement + PAIRED_Z * std(diff) / sqrt(check_samples).
-    """
-    window_mean = state.window_sum / check_every
-    candidate = {k: v / check_every for k, v in state.param_sum.items()}  # the window's average iterate
-    noise_state = generator.get_state()
-    log_w_now = log_weights(model, family.posterior(candidate), x, num_samples=check_samples,
-                            generator=generator)  # (S, A)
-    generator.set_state(noise_state)  # replay the same noise for the anchor
-    log_w_anchor = log_weights(model, family.posterior(state.anchor), x, num_samples=check_samples,
-                               generator=generator)  # (S, A)
-    diff = (log_w_now - log_w_anchor).to(torch.float64)  # (S, A)
-    stderr = diff.std(0) / check_samples**0.5 if check_samples > 1 else torch.zeros_like(diff[0])
-    improved = diff.mean(0) > min_improvement + PAIRED_Z * stderr  # (A,)
-    anchor = {k: torch.where(improved.view(-1, *([1] * (v.ndim - 1))), candidate[k], v)
-              for k, v in state.anchor.items()}
-    state = state._replace(anchor=anchor, candidate=candidate, best=torch.maximum(state.best, window_mean),
-                           param_sum={k: torch.zeros_like(v) for k, v in state.param_sum.items()})
-    return _record_check(state, improved, lr_decay=lr_decay), window_mean
+def _retire(out: RefineResult, active: ActiveSet, rows: torch.Tensor, *, step: int,
+            params: Mapping[str, torch.Tensor], is_diverged: torch.Tensor | bool,
+            is_converged: torch.Tensor | bool) -> ActiveSet:
+    """Write the outcome of the active rows where ``rows`` (A,) is True into ``out`` and drop them.
+    ``params`` are their final parameters, each (R, ...); the flags are (R,) or one for all."""
+    done = active.positions[rows]
+    for name, tensor in params.items():
+        out.params[name][done] = tensor
+    out.num_steps[done] = step
+    out.is_diverged[done] = is_diverged
+    out.is_converged[done] = is_converged
+    out.final_learning_rate[done] = active.adam.learning_rate[rows]
+    return _select(active, ~rows)
 
 
-def _rows_of(generator: RandomStream, positions: torch.Tensor) -> RandomStream:
-    """The random stream of the active datapoints: their own streams when per-datapoint, else the same."""
-    return generator.select(positions) if isinstance(generator, DatapointStreams) else generator
+def _advance(out: RefineResult, model, family: LocalFamily, active: ActiveSet, *, step: int, num_samples: int,
+             gradient: str) -> ActiveSet:
+    """One step of every active row (:func:`refine_step`), added to the convergence window. A row whose
+    estimate is not finite stops at once, flagged, with its last parameters with a finite estimate.
+
+    Non-finite parameters make the next estimate non-finite (z = mean + std * eps), so the estimate
+    alone detects divergence, one step later at most; checked every step, before any check sees it."""
+    previous = active.last_finite
+    params, adam, estimate = refine_step(model, family, active.x, active.params, active.adam, step=step,
+                                         num_samples=num_samples, gradient=gradient, generator=active.generator)
+    active = active._replace(params=params, adam=adam, last_finite=active.params,
+                             convergence=accumulate(active.convergence, params, estimate))
+    bad = ~torch.isfinite(estimate)  # (A,)
+    if bool(bad.any()):
+        active = _retire(out, active, bad, step=step, params=_take_rows(previous, bad), is_diverged=True,
+                         is_converged=False)
+    return active
 
 
-def _select(state: ActiveSet, keep: torch.Tensor) -> ActiveSet:
-    """Keep the rows where ``keep`` (A,) is True."""
-    def rows(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v[keep] for k, v in d.items()}
-    return ActiveSet(state.positions[keep], rows(state.params), rows(state.exp_avg), rows(state.exp_avg_sq),
-                     state.learning_rate[keep], state.window_sum[keep], state.best[keep],
-                     state.num_bad_checks[keep], rows(state.anchor), rows(state.param_sum),
-                     rows(state.candidate), rows(state.last_finite))
+def _finish(out: RefineResult, active: ActiveSet, stop: torch.Tensor, *, step: int, patience: int,
+            convergence: str) -> ActiveSet:
+    """Retire the rows ``stop`` (A,) with their result: the last window's average iterate (paired test)
+    or the last iterate (window test); a row whose result is not finite (only if the very last step
+    diverged) keeps its last parameters with a finite estimate and is flagged."""
+    final = _take_rows(active.convergence.candidate if convergence == "paired" else active.params, stop)
+    is_finite = rows_finite(final)  # (R,)
+    params = {name: torch.where(is_finite.view(-1, *([1] * (tensor.ndim - 1))), tensor, active.last_finite[name][stop])
+              for name, tensor in final.items()}
+    is_converged = (active.convergence.num_bad_checks[stop] >= patience) & is_finite
+    return _retire(out, active, stop, step=step, params=params, is_diverged=~is_finite, is_converged=is_converged)
+
+
+def _check(model, family: LocalFamily, active: ActiveSet, *, convergence: str, check_every: int,
+           check_samples: int, min_improvement: float, lr_decay: float) -> tuple[ActiveSet, torch.Tensor]:
+    """The convergence check of every active row; a row without improvement has its learning rate
+    multiplied by ``lr_decay``. Returns the new set and the window means (A,)."""
+    if convergence == "paired":
+        state, info = paired_check(model, family, active.x, active.convergence, check_every=check_every,
+                                   check_samples=check_samples, min_improvement=min_improvement,
+                                   generator=active.generator)
+    else:
+        state, info = window_check(active.convergence, check_every=check_every, min_improvement=min_improvement)
+    lr = active.adam.learning_rate
+    adam = active.adam._replace(learning_rate=torch.where(info.is_improved, lr, lr * lr_decay))
+    return active._replace(convergence=state, adam=adam), info.window_mean
+
+
+def _history_row(window_mean: torch.Tensor, positions: torch.Tensor, num_datapoints: int) -> torch.Tensor:
+    """The window means (A,) of the active rows at their ``positions`` in a (B,) float64 row, NaN elsewhere."""
+    row = torch.full((num_datapoints,), torch.nan, dtype=torch.float64, device=window_mean.device)
+    row[positions] = window_mean
+    return row
+
+
+def _validate(family: LocalFamily, *, gradient: str, convergence: str, learning_rate: float, lr_decay: float,
+              **counts: int) -> None:
+    if gradient not in GRADIENTS:
+        raise ValueError(f"unknown gradient estimator {gradient!r}; choose one of {GRADIENTS}")
+    if gradient == "stl" and not getattr(family, "supports_stl", True):
+        raise ValueError(f"the {family.name!r} family cannot evaluate log q at a given z cheaply, which the 'stl' "
+                         "gradient needs; use gradient='reparam' (gapbench.measure.effective_procedure does)")
+    if convergence not in CONVERGENCE_TESTS:
+        raise ValueError(f"unknown convergence test {convergence!r}; choose one of {CONVERGENCE_TESTS}")
+    for name, value in counts.items():
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if not learning_rate > 0 or not 0 < lr_decay <= 1:
+        raise ValueError(f"need learning_rate > 0 and 0 < lr_decay <= 1, got {learning_rate}, {lr_decay}")
+
+
+def _start(x: torch.Tensor, init_params: Mapping[str, torch.Tensor], learning_rate: float,
+           generator: RandomStream) -> tuple[RefineResult, ActiveSet]:
+    """The result to fill (every datapoint at its start, none stopped) and every datapoint active."""
+    num_datapoints, device = x.shape[0], x.device
+    start = {k: v.detach().clone() for k, v in init_params.items()}
+    out = RefineResult(params=start, num_steps=torch.zeros(num_datapoints, dtype=torch.long, device=device),
+                       is_converged=torch.zeros(num_datapoints, dtype=torch.bool, device=device),
+                       final_learning_rate=torch.full((num_datapoints,), float(learning_rate), device=device),
+                       history=torch.empty(0, num_datapoints, dtype=torch.float64, device=device),
+                       is_diverged=torch.zeros(num_datapoints, dtype=torch.bool, device=device))
+    active = ActiveSet(positions=torch.arange(num_datapoints, device=device), x=x, generator=generator,
+                       params={k: v.clone() for k, v in start.items()},
+                       last_finite={k: v.clone() for k, v in start.items()},
+                       adam=adam_init(start, out.final_learning_rate.clone()), convergence=convergence_init(start))
+    return out, active
 
 
 def refine(model, x: torch.Tensor, *, family: LocalFamily, init_params: Mapping[str, torch.Tensor],
@@ -249,99 +302,28 @@ def refine(model, x: torch.Tensor, *, family: LocalFamily, init_params: Mapping[
     -------
     RefineResult with per-datapoint parameters, step counts and convergence flags.
     """
-    if gradient not in GRADIENTS:
-        raise ValueError(f"unknown gradient estimator {gradient!r}; choose one of {GRADIENTS}")
-    if gradient == "stl" and not getattr(family, "supports_stl", True):
-        raise ValueError(f"the {family.name!r} family cannot evaluate log q at a given z cheaply, which the 'stl' "
-                         "gradient needs; use gradient='reparam' (gapbench.measure.effective_procedure does)")
-    if convergence not in CONVERGENCE_TESTS:
-        raise ValueError(f"unknown convergence test {convergence!r}; choose one of {CONVERGENCE_TESTS}")
-    for name, value in {"num_samples": num_samples, "max_steps": max_steps, "check_every": check_every,
-                        "patience": patience, "check_samples": check_samples}.items():
-        if value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
-    if not learning_rate > 0 or not 0 < lr_decay <= 1:
-        raise ValueError(f"need learning_rate > 0 and 0 < lr_decay <= 1, got {learning_rate}, {lr_decay}")
-    num_datapoints = x.shape[0]
-    device = x.device
+    _validate(family, gradient=gradient, convergence=convergence, learning_rate=learning_rate, lr_decay=lr_decay,
+              num_samples=num_samples, max_steps=max_steps, check_every=check_every, patience=patience,
+              check_samples=check_samples)
     if generator is None:  # the paired test replays noise, so it needs a stream of its own
-        generator = torch.Generator(device=device).manual_seed(fork_seed(None))
-    out_params = {k: v.detach().clone() for k, v in init_params.items()}
-    num_steps = torch.zeros(num_datapoints, dtype=torch.long, device=device)
-    is_converged = torch.zeros(num_datapoints, dtype=torch.bool, device=device)
-    final_lr = torch.full((num_datapoints,), float(learning_rate), device=device)
-    diverged = torch.zeros(num_datapoints, dtype=torch.bool, device=device)
+        generator = torch.Generator(device=x.device).manual_seed(fork_seed(None))
+    out, active = _start(x, init_params, learning_rate, generator)
     history: list[torch.Tensor] = []
-
-    zeros64 = torch.zeros(num_datapoints, dtype=torch.float64, device=device)
-    state = ActiveSet(
-        positions=torch.arange(num_datapoints, device=device),
-        params={k: v.clone() for k, v in out_params.items()},
-        exp_avg={k: torch.zeros_like(v) for k, v in out_params.items()},
-        exp_avg_sq={k: torch.zeros_like(v) for k, v in out_params.items()},
-        learning_rate=final_lr.clone(),
-        window_sum=zeros64.clone(),
-        best=torch.full_like(zeros64, -torch.inf),
-        num_bad_checks=torch.zeros(num_datapoints, dtype=torch.long, device=device),
-        anchor={k: v.clone() for k, v in out_params.items()},
-        param_sum={k: torch.zeros_like(v) for k, v in out_params.items()},
-        candidate={k: v.clone() for k, v in out_params.items()},
-        last_finite={k: v.clone() for k, v in out_params.items()},
-    )
-    x_active, active_generator = x, generator
     step = 0
-    while state.positions.numel() > 0 and step < max_steps:
+    while active.positions.numel() > 0 and step < max_steps:
         step += 1
-        before = state.last_finite
-        state, estimate = refine_step(model, family, x_active, state, step=step, num_samples=num_samples,
-                                      gradient=gradient, generator=active_generator)
-        # Non-finite parameters make the next estimate non-finite (z = mean + std * eps), so the
-        # estimate alone detects divergence, one step later at most; checked every step so that no
-        # convergence test sees it.
-        bad = ~torch.isfinite(estimate)  # (A,)
-        if bool(bad.any()):  # stop these datapoints now, at their last finite point
-            done = state.positions[bad]
-            for name, tensor in before.items():  # the parameters of the last finite estimate
-                out_params[name][done] = tensor[bad]
-            num_steps[done] = step
-            diverged[done] = True
-            final_lr[done] = state.learning_rate[bad]
-            state = _select(state, ~bad)
-            x_active, active_generator = x[state.positions], _rows_of(generator, state.positions)
-            if state.positions.numel() == 0:
-                if callback is not None:
-                    callback(step, 0)
-                break
-        is_check = step % check_every == 0
-        if is_check:
-            if convergence == "paired":
-                state, window_mean = paired_check(model, family, x_active, state, check_every=check_every,
-                                                  check_samples=check_samples, min_improvement=min_improvement,
-                                                  lr_decay=lr_decay, generator=active_generator)
-            else:
-                state, window_mean = window_check(state, check_every=check_every,
-                                                  min_improvement=min_improvement, lr_decay=lr_decay)
-            row = torch.full((num_datapoints,), torch.nan, dtype=torch.float64, device=device)
-            row[state.positions] = window_mean
-            history.append(row)
-        stop = state.num_bad_checks >= patience if is_check else None
+        active = _advance(out, model, family, active, step=step, num_samples=num_samples, gradient=gradient)
+        stop = None
+        if step % check_every == 0 and active.positions.numel() > 0:
+            active, window_mean = _check(model, family, active, convergence=convergence, check_every=check_every,
+                                         check_samples=check_samples, min_improvement=min_improvement,
+                                         lr_decay=lr_decay)
+            history.append(_history_row(window_mean, active.positions, x.shape[0]))
+            stop = active.convergence.num_bad_checks >= patience
         if step == max_steps:
-            stop = torch.ones_like(state.positions, dtype=torch.bool)
+            stop = torch.ones_like(active.positions, dtype=torch.bool)
         if stop is not None and bool(stop.any()):
-            done = state.positions[stop]
-            final = {k: v[stop] for k, v in (state.candidate if convergence == "paired" else state.params).items()}
-            is_finite = rows_finite(final)  # (S,) False only if the very last step diverged
-            for name, tensor in final.items():
-                keep = is_finite.view(-1, *([1] * (tensor.ndim - 1)))
-                out_params[name][done] = torch.where(keep, tensor, state.last_finite[name][stop])
-            num_steps[done] = step
-            diverged[done] = ~is_finite
-            is_converged[done] = (state.num_bad_checks[stop] >= patience) & is_finite
-            final_lr[done] = state.learning_rate[stop]
-            state = _select(state, ~stop)
-            x_active, active_generator = x[state.positions], _rows_of(generator, state.positions)
+            active = _finish(out, active, stop, step=step, patience=patience, convergence=convergence)
         if callback is not None:
-            callback(step, int(state.positions.numel()))
-    history_tensor = (torch.stack(history) if history
-                      else torch.empty(0, num_datapoints, dtype=torch.float64, device=device))
-    return RefineResult(out_params, num_steps, is_converged, final_lr, history_tensor, diverged)
+            callback(step, int(active.positions.numel()))
+    return out._replace(history=torch.stack(history)) if history else out
