@@ -161,14 +161,7 @@ def open_run_folder(path: str | Path, resolved: dict, *, force: bool, log: Calla
     table can be printed again.
     """
     path = Path(path)
-    config_path = path / "config.json"
-    if path.exists() and not path.is_dir():
-        raise RunError(f"cannot write the run folder {path}: it is a file; choose another --out")
-    if path.is_dir() and not config_path.exists():
-        foreign = sorted(p.name for p in path.iterdir() if not _is_ours(p.name))
-        if foreign:
-            raise RunError(f"{path} is not empty ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}) "
-                           "and holds no gapbench run; choose a new or empty folder as --out")
+    _refuse_other_content(path)
     lock_fd = _open_lock(path)
     try:
         if lock_fd is not None:
@@ -179,22 +172,8 @@ def open_run_folder(path: str | Path, resolved: dict, *, force: bool, log: Calla
         replaced = started = False
         try:
             try:
-                previous = None
-                if config_path.exists():
-                    previous = recorded = _read_json(config_path, "delete the folder to start the run again")
-                    if normalize is not None:
-                        recorded, previous = previous, normalize(previous)
-                        if lock_fd is not None:
-                            migrate.rehash_records(path, recorded, previous, records)
-                if lock_fd is None and previous != resolved:
-                    raise OSError(errno.EROFS, "read-only file system", str(path))
-                if previous is not None and previous != resolved:
-                    replaced = _change_config(path, previous, resolved, records, force=force, log=log,
-                                              recorded=recorded)
-                if previous != resolved:
-                    io.write_json(config_path, resolved)
-                if lock_fd is not None:
-                    migrate.adopt_unhashed_records(path, resolved, records)
+                replaced = _take_config(path, resolved, records, is_writable=lock_fd is not None, force=force,
+                                        log=log, normalize=normalize)
             except OSError as error:
                 raise RunError(f"cannot write the run folder {path}: {error.strerror}; "
                                "choose a writable --out") from None
@@ -209,6 +188,45 @@ def open_run_folder(path: str | Path, resolved: dict, *, force: bool, log: Calla
     finally:
         if lock_fd is not None:
             os.close(lock_fd)  # releases the lock
+
+
+def _refuse_other_content(path: Path) -> None:
+    """RunError for a file, or a non-empty folder that holds no gapbench run."""
+    if path.exists() and not path.is_dir():
+        raise RunError(f"cannot write the run folder {path}: it is a file; choose another --out")
+    if path.is_dir() and not (path / "config.json").exists():
+        foreign = sorted(p.name for p in path.iterdir() if not _is_ours(p.name))
+        if foreign:
+            raise RunError(f"{path} is not empty ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}) "
+                           "and holds no gapbench run; choose a new or empty folder as --out")
+
+
+def _take_config(path: Path, resolved: dict, records: dict[str, dict], *, is_writable: bool, force: bool,
+                 log: Callable[[str], None], normalize: Callable[[dict], dict] | None) -> bool:
+    """Compare the folder's config (in the current form, ``normalize``) with ``resolved``; refuse or (force)
+    take the change (:func:`_change_config`) and write config.json. True when outputs were set aside."""
+    config_path, replaced = path / "config.json", False
+    previous = recorded = None
+    if config_path.exists():
+        previous = recorded = _read_json(config_path, "delete the folder to start the run again")
+        if normalize is not None:
+            previous = normalize(recorded)
+            if is_writable:
+                migrate.rehash_records(path, recorded, previous, records)
+    if not is_writable and previous != resolved:
+        raise OSError(errno.EROFS, "read-only file system", str(path))
+    if previous is not None and previous != resolved:
+        replaced = _change_config(path, previous, resolved, records, force=force, log=log, recorded=recorded)
+    try:
+        if previous != resolved:
+            io.write_json(config_path, resolved)
+        if is_writable:
+            migrate.adopt_unhashed_records(path, resolved, records)
+    except OSError:
+        if replaced:  # what was set aside goes back
+            _restore_replaced(path, log)
+        raise
+    return replaced
 
 
 def _open_lock(path: Path) -> int | None:
