@@ -57,11 +57,11 @@ def build_networks(config: ExperimentConfig, data_size: int, *, image_shape: tup
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         if model.kind == "hierarchical":
-            decoder = HierarchicalDecoder(data_size, model.latent_size, model.latent_size_2, tuple(model.decoder_hidden),
-                                          tuple(model.prior_hidden), model.activation, likelihood=model.likelihood,
-                                          num_levels=num_levels)
-            encoder = HierarchicalEncoder(data_size, model.latent_size, model.latent_size_2, tuple(model.encoder_hidden),
-                                          tuple(model.prior_hidden), model.activation)
+            decoder = HierarchicalDecoder(data_size, model.latent_size, model.latent_size_2,
+                                          tuple(model.decoder_hidden), tuple(model.prior_hidden), model.activation,
+                                          likelihood=model.likelihood, num_levels=num_levels)
+            encoder = HierarchicalEncoder(data_size, model.latent_size, model.latent_size_2,
+                                          tuple(model.encoder_hidden), tuple(model.prior_hidden), model.activation)
             return decoder, encoder
         if model.kind == "mlp":
             decoder: DecoderBase = Decoder(data_size, model.latent_size, tuple(model.decoder_hidden), model.activation,
@@ -78,8 +78,8 @@ def build_networks(config: ExperimentConfig, data_size: int, *, image_shape: tup
                 trunk = ConvTrunk(shape, tuple(model.conv_channels), model.activation)
             except ValueError as error:
                 raise ConfigError(f"model.conv_channels = {model.conv_channels}: {error}") from None
-        encoder = make_encoder(model.posterior, data_size, model.latent_size, tuple(model.encoder_hidden), model.activation,
-                               num_steps=model.flow_steps, flow_hidden=model.flow_hidden, trunk=trunk)
+        encoder = make_encoder(model.posterior, data_size, model.latent_size, tuple(model.encoder_hidden),
+                               model.activation, num_steps=model.flow_steps, flow_hidden=model.flow_hidden, trunk=trunk)
     return decoder, encoder
 
 
@@ -96,7 +96,8 @@ def networks_for(config: ExperimentConfig, dataset: Dataset) -> tuple[DecoderBas
 def external_networks(config: ExperimentConfig, x: torch.Tensor, device: torch.device | str = "cpu") -> ExternalModel:
     """The factory's model and encoder on ``device``, checked by a forward pass on the first datapoints of x."""
     model = config.model
-    external = build_external(model.factory, factory_path=model.factory_path, checkpoint=model.checkpoint, device=device)
+    external = build_external(model.factory, factory_path=model.factory_path, checkpoint=model.checkpoint,
+                              device=device)
     check_external(external, x[:2].to(device), spec=model.factory)
     return external
 

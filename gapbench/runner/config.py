@@ -322,23 +322,23 @@ class ExperimentConfig(Section):
 
     @model_validator(mode="after")
     def _data_fits_likelihood(self) -> "ExperimentConfig":
-        d, m = self.data, self.model
-        if m.likelihood == "bernoulli" and d.binarization == "none":
+        data, model = self.data, self.model
+        if model.likelihood == "bernoulli" and data.binarization == "none":
             raise ValueError("data.binarization = \"none\" gives grey levels, but model.likelihood = \"bernoulli\" is "
                              "a distribution of 0/1 pixels; set data.binarization = \"dynamic\" or \"static\", or "
                              "model.likelihood = \"logistic\"")
-        if m.likelihood in ("logistic", "gaussian") and d.binarization != "none":
-            raise ValueError(f"data.binarization = {d.binarization!r} does not apply to model.likelihood = \"{m.likelihood}\", "
+        if model.likelihood in ("logistic", "gaussian") and data.binarization != "none":
+            raise ValueError(f"data.binarization = {data.binarization!r} does not apply to model.likelihood = \"{model.likelihood}\", "
                              "which models the pixel levels themselves; remove data.binarization (or set it to "
                              "\"none\"), or use model.likelihood = \"bernoulli\" for binarised pixels")
-        if d.bits != 8 and d.dataset != "cifar10":
-            raise ValueError(f"data.bits = {d.bits} applies to cifar10 only; remove it for {d.dataset!r}")
-        if d.dataset == "file" and d.domain == "binary" and m.likelihood != "bernoulli":
-            raise ValueError(f"data.domain = \"binary\" holds 0/1 values, but model.likelihood = {m.likelihood!r} is a "
+        if data.bits != 8 and data.dataset != "cifar10":
+            raise ValueError(f"data.bits = {data.bits} applies to cifar10 only; remove it for {data.dataset!r}")
+        if data.dataset == "file" and data.domain == "binary" and model.likelihood != "bernoulli":
+            raise ValueError(f"data.domain = \"binary\" holds 0/1 values, but model.likelihood = {model.likelihood!r} is a "
                              "distribution of grey levels; use model.likelihood = \"bernoulli\" or data.domain = \"levels\"")
-        if d.bits != 8 and m.likelihood != "logistic":
-            raise ValueError(f"data.bits = {d.bits} reduces the pixel levels of the discretised logistic, but "
-                             f"model.likelihood = {m.likelihood!r}; remove data.bits or use model.likelihood = \"logistic\"")
+        if data.bits != 8 and model.likelihood != "logistic":
+            raise ValueError(f"data.bits = {data.bits} reduces the pixel levels of the discretised logistic, but "
+                             f"model.likelihood = {model.likelihood!r}; remove data.bits or use model.likelihood = \"logistic\"")
         return self
 
     @model_validator(mode="after")

@@ -93,9 +93,9 @@ class RunFolder:
 
     def outputs_intact(self, stage: str) -> bool:
         """Whether the recorded stage's outputs are the files it wrote: their sha256 as recorded (for a record
-        without them, their content: ``migrate.unrecorded_output_problem``). A changed output of an evaluation stage makes it (and the stages reading it)
-        redone. A changed output of the train stage counts as intact here but is noted in
-        ``changed_checkpoint``: the runner refuses it (:meth:`refuse_changed_checkpoint`) after loading it,
+        without them, their content: ``migrate.unrecorded_output_problem``). A changed output of an
+        evaluation stage makes it (and the stages reading it) redone. A changed output of the train stage
+        counts as intact here but is noted in ``changed_checkpoint``: the runner refuses it (:meth:`refuse_changed_checkpoint`) after loading it,
         since redoing would retrain (and a damaged checkpoint gets the loader's own message)."""
         if stage not in self._verified:
             problem = self._output_problem(stage)

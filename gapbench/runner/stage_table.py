@@ -1,14 +1,17 @@
 """The stages of a run, one entry each: what a stage hashes, reads and writes, and when it runs.
 
-    stage        config sections it hashes              reads            outputs
-    train        seed, data, model, train               -                checkpoint.pt, train_history.csv
-    amortized    ... and eval                           train            amortized.csv
-    local        ... eval and refine                    train            local.pt, local.csv
-    ais          ... refine and ais (it may start at q*)  train, local    ais.csv                 (ais.enabled)
-    calibration  seed, data, model, train, ais          train            ais_calibration.json    (ais.calibration_datapoints)
-    log_px       the same as ais                        every pilot      log_px.csv
-    curve        ... eval, refine (L[q*]) and curve     train, local     curve.csv               (curve.enabled)
-    report       all of them and name                   every stage      datapoints.csv, summary.json, table.md
+    stage        config sections it hashes           reads          outputs                    runs when
+    train        seed, data, model, train            -              checkpoint.pt,
+                                                                    train_history.csv
+    amortized    ... and eval                        train          amortized.csv
+    local        ... eval and refine                 train          local.pt, local.csv
+    ais          ... refine and ais (from q*)        train, local   ais.csv                    ais.enabled
+    calibration  seed, data, model, train, ais       train          ais_calibration.json       ... and
+                                                                                               calibration_datapoints
+    log_px       the same as ais                     the pilots     log_px.csv
+    curve        ... eval, refine (L[q*]), curve     train, local   curve.csv                  curve.enabled
+    report       all of them and name                every stage    datapoints.csv,
+                                                                    summary.json, table.md
 
 Adding a stage means one :class:`Stage` in :data:`STAGE_TABLE` (and its function in
 ``gapbench.runner.stages``). Every other module asks this table: the run folder's records

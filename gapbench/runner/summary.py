@@ -71,7 +71,8 @@ def estimator_descriptions(config: ExperimentConfig) -> dict[str, str]:
     num_samples, families, candidates = config.eval.num_samples, config.refine.families, log_px_candidates(config)
     ais = config.ais
     return {
-        "elbo_q": f"ELBO, {num_samples} samples of the encoder's q", "iwae_q": f"IWAE-{num_samples} under the encoder's q",
+        "elbo_q": f"ELBO, {num_samples} samples of the encoder's q",
+        "iwae_q": f"IWAE-{num_samples} under the encoder's q",
         "elbo_q_star": f"ELBO, {num_samples} samples of q*_{config.model.posterior} (the encoder's family)",
         **{f"elbo_q_star_{f}": f"ELBO, {num_samples} samples of q*_{f}" for f in families},
         **{f"iwae_q_star_{f}": f"IWAE-{num_samples} under q*_{f}" for f in families},
