@@ -100,9 +100,13 @@ class Run:
     def data_parallel(self) -> bool:
         return self.config.train.data_parallel and self.ranks.is_distributed
 
+    def on_main(self, value_fn: Callable[[], Value]) -> Value | None:
+        """``value_fn()`` on rank 0 (which alone holds the folder and the stages' frames); None on the others."""
+        return value_fn() if self.ranks.is_main else None
+
     def from_main(self, value_fn: Callable[[], Value]) -> Value:
         """Rank 0's ``value_fn()``, on every rank (only rank 0 calls it)."""
-        return broadcast(value_fn() if self.ranks.is_main else None, self.ranks)
+        return broadcast(self.on_main(value_fn), self.ranks)
 
     def is_finished(self, stage: str) -> bool:
         """Rank 0's answer, on every rank."""
@@ -179,7 +183,7 @@ class Run:
         local = stages.local(self, decoder, encoder, x)
         ais = stages.ais(self, decoder, encoder, x)
         calibration = stages.calibration(self, decoder, encoder)
-        pilot = stages.pilot_frame(self, amortized, local, ais)
+        pilot = self.on_main(lambda: stages.pilot_frame(self, amortized, local, ais))
         log_px = stages.log_px(self, decoder, encoder, x, pilot)
         curve = stages.curve(self, decoder, encoder, x, pilot)
         return stages.report(self, x, pilot, log_px, curve, dataset, trained, calibration)

@@ -11,7 +11,7 @@ stage redone, a changed checkpoint.pt is refused), and no stage it reads was red
 Every output is written atomically (``gapbench.io``: a temporary name, then a rename) before the
 stage is recorded, so a process killed at any moment leaves whole files and a true record, and the next process with the
 same command redoes only the stages that were not recorded. Training also saves
-``train_state.pt`` at the end of an epoch (at most every ``run.TRAIN_STATE_SECONDS``), so an
+``train_state.pt`` at the end of an epoch (at most every ``training.TRAIN_STATE_SECONDS``), so an
 interrupted training stage continues from its last saved epoch.
 
 A folder holding a run with another config is refused unless ``force``: then the stages whose

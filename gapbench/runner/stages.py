@@ -7,9 +7,10 @@ on rank 0: write the outputs from the gathered results, record the stage, clear 
 :func:`rank0_stage` runs a stage that rank 0 does alone (calibration, report): skip when finished,
 record the start, compute and write, record the end.
 
-Every ``ranks.is_main`` branch of the stages lives in these helpers and in ``Run.from_main`` (rank 0's
-value on every rank); a stage function says only what it computes for a unit and what it writes.
-The train stage (``gapbench.runner.training``) resumes from train_state.pt instead of units.
+Every ``ranks.is_main`` branch of the stages lives in these helpers and in ``Run.on_main`` (rank 0
+only) and ``Run.from_main`` (rank 0's value on every rank); a stage function says only what it
+computes for a unit and what it writes. The train stage (``gapbench.runner.training``) resumes from
+train_state.pt instead of units, and with ``train.data_parallel`` every rank trains.
 """
 
 from __future__ import annotations
@@ -167,7 +168,9 @@ def amortized(run: Run, decoder, encoder, x: torch.Tensor) -> pd.DataFrame | Non
                          generator=run.streams("amortized", unit.start, batch))
         return UnitResult(with_index(pd.DataFrame({**estimate_columns("elbo_q", pair.elbo),
                                                    **estimate_columns("iwae_q", pair.iwae)}), unit.start), {})
-    parts = lambda: [Part(compute, "L[q], IWAE", unit_size=max(1, AMORTIZED_UNIT_ROWS // num_samples))]  # noqa: E731
+
+    def parts() -> list[Part]:
+        return [Part(compute, "L[q], IWAE", unit_size=max(1, AMORTIZED_UNIT_ROWS // num_samples))]
     return evaluation_stage(run, "amortized", parts, one_frame(run, "amortized"), read_frame(run, "amortized"))
 
 
@@ -342,11 +345,9 @@ def calibration(run: Run, decoder, encoder) -> dict | None:
 
 
 def pilot_frame(run: Run, amortized_frame: pd.DataFrame, local_frame: pd.DataFrame,
-                ais_frame: pd.DataFrame | None) -> pd.DataFrame | None:
-    """amortized.csv, local.csv and ais.csv side by side (rank 0; None on the others): the pilot bounds.
+                ais_frame: pd.DataFrame | None) -> pd.DataFrame:
+    """amortized.csv, local.csv (in its current form) and ais.csv side by side, on rank 0: the pilot bounds.
     A flagged AIS estimate stays in the frame but not in log p_hat (``gapbench.estimators.health``)."""
-    if not run.ranks.is_main:
-        return None
     local_frame = migrate.local_in_current_form(local_frame, run.config.model.posterior)
     if ais_frame is not None:
         ais_frame = pd.concat([ais_frame, ais_flags(ais_frame, **run.config.ais.flags())], axis=1)
@@ -354,7 +355,7 @@ def pilot_frame(run: Run, amortized_frame: pd.DataFrame, local_frame: pd.DataFra
 
 
 def report(run: Run, x: torch.Tensor, pilot: pd.DataFrame | None, log_px_frame: pd.DataFrame | None,
-           curve_frame_: pd.DataFrame | None, dataset, training: dict, calibration_result: dict | None) -> dict | None:
+           curve_rows: pd.DataFrame | None, dataset, training: dict, calibration_result: dict | None) -> dict | None:
     """datapoints.csv (everything per datapoint, with log p_hat(x), the three gaps and numerical faults),
     summary.json, table.md and figures/ (rank 0)."""
     def compute() -> dict:
@@ -363,8 +364,8 @@ def report(run: Run, x: torch.Tensor, pilot: pd.DataFrame | None, log_px_frame: 
         summary = run_summary(run.config, frame, x, dataset, training, run.device)
         if calibration_result is not None:
             summary["ais_calibration"] = calibration_result
-        if curve_frame_ is not None:
-            summary["curve"] = summarize_curve(curve_frame_, pilot[Q_STAR_FFG].to_numpy())
+        if curve_rows is not None:
+            summary["curve"] = summarize_curve(curve_rows, pilot[Q_STAR_FFG].to_numpy())
         io.write_json(run.dir / "summary.json", summary)
         io.write_text(run.dir / "table.md", gap_table_markdown(summary))
         write_figures(run, frame, summary)

@@ -62,8 +62,7 @@ def networks(run: Run, dataset: Dataset) -> tuple[Decoder, torch.nn.Module, dict
 
 def shared_networks(run: Run, dataset: Dataset, decoder, encoder, training) -> tuple[Decoder, torch.nn.Module, dict]:
     """Rank 0's networks and training record, sent to every rank (a stop on rank 0 stops them all)."""
-    shared = broadcast((cpu_tensors(decoder.state_dict()), cpu_tensors(encoder.state_dict()), training)
-                       if run.ranks.is_main else None, run.ranks)
+    shared = run.from_main(lambda: (cpu_tensors(decoder.state_dict()), cpu_tensors(encoder.state_dict()), training))
     if isinstance(shared, StopRequested):
         raise shared
     if not run.ranks.is_main:
