@@ -136,13 +136,13 @@ def test_ci_quick_uses_families_with_the_baselines_config():
     """refine.family -> refine.families in ci_quick.toml: the same resolved config as the baseline's,
     so the same stage hashes and numbers."""
     from gapbench.runner.config import load_config, read_raw
-    from gapbench.runner.rundir import STAGE_SECTIONS, section_hash
+    from gapbench.runner.stage_table import STAGES, section_hash
 
     path = ROOT / "experiments" / "ci_quick.toml"
     assert "family" not in read_raw(path)["refine"] and read_raw(path)["refine"]["families"] == ["ffg"]
     resolved = load_config(path).model_dump(mode="json")
     baseline = json.loads((ROOT / "results" / "baselines" / "ci_quick.json").read_text())["config"]
-    assert {s: section_hash(resolved, s) for s in STAGE_SECTIONS} == {s: section_hash(baseline, s) for s in STAGE_SECTIONS}
+    assert {s: section_hash(resolved, s) for s in STAGES} == {s: section_hash(baseline, s) for s in STAGES}
 
 
 def test_report_output_in_the_checkout_is_ignored_by_git():

@@ -13,7 +13,7 @@ import torch
 
 from gapbench.cli import main
 from gapbench.data import load_dataset
-from gapbench.runner.rundir import STAGE_OUTPUTS
+from gapbench.runner.stage_table import STAGE_TABLE
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "experiments" / "external_example.toml"
@@ -41,8 +41,8 @@ def example_run(tmp_path_factory):
 
 
 def test_the_example_writes_the_files_of_a_built_in_run(example_run):
-    expected = {"config.json", "stages.json", *[f for stage, files in STAGE_OUTPUTS.items()
-                                                if stage not in ("curve", "calibration") for f in files]}
+    expected = {"config.json", "stages.json", *[f for stage in STAGE_TABLE
+                                                if stage.name not in ("curve", "calibration") for f in stage.outputs]}
     assert {p.name for p in example_run.iterdir() if p.name not in (".lock", "figures")} == expected
     stages = json.loads((example_run / "stages.json").read_text())
     assert list(stages) == ["train", "amortized", "local", "ais", "log_px", "report"]

@@ -13,7 +13,9 @@ import pandas as pd
 import pytest
 import torch
 
-import gapbench.runner.run as experiment
+import gapbench.runner.stages as stages
+import gapbench.runner.training as training
+from gapbench.runner.rundir import RunError
 import gapbench.runner.rundir as rundir
 from gapbench.cli import EXIT_ALL_FAULTY, main
 from gapbench.runner.config import parse_config
@@ -167,8 +169,8 @@ def test_memory_estimate_counts_the_ais_chains():
 
 def test_a_folder_where_nothing_finished_takes_a_corrected_config(tmp_path, capsys, monkeypatch):
     def fail(*args, **kwargs):
-        raise experiment.RunError("stop")
-    monkeypatch.setattr(experiment, "train", fail)
+        raise RunError("stop")
+    monkeypatch.setattr(training, "train", fail)
     assert run(tmp_path / "run", "--set", "model.latent_size=4") == 2
     monkeypatch.undo()
     assert run(tmp_path / "run", "--set", "train.epochs=1") == 0
@@ -179,8 +181,8 @@ def test_force_puts_back_what_it_replaced_when_the_new_run_fails(copy, capsys, m
     before = files(copy)
 
     def fail(*args, **kwargs):
-        raise experiment.RunError("AIS failed")
-    monkeypatch.setattr(experiment, "ais_of", fail)
+        raise RunError("AIS failed")
+    monkeypatch.setattr(stages, "ais_of", fail)
     assert run(copy, "--force", "--set", "ais.num_steps=6") == 2
     assert "are back in" in capsys.readouterr().err
     assert files(copy) == before and not (copy / rundir.REPLACED).exists()
@@ -360,7 +362,7 @@ def test_a_finished_run_on_a_read_only_disk_prints_its_table(finished, capsys, m
 
 
 def test_a_run_where_every_datapoint_is_faulty_has_its_own_exit_code(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(experiment, "find_faults",
+    monkeypatch.setattr(stages, "find_faults",
                         lambda frame, *a, **k: pd.Series("elbo_q_not_finite", index=frame.index, name="fault"))
     assert run(tmp_path / "run") == EXIT_ALL_FAULTY == 4
     assert "every one of the 12 datapoints" in capsys.readouterr().err

@@ -144,18 +144,18 @@ def test_a_second_process_in_the_same_folder_is_refused(tmp_path, capsys):
 
 
 def test_ctrl_c_exits_130_and_the_same_command_resumes(whole_run, tmp_path, capsys, monkeypatch):
-    import gapbench.runner.run as experiment
+    import gapbench.runner.stages as stages
 
     out = tmp_path / "run"
-    local_posterior = experiment.local_posterior
+    local_posterior = stages.local_posterior
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(experiment, "local_posterior", interrupted)
+    monkeypatch.setattr(stages, "local_posterior", interrupted)
     assert main(["run", str(DIGITS), "--out", str(out), *ARGS]) == 130
     assert "interrupted" in capsys.readouterr().err
-    monkeypatch.setattr(experiment, "local_posterior", local_posterior)
+    monkeypatch.setattr(stages, "local_posterior", local_posterior)
     assert main(["run", str(DIGITS), "--out", str(out), *ARGS]) == 0
     assert "[amortized] skipped" in capsys.readouterr().err
     assert_same_results(out, whole_run)

@@ -84,13 +84,13 @@ def gap_table_markdown(summary: dict) -> str:
 # --- the cross-family table (Table 2) -----------------------------------------------------------------
 
 def encoder_family(summary: dict) -> str:
-    """The family of a run's encoder (runs made before flows existed: "ffg")."""
+    """The family of a run's encoder (``settings.encoder_family``; "ffg" for a summary without it)."""
     return summary.get("settings", {}).get("encoder_family", "ffg")
 
 
 def local_bound(summary: dict, family: str) -> dict | None:
-    """L[q*_family] of a run, or None where that family was not refined. Runs made before flows
-    recorded one family (``settings.refinement.family``) under ``bounds.elbo_q_star``."""
+    """L[q*_family] of a run, or None where that family was not refined: ``bounds.elbo_q_star_<family>``, or
+    for a summary of one refined family (``settings.refinement.family``, no ``families``) ``bounds.elbo_q_star``."""
     bounds = summary["bounds"]
     if f"elbo_q_star_{family}" in bounds:
         return bounds[f"elbo_q_star_{family}"]

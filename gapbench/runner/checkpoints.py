@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gapbench.runner import migrate
 from gapbench.runner.rundir import RunError
 
 CHECKPOINT_FORMAT = "gapbench-checkpoint"
@@ -59,23 +60,12 @@ def load_checkpoint(path: str | Path, config=None, data_size: int | None = None)
         saved, current = checkpoint["config"], config.model_dump(mode="json")
         if not isinstance(saved, dict):
             raise RunError(f"{path} holds no config; {fix}")
-        saved = _in_current_form(saved, path)
+        saved = migrate.checkpoint_config(saved, path)
         for key in ("seed", "data", "model", "train"):
             if saved.get(key) != current[key]:
                 raise RunError(f"{path} was trained with a different [{key}] config; "
                                "use a new --out folder, or delete it to retrain")
     return checkpoint
-
-
-def _in_current_form(saved: dict, path: str | Path) -> dict:
-    """A checkpoint's config as this version resolves it: keys added since (``model.posterior``) take
-    their defaults, so a checkpoint from an older version still matches its run's config."""
-    from gapbench.runner.config import ConfigError, parse_config
-
-    try:
-        return parse_config(saved, source=str(path), ignore_unknown=True).model_dump(mode="json")
-    except ConfigError:
-        return saved
 
 
 def load_weights(path: str | Path, checkpoint: dict, decoder: nn.Module, encoder: nn.Module) -> None:

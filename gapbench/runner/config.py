@@ -20,6 +20,7 @@ from gapbench.estimators import AISProcedure
 from gapbench.estimators.health import AIS_FLAG_DEFAULTS
 from gapbench.measure import RefineProcedure
 from gapbench.inference.semi_amortized import SemiAmortized
+from gapbench.runner.migrate import omit_unused_keys, refine_families
 
 
 class ConfigError(ValueError):
@@ -62,12 +63,8 @@ class DataConfig(Section):
 
     @model_serializer(mode="wrap")
     def _omit_file_keys(self, handler: Any) -> dict[str, Any]:
-        """A built-in dataset's resolved config has no file keys, so its stage hashes read as before they existed."""
-        data = handler(self)
-        if self.dataset != "file":
-            for key in FILE_DATA_KEYS:
-                data.pop(key, None)
-        return data
+        """A built-in dataset's resolved config has no file keys (``migrate.omit_unused_keys``)."""
+        return omit_unused_keys(handler(self), FILE_DATA_KEYS, is_used=self.dataset == "file")
 
 
 # FFG, Cremer et al.'s auxiliary coupling flow, planar, IAF; q(z1|x) q(z2|z1) of the two-layer model
@@ -124,17 +121,11 @@ class ModelConfig(Section):
         return self
 
     @model_serializer(mode="wrap")
-    def _omit_second_layer(self, handler: Any) -> dict[str, Any]:
-        """A one-layer model's resolved config has no second-layer keys, so its config.json, stage hashes,
-        checkpoint and summary settings read as before they existed (baselines stay comparable)."""
-        data = handler(self)
-        if self.kind != "hierarchical":
-            for key in HIERARCHICAL_KEYS:
-                data.pop(key, None)
-        if self.factory is None:  # likewise for a built-in model: no external-model keys
-            for key in FACTORY_KEYS:
-                data.pop(key, None)
-        return data
+    def _omit_unused_keys(self, handler: Any) -> dict[str, Any]:
+        """A one-layer model's resolved config has no second-layer keys, and a built-in model's no
+        external-model keys (``migrate.omit_unused_keys``)."""
+        data = omit_unused_keys(handler(self), HIERARCHICAL_KEYS, is_used=self.kind == "hierarchical")
+        return omit_unused_keys(data, FACTORY_KEYS, is_used=self.factory is not None)
 
 
 class TrainConfig(Section):
@@ -297,18 +288,13 @@ class ExperimentConfig(Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _migrate_family(cls, raw: Any) -> Any:
-        """``refine.family = "ffg"`` (before flows) means ``refine.families = ["ffg"]``; without either,
-        the local families are the encoder's own (``[model.posterior]``)."""
+    def _default_families(cls, raw: Any) -> Any:
+        """Without ``refine.families`` the local families are the encoder's own (``[model.posterior]``);
+        ``refine.family`` is read by ``migrate.refine_families``. A two-layer model's encoder family is
+        "hierarchical"."""
         if not isinstance(raw, dict) or not isinstance(raw.get("refine", {}), dict):
             return raw
-        refine = dict(raw.get("refine", {}))
-        if "family" in refine:
-            if "families" in refine:
-                raise ValueError("refine.family and refine.families are both given; keep refine.families "
-                                 "(refine.family is its old single-family form)")
-            family = refine.pop("family")
-            refine["families"] = [family] if isinstance(family, str) else family
+        refine = refine_families(dict(raw.get("refine", {})))
         model = raw.get("model", {})
         if isinstance(model, dict) and model.get("kind") == "hierarchical" and "posterior" not in model:
             raw = {**raw, "model": {**model, "posterior": "hierarchical"}}  # its encoder is q(z1|x) q(z2|z1)
@@ -336,23 +322,23 @@ class ExperimentConfig(Section):
 
     @model_validator(mode="after")
     def _data_fits_likelihood(self) -> "ExperimentConfig":
-        d, m = self.data, self.model
-        if m.likelihood == "bernoulli" and d.binarization == "none":
+        data, model = self.data, self.model
+        if model.likelihood == "bernoulli" and data.binarization == "none":
             raise ValueError("data.binarization = \"none\" gives grey levels, but model.likelihood = \"bernoulli\" is "
                              "a distribution of 0/1 pixels; set data.binarization = \"dynamic\" or \"static\", or "
                              "model.likelihood = \"logistic\"")
-        if m.likelihood in ("logistic", "gaussian") and d.binarization != "none":
-            raise ValueError(f"data.binarization = {d.binarization!r} does not apply to model.likelihood = \"{m.likelihood}\", "
+        if model.likelihood in ("logistic", "gaussian") and data.binarization != "none":
+            raise ValueError(f"data.binarization = {data.binarization!r} does not apply to model.likelihood = \"{model.likelihood}\", "
                              "which models the pixel levels themselves; remove data.binarization (or set it to "
                              "\"none\"), or use model.likelihood = \"bernoulli\" for binarised pixels")
-        if d.bits != 8 and d.dataset != "cifar10":
-            raise ValueError(f"data.bits = {d.bits} applies to cifar10 only; remove it for {d.dataset!r}")
-        if d.dataset == "file" and d.domain == "binary" and m.likelihood != "bernoulli":
-            raise ValueError(f"data.domain = \"binary\" holds 0/1 values, but model.likelihood = {m.likelihood!r} is a "
+        if data.bits != 8 and data.dataset != "cifar10":
+            raise ValueError(f"data.bits = {data.bits} applies to cifar10 only; remove it for {data.dataset!r}")
+        if data.dataset == "file" and data.domain == "binary" and model.likelihood != "bernoulli":
+            raise ValueError(f"data.domain = \"binary\" holds 0/1 values, but model.likelihood = {model.likelihood!r} is a "
                              "distribution of grey levels; use model.likelihood = \"bernoulli\" or data.domain = \"levels\"")
-        if d.bits != 8 and m.likelihood != "logistic":
-            raise ValueError(f"data.bits = {d.bits} reduces the pixel levels of the discretised logistic, but "
-                             f"model.likelihood = {m.likelihood!r}; remove data.bits or use model.likelihood = \"logistic\"")
+        if data.bits != 8 and model.likelihood != "logistic":
+            raise ValueError(f"data.bits = {data.bits} reduces the pixel levels of the discretised logistic, but "
+                             f"model.likelihood = {model.likelihood!r}; remove data.bits or use model.likelihood = \"logistic\"")
         return self
 
     @model_validator(mode="after")

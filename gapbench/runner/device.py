@@ -78,32 +78,32 @@ def flop_per_row(config: ExperimentConfig, data_size: int) -> float:
     """Multiply-add FLOPs (2 per weight) of one decoder evaluation for one (sample, datapoint) row:
     the MLP's layers, or for ``model.kind = "conv"`` its stride-2 3x3 convolutions (channels c_i on a
     quarter of the previous map each) and the dense layers."""
-    m = config.model
-    if m.kind == "conv":
-        channels, pixels, flop = [1, *m.conv_channels], data_size, 0.0
+    model = config.model
+    if model.kind == "conv":
+        channels, pixels, flop = [1, *model.conv_channels], data_size, 0.0
         for c_in, c_out in zip(channels, channels[1:]):
             pixels = max(1, pixels // 4)
             flop += 2 * 9 * c_in * c_out * pixels
-        return flop + 2 * m.latent_size * channels[-1] * pixels
-    widths = [m.latent_size, *m.decoder_hidden, data_size]
-    if m.kind == "hierarchical":  # and the network of p(z1|z2)
-        widths = widths + [m.latent_size_2, *m.prior_hidden, 2 * m.latent_size]
+        return flop + 2 * model.latent_size * channels[-1] * pixels
+    widths = [model.latent_size, *model.decoder_hidden, data_size]
+    if model.kind == "hierarchical":  # and the network of p(z1|z2)
+        widths = widths + [model.latent_size_2, *model.prior_hidden, 2 * model.latent_size]
     return float(sum(2 * a * b for a, b in zip(widths, widths[1:])))
 
 
 def stage_flop(config: ExperimentConfig, stage: str, data_size: int) -> float:
     """FLOPs of one step of ``stage``: rows evaluated together x passes (1 forward; 3 forward and
     backward) x :func:`flop_per_row`; the encoder counted as a second decoder in training."""
-    e = config.eval
-    rows_per_chunk = (e.chunk_size * e.batch_size) if e.chunk_size else ROWS_PER_CHUNK
+    evaluation = config.eval
+    rows_per_chunk = (evaluation.chunk_size * evaluation.batch_size) if evaluation.chunk_size else ROWS_PER_CHUNK
     rows, passes = {
         "train": (config.train.batch_size, 2 * 3),
         "amortized": (rows_per_chunk, 1),
-        "local": (max(config.refine.resolved(f).num_samples for f in config.refine.families) * e.batch_size, 3),
-        "ais": (min(ROWS_PER_CHUNK, config.ais.num_chains * e.batch_size), 3),
-        "curve": (config.curve.num_samples * e.batch_size, 3),
+        "local": (max(config.refine.resolved(f).num_samples for f in config.refine.families) * evaluation.batch_size, 3),
+        "ais": (min(ROWS_PER_CHUNK, config.ais.num_chains * evaluation.batch_size), 3),
+        "curve": (config.curve.num_samples * evaluation.batch_size, 3),
         # fresh IWAE draws, and fresh AIS where a datapoint chose it: the larger of the two stages' steps
-        "log_px": (min(ROWS_PER_CHUNK, config.ais.num_chains * e.batch_size), 3) if config.ais.enabled
+        "log_px": (min(ROWS_PER_CHUNK, config.ais.num_chains * evaluation.batch_size), 3) if config.ais.enabled
         else (rows_per_chunk, 1),
     }.get(stage, (0, 0))
     return float(rows * passes) * flop_per_row(config, data_size)

@@ -64,19 +64,19 @@ def path_sha256(path: str | Path) -> str:
 def with_checkpoint_sha256(config: ExperimentConfig) -> ExperimentConfig:
     """``config`` with ``model.checkpoint_sha256`` filled in from the checkpoint file; one pinned in the
     experiment file must match it. The sha256 is part of every stage's config hash."""
-    m = config.model
-    if m.factory is None or m.checkpoint is None:
+    model = config.model
+    if model.factory is None or model.checkpoint is None:
         return config
-    path = Path(m.checkpoint)
+    path = Path(model.checkpoint)
     if not path.exists():
         raise ExternalModelError(f"model.checkpoint {path} does not exist; give the path of the file (or folder) the "
-                                 f"factory {m.factory} loads (relative paths are read from the current directory)")
+                                 f"factory {model.factory} loads (relative paths are read from the current directory)")
     sha256 = path_sha256(path)
-    if m.checkpoint_sha256 is not None and m.checkpoint_sha256 != sha256:
+    if model.checkpoint_sha256 is not None and model.checkpoint_sha256 != sha256:
         raise ExternalModelError(f"model.checkpoint {path} has sha256 {sha256}, but the experiment pins "
-                                 f"model.checkpoint_sha256 = {m.checkpoint_sha256}; point to the pinned file, or "
+                                 f"model.checkpoint_sha256 = {model.checkpoint_sha256}; point to the pinned file, or "
                                  "update (or remove) model.checkpoint_sha256")
-    return config.model_copy(update={"model": m.model_copy(update={"checkpoint_sha256": sha256})})
+    return config.model_copy(update={"model": model.model_copy(update={"checkpoint_sha256": sha256})})
 
 
 def import_factory(spec: str, factory_path: str | None = None) -> Callable:
@@ -149,27 +149,28 @@ def check_external(external: ExternalModel, x: torch.Tensor, *, spec: str) -> in
     log q (K, B); log_prior and log_likelihood give finite (K, B) values, differentiable in z. Returns Z.
     ExternalModelError naming the part that does not fit otherwise."""
     model, encoder = external.model, external.encoder
-    b, d = x.shape
+    batch_size, data_size = x.shape
     what = f"model.factory = {spec!r}"
-    fits = f"the factory's networks must take x of shape (B, {d}) (the data's D = {d})"
+    fits = f"the factory's networks must take x of shape (B, {data_size}) (the data's D = {data_size})"
     try:
         with torch.no_grad():
             output = encoder(x)
     except Exception as error:
-        raise ExternalModelError(f"{what}: the encoder failed on x of shape {(b, d)} "
+        raise ExternalModelError(f"{what}: the encoder failed on x of shape {(batch_size, data_size)} "
                                  f"({type(error).__name__}: {error}); {fits}") from None
     k = PROBE_SAMPLES
     try:
         posterior = as_posterior(output)
         z, log_q = posterior.rsample_and_log_prob(k, generator=torch.Generator(x.device).manual_seed(0))
     except Exception as error:
-        raise ExternalModelError(f"{what}: the encoder's output for x of shape {(b, d)} is unusable "
+        raise ExternalModelError(f"{what}: the encoder's output for x of shape {(batch_size, data_size)} is unusable "
                                  f"({type(error).__name__}: {error}); return "
                                  "torch.distributions.Independent(Normal(mu, sigma), 1) or another "
                                  "Distribution with batch shape (B,) and event shape (Z,)") from None
-    if z.ndim != 3 or z.shape[:2] != (k, b) or tuple(log_q.shape) != (k, b):
+    if z.ndim != 3 or z.shape[:2] != (k, batch_size) or tuple(log_q.shape) != (k, batch_size):
         raise ExternalModelError(f"{what}: the encoder's posterior gave z of shape {tuple(z.shape)} and log q of shape "
-                                 f"{tuple(log_q.shape)} for {b} datapoints; expected ({k}, {b}, Z) and ({k}, {b}): "
+                                 f"{tuple(log_q.shape)} for {batch_size} datapoints; expected "
+                                 f"({k}, {batch_size}, Z) and ({k}, {batch_size}): "
                                  "one distribution per row of x, with event shape (Z,)")
     z = z.detach().requires_grad_(True)  # (K, B, Z)
     values = {}
@@ -178,14 +179,16 @@ def check_external(external: ExternalModel, x: torch.Tensor, *, spec: str) -> in
             values[name] = fn()
         except Exception as error:
             raise ExternalModelError(f"{what}: model.{name} failed on z of shape {tuple(z.shape)}"
-                                     f"{' and x of shape ' + str((b, d)) if name == 'log_likelihood' else ''} "
+                                     + (f" and x of shape {(batch_size, data_size)}" if name == "log_likelihood" else "")
+                                     + " "
                                      f"({type(error).__name__}: {error}); {fits} and z of the encoder's "
                                      f"Z = {z.shape[-1]}") from None
         value = values[name]
-        if not isinstance(value, torch.Tensor) or tuple(value.shape) != (k, b):
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != (k, batch_size):
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ExternalModelError(f"{what}: model.{name} returned {shape} for z of shape {tuple(z.shape)}; it must "
-                                     f"return one value per sample and datapoint, shape ({k}, {b}) (sum over the "
+                                     f"return one value per sample and datapoint, shape ({k}, {batch_size}) (sum over "
+                                     "the "
                                      "dimensions of z and x, not over samples or datapoints)")
         if not torch.isfinite(value).all():
             raise ExternalModelError(f"{what}: model.{name} returned NaN or infinite values on the data; check the "

@@ -3,7 +3,7 @@
 A unit is a contiguous range [start, stop) of evaluation datapoints. Its per-datapoint columns and
 tensors (e.g. the q* parameters) are saved atomically to ``partial/<name>/<start>-<stop>.pt`` together
 with the stage's key: the sha256 of the stage's config and of the files it reads (the trained
-weights, local.pt), see ``experiment.Run._partial_key``. A file is used only when its key, its range
+weights, local.pt), see ``stages.partial_key``. A file is used only when its key, its range
 and its row count fit the unit asked for; anything else (another config, other weights, another
 batching, a damaged file) is deleted and the unit is computed again. The folder goes when the stage's
 output is written.

@@ -44,12 +44,12 @@ class StageMemory(NamedTuple):
 def activation_widths(config, data_size: int) -> tuple[int, list[int]]:
     """(Z, hidden widths) of one decoder evaluation, as ``gapbench.runner.device.row_bytes`` takes them: the
     two-layer model adds Z2 and the network of p(z1|z2); a convolutional decoder its feature maps."""
-    m = config.model
-    latent, hidden = m.latent_size, list(m.decoder_hidden)
-    if m.kind == "hierarchical":  # z = (z1, z2) and the network of p(z1|z2)
-        latent, hidden = latent + m.latent_size_2, hidden + list(m.prior_hidden)
-    if m.kind == "conv":  # stride-2 layers: channels c_i at a quarter of the previous size (D bounds H x W)
-        hidden = hidden + [2 * c * data_size // 4 ** (i + 1) for i, c in enumerate(m.conv_channels)]
+    model = config.model
+    latent, hidden = model.latent_size, list(model.decoder_hidden)
+    if model.kind == "hierarchical":  # z = (z1, z2) and the network of p(z1|z2)
+        latent, hidden = latent + model.latent_size_2, hidden + list(model.prior_hidden)
+    if model.kind == "conv":  # stride-2 layers: channels c_i at a quarter of the previous size (D bounds H x W)
+        hidden = hidden + [2 * c * data_size // 4 ** (i + 1) for i, c in enumerate(model.conv_channels)]
     return latent, hidden
 
 
@@ -61,28 +61,28 @@ def _dense_weights(widths: list[int]) -> int:
 def num_weights(config, data_size: int) -> int:
     """About how many parameters the decoder and encoder hold (exact for the MLPs; a 5x5 kernel for
     each convolution)."""
-    m = config.model
-    outputs = 2 if m.likelihood == "logistic" else 1  # logits, or means and log-scales
-    count = _dense_weights([m.latent_size, *m.decoder_hidden, outputs * data_size])
-    count += _dense_weights([data_size, *m.encoder_hidden, 2 * m.latent_size])
-    if m.kind == "hierarchical":
-        count += 2 * _dense_weights([m.latent_size_2, *m.prior_hidden, 2 * m.latent_size])
-    if m.kind == "conv":
-        channels = [1, *m.conv_channels]
+    model = config.model
+    outputs = 2 if model.likelihood == "logistic" else 1  # logits, or means and log-scales
+    count = _dense_weights([model.latent_size, *model.decoder_hidden, outputs * data_size])
+    count += _dense_weights([data_size, *model.encoder_hidden, 2 * model.latent_size])
+    if model.kind == "hierarchical":
+        count += 2 * _dense_weights([model.latent_size_2, *model.prior_hidden, 2 * model.latent_size])
+    if model.kind == "conv":
+        channels = [1, *model.conv_channels]
         count += 2 * sum(25 * a * b for a, b in zip(channels[:-1], channels[1:]))
     return count
 
 
 def stage_memory(config, data_size: int) -> list[StageMemory]:
     """The estimated peak of every stage the config runs (see the module docstring)."""
-    e, a, c = config.eval, config.ais, config.curve
-    batch = min(e.batch_size, e.num_datapoints)  # B
+    evaluation, ais, curve = config.eval, config.ais, config.curve
+    batch = min(evaluation.batch_size, evaluation.num_datapoints)  # B
     latent, hidden = activation_widths(config, data_size)
     row = row_bytes(data_size, latent, hidden, with_gradient=False)
     row_grad = row_bytes(data_size, latent, hidden, with_gradient=True)
     weights = BYTES_PER_VALUE * num_weights(config, data_size)
-    chunk = e.chunk_size or max(1, DEFAULT_ROWS_PER_CHUNK // batch)
-    iwae = min(e.num_samples, chunk) * batch * row
+    chunk = evaluation.chunk_size or max(1, DEFAULT_ROWS_PER_CHUNK // batch)
+    iwae = min(evaluation.num_samples, chunk) * batch * row
     sizes = (f"model.latent_size {config.model.latent_size}, widths {config.model.encoder_hidden} / "
              f"{config.model.decoder_hidden}")
     stages = [
@@ -91,22 +91,22 @@ def stage_memory(config, data_size: int) -> list[StageMemory]:
                     f"{config.train.batch_size}",
                     "lower model.latent_size, model.encoder_hidden / decoder_hidden or train.batch_size"),
         StageMemory("amortized", weights + iwae,
-                    f"{min(e.num_samples, chunk)} samples per chunk x {batch} datapoints",
+                    f"{min(evaluation.num_samples, chunk)} samples per chunk x {batch} datapoints",
                     "lower eval.chunk_size or eval.batch_size"),
     ]
     refine_samples = max(config.refine.resolved(f).num_samples for f in config.refine.families)
     stages.append(StageMemory("local", weights + max(refine_samples * batch * row_grad, iwae),
                               f"refine.num_samples {refine_samples} x {batch} datapoints",
                               "lower refine.num_samples, eval.chunk_size or eval.batch_size"))
-    if a.enabled:
-        state = AIS_STATE_VALUES * BYTES_PER_VALUE * a.num_chains * batch * (latent + 1)
-        chains = min(a.num_chains, max(1, DEFAULT_ROWS_PER_CHUNK // batch))
+    if ais.enabled:
+        state = AIS_STATE_VALUES * BYTES_PER_VALUE * ais.num_chains * batch * (latent + 1)
+        chains = min(ais.num_chains, max(1, DEFAULT_ROWS_PER_CHUNK // batch))
         stages.append(StageMemory("ais", weights + state + chains * batch * row_grad,
-                                  f"ais.num_chains {a.num_chains} x {batch} datapoints x latent {latent}",
+                                  f"ais.num_chains {ais.num_chains} x {batch} datapoints x latent {latent}",
                                   "lower ais.num_chains or eval.batch_size"))
-    if c.enabled:
-        stages.append(StageMemory("curve", weights + c.num_samples * batch * row_grad,
-                                  f"curve.num_samples {c.num_samples} x {batch} datapoints",
+    if curve.enabled:
+        stages.append(StageMemory("curve", weights + curve.num_samples * batch * row_grad,
+                                  f"curve.num_samples {curve.num_samples} x {batch} datapoints",
                                   "lower curve.num_samples or eval.batch_size"))
     return stages
 

@@ -2,17 +2,8 @@
 
 A run folder holds ``config.json`` (the resolved config), the outputs of the stages and
 ``stages.json``, which records each finished stage with the sha256 of the config sections it
-depends on:
-
-    stage      config sections it depends on        outputs
-    train      seed, data, model, train              checkpoint.pt, train_history.csv
-    amortized  seed, data, model, train, eval        amortized.csv
-    local      ... and refine                        local.pt, local.csv
-    ais        ... and ais (it may start from q*)    ais.csv
-    calibration  seed, data, model, train, ais        ais_calibration.json (only with ais.calibration_datapoints)
-    log_px     the same as ais                       log_px.csv
-    curve      ... eval, refine (it reads L[q*]), curve  curve.csv (only with curve.enabled)
-    report     all of them and name                  datapoints.csv, summary.json, table.md
+depends on, and the sha256 of each output (the stages, their sections and outputs:
+``gapbench.runner.stage_table``).
 
 A stage counts as finished when ``stages.json`` records it with the hash of the current config, its
 outputs exist with the sha256 recorded for each (``gapbench.outputs``; a changed output makes its
@@ -20,7 +11,7 @@ stage redone, a changed checkpoint.pt is refused), and no stage it reads was red
 Every output is written atomically (``gapbench.io``: a temporary name, then a rename) before the
 stage is recorded, so a process killed at any moment leaves whole files and a true record, and the next process with the
 same command redoes only the stages that were not recorded. Training also saves
-``train_state.pt`` at the end of an epoch (at most every ``experiment.TRAIN_STATE_SECONDS``), so an
+``train_state.pt`` at the end of an epoch (at most every ``training.TRAIN_STATE_SECONDS``), so an
 interrupted training stage continues from its last saved epoch.
 
 A folder holding a run with another config is refused unless ``force``: then the stages whose
@@ -28,12 +19,9 @@ config sections changed (and the stages that read them) are redone and the other
 change in ``eval`` or ``refine`` keeps the trained model. The outputs it replaces wait in
 ``.replaced/`` until the run finishes, and are put back if it fails.
 
-Keys that change no number are left out of the hashes (:func:`hashed_sections`): the
-``train.semi_amortized_*`` settings while ``train.semi_amortized_steps = 0`` (the plain VAE),
-``train.data_parallel`` while it is false, the ``[curve]`` section while ``curve.enabled`` is
-false, and the ``ais.calibration_*`` keys while ``ais.calibration_datapoints = 0`` (and always for
-the ais and log_px stages, which do not use them). So a folder written before those keys existed keeps its finished stages, and so does a run
-whose config changes only such a key.
+Keys that change no number are left out of the hashes (``stage_table.hashed_sections``), so a run
+whose config changes only such a key keeps its finished stages. Folders written by earlier versions
+are read through ``gapbench.runner.migrate``.
 """
 
 from __future__ import annotations
@@ -49,35 +37,10 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from gapbench import io
-from gapbench.estimators.health import AIS_FLAG_DEFAULTS
-from gapbench.outputs import content_problem, sha256_file
+from gapbench.outputs import sha256_file
+from gapbench.runner import migrate
+from gapbench.runner.stage_table import STAGE_OF, STAGES, affected_stages, hashed_sections, section_hash
 
-STAGES = ("train", "amortized", "local", "ais", "calibration", "log_px", "curve", "report")
-STAGE_SECTIONS: dict[str, tuple[str, ...]] = {  # config sections whose values a stage's output depends on
-    "train": ("seed", "data", "model", "train"),
-    "amortized": ("seed", "data", "model", "train", "eval"),
-    "local": ("seed", "data", "model", "train", "eval", "refine"),
-    "ais": ("seed", "data", "model", "train", "eval", "refine", "ais"),
-    "calibration": ("seed", "data", "model", "train", "ais"),
-    "log_px": ("seed", "data", "model", "train", "eval", "refine", "ais"),
-    "curve": ("seed", "data", "model", "train", "eval", "refine", "curve"),
-    "report": ("name", "seed", "data", "model", "train", "eval", "refine", "ais", "curve"),
-}
-STAGE_READS: dict[str, tuple[str, ...]] = {  # the stages whose outputs a stage reads
-    "train": (), "amortized": ("train",), "local": ("train",), "ais": ("train", "local"),
-    "calibration": ("train",), "log_px": ("train", "amortized", "local", "ais"), "curve": ("train", "local"),
-    "report": ("train", "amortized", "local", "ais", "calibration", "log_px", "curve"),
-}
-STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
-    "train": ("checkpoint.pt", "train_history.csv"),
-    "amortized": ("amortized.csv",),
-    "local": ("local.pt", "local.csv"),
-    "ais": ("ais.csv",),
-    "calibration": ("ais_calibration.json",),
-    "log_px": ("log_px.csv",),
-    "curve": ("curve.csv",),
-    "report": ("datapoints.csv", "summary.json", "table.md"),
-}
 TRAIN_STATE = "train_state.pt"  # training's resume point, while the train stage is unfinished
 LOCK = ".lock"
 REPLACED = ".replaced"  # --force: the outputs it replaces, kept until the run finishes (restored if it fails)
@@ -85,41 +48,6 @@ REPLACED = ".replaced"  # --force: the outputs it replaces, kept until the run f
 
 class RunError(RuntimeError):
     """A run that cannot go on as asked (folder clash, unusable checkpoint); the message says why."""
-
-
-def hashed_sections(resolved: dict, stage: str) -> dict:
-    """The config sections ``stage`` depends on, less the keys that change no number: the
-    ``train.semi_amortized_*`` keys while ``semi_amortized_steps`` is 0 (the plain VAE),
-    ``train.data_parallel`` while it is false, the ``curve`` section while it is disabled, and the
-    ``ais.calibration_*`` keys while ``ais.calibration_datapoints`` is 0 or for the stages that do not use
-    them (ais, log_px). Also the
-    form of configs from before those keys existed, so their stage records still match."""
-    sections = {key: resolved.get(key) for key in STAGE_SECTIONS[stage]}
-    train = sections.get("train")
-    if isinstance(train, dict):
-        if not train.get("semi_amortized_steps"):
-            train = {k: v for k, v in train.items() if not k.startswith("semi_amortized_")}
-        if not train.get("data_parallel"):
-            train = {k: v for k, v in train.items() if k != "data_parallel"}
-        sections["train"] = train
-    ais = sections.get("ais")
-    if isinstance(ais, dict):
-        # the AIS health thresholds change which estimator log p_hat(x) draws and the report, and nothing at
-        # their defaults; the calibration keys change the calibration stage only, and nothing while it is off
-        ais = {k: v for k, v in ais.items()
-               if k not in AIS_FLAG_DEFAULTS or (stage in ("log_px", "report") and v != AIS_FLAG_DEFAULTS[k])}
-        if not ais.get("calibration_datapoints") or stage in ("ais", "log_px"):
-            ais = {k: v for k, v in ais.items() if not k.startswith("calibration_")}
-        sections["ais"] = ais
-    curve = sections.get("curve", {})
-    if "curve" in sections and not (isinstance(curve, dict) and curve.get("enabled")):
-        del sections["curve"]
-    return sections
-
-
-def section_hash(resolved: dict, stage: str) -> str:
-    """sha256 of the config sections ``stage`` depends on (canonical JSON, :func:`hashed_sections`)."""
-    return hashlib.sha256(json.dumps(hashed_sections(resolved, stage), sort_keys=True).encode()).hexdigest()
 
 
 def diff_keys(a: dict, b: dict, prefix: str = "") -> set[str]:
@@ -132,19 +60,6 @@ def diff_keys(a: dict, b: dict, prefix: str = "") -> set[str]:
         elif va != vb:
             keys.add(prefix + k)
     return keys
-
-
-def affected_stages(changed_keys: set[str]) -> list[str]:
-    """The stages to redo after a config change: those depending on a changed section, and every
-    stage that reads one of them."""
-    sections = {key.split(".")[0] for key in changed_keys if key.removeprefix("ais.") not in AIS_FLAG_DEFAULTS}
-    affected: list[str] = []
-    for stage in STAGES:  # in order, so a stage's readers come after it
-        if sections & set(STAGE_SECTIONS[stage]) or set(STAGE_READS[stage]) & set(affected):
-            affected.append(stage)
-    if "report" not in affected and any(k.removeprefix("ais.") in AIS_FLAG_DEFAULTS for k in changed_keys):
-        affected.append("report")  # the AIS health thresholds
-    return affected
 
 
 def _is_ours(name: str) -> bool:
@@ -173,15 +88,14 @@ class RunFolder:
         nothing it reads redone."""
         record = self.records.get(stage)
         return (isinstance(record, dict) and record.get("config_sha256") == self.stage_hash(stage)
-                and all((self.path / name).is_file() for name in STAGE_OUTPUTS[stage])
-                and not set(STAGE_READS[stage]) & self.redone and self.outputs_intact(stage))
+                and all((self.path / name).is_file() for name in STAGE_OF[stage].outputs)
+                and not set(STAGE_OF[stage].reads) & self.redone and self.outputs_intact(stage))
 
     def outputs_intact(self, stage: str) -> bool:
-        """Whether the recorded stage's outputs are the files it wrote: their sha256 as recorded (records
-        made before sha256s were recorded: per-datapoint files hold one row per datapoint and summary.json
-        is a summary). A changed output of an evaluation stage makes it (and the stages reading it)
-        redone. A changed output of the train stage counts as intact here but is noted in
-        ``changed_checkpoint``: the runner refuses it (:meth:`refuse_changed_checkpoint`) after loading it,
+        """Whether the recorded stage's outputs are the files it wrote: their sha256 as recorded (for a record
+        without them, their content: ``migrate.unrecorded_output_problem``). A changed output of an
+        evaluation stage makes it (and the stages reading it) redone. A changed output of the train stage
+        counts as intact here but is noted in ``changed_checkpoint``: the runner refuses it (:meth:`refuse_changed_checkpoint`) after loading it,
         since redoing would retrain (and a damaged checkpoint gets the loader's own message)."""
         if stage not in self._verified:
             problem = self._output_problem(stage)
@@ -194,14 +108,13 @@ class RunFolder:
 
     def _output_problem(self, stage: str) -> str | None:
         recorded = self.records[stage].get("outputs_sha256")
-        for name in STAGE_OUTPUTS[stage]:
+        for name in STAGE_OF[stage].outputs:
             file = self.path / name
             if isinstance(recorded, dict) and name in recorded:
                 if sha256_file(file) != recorded[name]:
                     return f"{file} changed after the stage finished (its sha256 differs from stages.json)"
                 continue
-            problem = content_problem(file, num_datapoints=self.resolved["eval"]["num_datapoints"],
-                                      num_curve_steps=len(self.resolved.get("curve", {}).get("steps", [])))
+            problem = migrate.unrecorded_output_problem(file, self.resolved)
             if problem is not None:
                 return f"{file} does not match its stage record: {problem}"
         return None
@@ -224,7 +137,7 @@ class RunFolder:
             "config_sha256": self.stage_hash(stage),
             "seconds": round(seconds, 3),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "outputs_sha256": {name: sha256_file(self.path / name) for name in STAGE_OUTPUTS[stage]
+            "outputs_sha256": {name: sha256_file(self.path / name) for name in STAGE_OF[stage].outputs
                                if (self.path / name).is_file()},
         }
         self._verified[stage] = True
@@ -248,14 +161,7 @@ def open_run_folder(path: str | Path, resolved: dict, *, force: bool, log: Calla
     table can be printed again.
     """
     path = Path(path)
-    config_path = path / "config.json"
-    if path.exists() and not path.is_dir():
-        raise RunError(f"cannot write the run folder {path}: it is a file; choose another --out")
-    if path.is_dir() and not config_path.exists():
-        foreign = sorted(p.name for p in path.iterdir() if not _is_ours(p.name))
-        if foreign:
-            raise RunError(f"{path} is not empty ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}) "
-                           "and holds no gapbench run; choose a new or empty folder as --out")
+    _refuse_other_content(path)
     lock_fd = _open_lock(path)
     try:
         if lock_fd is not None:
@@ -266,22 +172,8 @@ def open_run_folder(path: str | Path, resolved: dict, *, force: bool, log: Calla
         replaced = started = False
         try:
             try:
-                previous = None
-                if config_path.exists():
-                    previous = recorded = _read_json(config_path, "delete the folder to start the run again")
-                    if normalize is not None:
-                        recorded, previous = previous, normalize(previous)
-                        if lock_fd is not None:
-                            _rehash_records(path, recorded, previous, records)
-                if lock_fd is None and previous != resolved:
-                    raise OSError(errno.EROFS, "read-only file system", str(path))
-                if previous is not None and previous != resolved:
-                    replaced = _change_config(path, previous, resolved, records, force=force, log=log,
-                                              recorded=recorded)
-                if previous != resolved:
-                    io.write_json(config_path, resolved)
-                if lock_fd is not None:
-                    _adopt_legacy_records(path, resolved, records)
+                replaced = _take_config(path, resolved, records, is_writable=lock_fd is not None, force=force,
+                                        log=log, normalize=normalize)
             except OSError as error:
                 raise RunError(f"cannot write the run folder {path}: {error.strerror}; "
                                "choose a writable --out") from None
@@ -296,6 +188,45 @@ def open_run_folder(path: str | Path, resolved: dict, *, force: bool, log: Calla
     finally:
         if lock_fd is not None:
             os.close(lock_fd)  # releases the lock
+
+
+def _refuse_other_content(path: Path) -> None:
+    """RunError for a file, or a non-empty folder that holds no gapbench run."""
+    if path.exists() and not path.is_dir():
+        raise RunError(f"cannot write the run folder {path}: it is a file; choose another --out")
+    if path.is_dir() and not (path / "config.json").exists():
+        foreign = sorted(p.name for p in path.iterdir() if not _is_ours(p.name))
+        if foreign:
+            raise RunError(f"{path} is not empty ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}) "
+                           "and holds no gapbench run; choose a new or empty folder as --out")
+
+
+def _take_config(path: Path, resolved: dict, records: dict[str, dict], *, is_writable: bool, force: bool,
+                 log: Callable[[str], None], normalize: Callable[[dict], dict] | None) -> bool:
+    """Compare the folder's config (in the current form, ``normalize``) with ``resolved``; refuse or (force)
+    take the change (:func:`_change_config`) and write config.json. True when outputs were set aside."""
+    config_path, replaced = path / "config.json", False
+    previous = recorded = None
+    if config_path.exists():
+        previous = recorded = _read_json(config_path, "delete the folder to start the run again")
+        if normalize is not None:
+            previous = normalize(recorded)
+            if is_writable:
+                migrate.rehash_records(path, recorded, previous, records)
+    if not is_writable and previous != resolved:
+        raise OSError(errno.EROFS, "read-only file system", str(path))
+    if previous is not None and previous != resolved:
+        replaced = _change_config(path, previous, resolved, records, force=force, log=log, recorded=recorded)
+    try:
+        if previous != resolved:
+            io.write_json(config_path, resolved)
+        if is_writable:
+            migrate.adopt_unhashed_records(path, resolved, records)
+    except OSError:
+        if replaced:  # what was set aside goes back
+            _restore_replaced(path, log)
+        raise
+    return replaced
 
 
 def _open_lock(path: Path) -> int | None:
@@ -320,29 +251,6 @@ def _lock(fd: int, path: Path) -> None:
     except BlockingIOError:
         raise RunError(f"another gapbench process is running in {path}; wait for it to finish, "
                        "or choose another --out") from None
-
-
-def _rehash_records(path: Path, recorded: dict, normalized: dict, records: dict[str, dict]) -> None:
-    """A config written by an older version (keys added since missing) hashes differently from the
-    same config in this version's form; records made under it get the hash of the normalized form,
-    so a new key at its default redoes nothing."""
-    changed = False
-    for stage, record in records.items():
-        if record.get("config_sha256") == section_hash(recorded, stage) != section_hash(normalized, stage):
-            record["config_sha256"] = section_hash(normalized, stage)
-            changed = True
-    if changed:
-        io.write_json(path / "stages.json", records)
-
-
-def _adopt_legacy_records(path: Path, resolved: dict, records: dict[str, dict]) -> None:
-    """Records written before stages.json held config hashes belong to config.json (that gapbench
-    redid every stage on a config change), which now equals ``resolved``: give them its hashes."""
-    legacy = [stage for stage, record in records.items() if "config_sha256" not in record]
-    for stage in legacy:
-        records[stage] = {"config_sha256": section_hash(resolved, stage), **records[stage]}
-    if legacy:
-        io.write_json(path / "stages.json", records)
 
 
 def _stages_phrase(stages: list[str]) -> str:
@@ -387,7 +295,7 @@ def _change_config(path: Path, previous: dict, resolved: dict, records: dict[str
             f"choose another --out, or pass --force to redo {_stages_phrase(redo)} with the new config ({keeps})"
         )
     log(f"[run] config changed ({', '.join(changed)}): redoing {', '.join(redo)}")
-    names = [name for stage in redo for name in STAGE_OUTPUTS[stage] + ((TRAIN_STATE,) if stage == "train" else ())]
+    names = [name for stage in redo for name in STAGE_OF[stage].outputs + ((TRAIN_STATE,) if stage == "train" else ())]
     aside = path / REPLACED
     moved = not aside.exists()  # an earlier forced run that did not finish keeps the finished outputs it set aside
     if moved:
@@ -418,7 +326,7 @@ def _restore_replaced(path: Path, log: Callable[[str], None]) -> None:
     try:
         saved = json.loads((aside / "replaced.json").read_text())
         for stage in saved["redo"]:
-            for name in STAGE_OUTPUTS[stage]:
+            for name in STAGE_OF[stage].outputs:
                 (path / name).unlink(missing_ok=True)
         for file in (aside / "files").iterdir():
             os.replace(file, path / file.name)
