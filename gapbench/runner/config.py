@@ -251,8 +251,8 @@ class AISConfig(Section):
         return self
 
     def procedure(self) -> AISProcedure:
-        """The keyword arguments of ``gapbench.ais`` (everything here but ``enabled``, ``init`` and the
-        ``calibration_*`` keys)."""
+        """The settings of ``gapbench.ais`` (``procedure=``): everything here but ``enabled``, ``init``, the
+        ``calibration_*`` and the ``flag_*`` keys."""
         return AISProcedure(**{k: getattr(self, k) for k in AISProcedure._fields})
 
     def flags(self) -> dict[str, float]:
