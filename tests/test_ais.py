@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from gapbench.estimators import AISProcedure, ais, annealing_schedule, bdmc, reverse_ais, simulate
+from gapbench.estimators import AISProcedure, ais, anneal, annealing_schedule, bdmc, reverse_ais, simulate
 from gapbench.models import Decoder
 from gapbench.posteriors import DiagonalGaussian
 
@@ -124,6 +124,18 @@ def test_step_sizes_are_clamped_or_fixed(linear_gaussian):
     torch.testing.assert_close(fixed.step_size, torch.full_like(fixed.step_size, 0.02))
     adapted = ais(model, x, procedure=short, generator=g)
     assert not torch.allclose(adapted.step_size, torch.full_like(adapted.step_size, short.step_size))
+
+
+def test_a_datapoints_chains_share_their_step_size_unless_adaptation_is_per_chain(linear_gaussian):
+    model, x = linear_gaussian
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4, x.shape[0], model.latent_size, generator=g, dtype=x.dtype)  # (C, B, Z) ~ p(z)
+    for adaptation, is_shared in (("datapoint", True), ("chain", False)):
+        state, info = anneal(model, x, z, betas=annealing_schedule(20), procedure=AISProcedure(adaptation=adaptation),
+                             generator=g)
+        assert info.step_size.shape == info.acceptance_rate.shape == state.log_weights.shape == (4, x.shape[0])
+        spread = info.step_size.amax(0) - info.step_size.amin(0)  # (B,) across a datapoint's chains
+        assert bool(torch.all(spread == 0)) == is_shared, (adaptation, spread)
 
 
 def test_per_chain_adaptation_pushes_forward_ais_above_log_px_and_shared_adaptation_does_not():

@@ -65,8 +65,8 @@ SIGMOID_RADIUS = 4.0  # delta of the sigmoid schedule (Grosse, Ghahramani & Adam
 
 class AISProcedure(NamedTuple):
     """Settings of AIS with HMC, the one place for their defaults: :func:`ais`, :func:`reverse_ais`,
-    :func:`anneal` and ``gapbench.bdmc`` take them as ``procedure=``, and the config's ``[ais]`` keys of
-    the same names default to them. The defaults are gapbench's; :meth:`paper` is the scale of Cremer,
+    :func:`anneal` and ``gapbench.bdmc`` take them as ``procedure=``. The field names are the config's
+    ``[ais]`` keys (and ``gapbench bdmc``'s flags), which default to them. The defaults are gapbench's; :meth:`paper` is the scale of Cremer,
     Li & Duvenaud (2018) (100 chains, 10000 annealing steps; Wu et al., 2017: 10 leapfrog steps,
     acceptance target 0.65)."""
 
