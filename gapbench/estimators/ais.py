@@ -66,9 +66,9 @@ SIGMOID_RADIUS = 4.0  # delta of the sigmoid schedule (Grosse, Ghahramani & Adam
 class AISProcedure(NamedTuple):
     """Settings of AIS with HMC, the one place for their defaults: :func:`ais`, :func:`reverse_ais`,
     :func:`anneal` and ``gapbench.bdmc`` take them as ``procedure=``. The field names are the config's
-    ``[ais]`` keys (and ``gapbench bdmc``'s flags), which default to them. The defaults are gapbench's; :meth:`paper` is the scale of Cremer,
-    Li & Duvenaud (2018) (100 chains, 10000 annealing steps; Wu et al., 2017: 10 leapfrog steps,
-    acceptance target 0.65)."""
+    ``[ais]`` keys (and ``gapbench bdmc``'s flags), which default to them. The defaults are gapbench's;
+    :meth:`paper` is the scale of Cremer, Li & Duvenaud (2018) (100 chains, 10000 annealing steps;
+    Wu et al., 2017: 10 leapfrog steps, acceptance target 0.65)."""
 
     num_chains: int = 16  # C, chains (importance samples) per datapoint
     num_steps: int = 500  # T, annealing steps (T - 1 intermediate distributions, one HMC transition each)
@@ -91,24 +91,23 @@ DEFAULT_AIS = AISProcedure()
 
 def check_procedure(procedure: AISProcedure) -> None:
     """Raise ValueError naming the first setting of ``procedure`` that AIS cannot run with."""
-    p = procedure
-    if p.num_chains < 1:
-        raise ValueError(f"num_chains must be at least 1, got {p.num_chains}")
-    if p.num_steps < 1:
-        raise ValueError(f"num_steps (annealing steps) must be at least 1, got {p.num_steps}")
-    if p.schedule not in SCHEDULES:
-        raise ValueError(f"unknown annealing schedule {p.schedule!r}; choose one of {SCHEDULES}")
-    if p.num_leapfrog < 1:
-        raise ValueError(f"num_leapfrog must be at least 1, got {p.num_leapfrog}")
-    if not 0.0 < p.target_acceptance < 1.0:
-        raise ValueError(f"target_acceptance must lie in (0, 1), got {p.target_acceptance}")
-    if not 0.0 < p.min_step_size <= p.step_size <= p.max_step_size:
-        raise ValueError(f"need 0 < min_step_size <= step_size <= max_step_size, got "
-                         f"{p.min_step_size}, {p.step_size}, {p.max_step_size}")
-    if p.adaptation not in ADAPTATIONS:
-        raise ValueError(f"unknown step-size adaptation {p.adaptation!r}; choose one of {ADAPTATIONS}")
-    if p.adaptation_rate < 0:
-        raise ValueError(f"adaptation_rate must be >= 0, got {p.adaptation_rate}")
+    if procedure.num_chains < 1:
+        raise ValueError(f"num_chains must be at least 1, got {procedure.num_chains}")
+    if procedure.num_steps < 1:
+        raise ValueError(f"num_steps (annealing steps) must be at least 1, got {procedure.num_steps}")
+    if procedure.schedule not in SCHEDULES:
+        raise ValueError(f"unknown annealing schedule {procedure.schedule!r}; choose one of {SCHEDULES}")
+    if procedure.num_leapfrog < 1:
+        raise ValueError(f"num_leapfrog must be at least 1, got {procedure.num_leapfrog}")
+    if not 0.0 < procedure.target_acceptance < 1.0:
+        raise ValueError(f"target_acceptance must lie in (0, 1), got {procedure.target_acceptance}")
+    if not 0.0 < procedure.min_step_size <= procedure.step_size <= procedure.max_step_size:
+        raise ValueError(f"need 0 < min_step_size <= step_size <= max_step_size, got {procedure.min_step_size}, "
+                         f"{procedure.step_size}, {procedure.max_step_size}")
+    if procedure.adaptation not in ADAPTATIONS:
+        raise ValueError(f"unknown step-size adaptation {procedure.adaptation!r}; choose one of {ADAPTATIONS}")
+    if procedure.adaptation_rate < 0:
+        raise ValueError(f"adaptation_rate must be >= 0, got {procedure.adaptation_rate}")
 
 
 class AISState(NamedTuple):
