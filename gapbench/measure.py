@@ -192,7 +192,7 @@ def ais_of(model, x: torch.Tensor, *, init: str = "encoder", encoder: Callable |
         q = fit_diagonal(q, generator=_fitting_noise(generator) if per_datapoint
                          else torch.Generator(device=x.device).manual_seed(0))
     with frozen(model):
-        return estimators.ais(model, x, init=q, **procedure._asdict(), chunk_size=chunk_size, generator=generator,
+        return estimators.ais(model, x, init=q, procedure=procedure, chunk_size=chunk_size, generator=generator,
                               callback=callback)
 
 

@@ -53,7 +53,7 @@ def bdmc_run(run_dir: str | Path, *, num_datapoints: int = 100, procedure: AISPr
         bar = tqdm(total=2 * procedure.num_steps, desc="BDMC (forward, then reverse)", unit="step")
     callback: Callable[[int], None] | None = (lambda t: bar.update(1)) if bar is not None else None
     with frozen(decoder):
-        result = bdmc(decoder, x, z, init=q, **procedure._asdict(), generator=generator, callback=callback)
+        result = bdmc(decoder, x, z, init=q, procedure=procedure, generator=generator, callback=callback)
     if bar is not None:
         bar.close()
     frame = pd.DataFrame({

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serial
 
 from gapbench.inference.curves import CurveProcedure
 from gapbench.estimators import AISProcedure
+from gapbench.estimators.ais import DEFAULT_AIS
 from gapbench.estimators.health import AIS_FLAG_DEFAULTS
 from gapbench.measure import RefineProcedure
 from gapbench.inference.semi_amortized import SemiAmortized
@@ -208,17 +209,21 @@ class RefineConfig(Section):
 
 class AISConfig(Section):
     enabled: bool = True  # run the AIS stage; AIS is then one of the estimators log p_hat(x) chooses from
-    num_chains: int = Field(16, ge=1)  # C, chains per datapoint (paper: 100)
-    num_steps: int = Field(500, ge=1)  # T, annealing steps; T - 1 intermediate distributions (paper: 5000-10000)
-    schedule: Literal["linear", "sigmoid"] = "sigmoid"  # spacing of the inverse temperatures
+    num_chains: int = Field(DEFAULT_AIS.num_chains, ge=1)  # C, chains per datapoint (paper: 100)
+    num_steps: int = Field(DEFAULT_AIS.num_steps,
+                           ge=1)  # T, annealing steps; T - 1 intermediate distributions (paper: 5000-10000)
+    schedule: Literal["linear", "sigmoid"] = DEFAULT_AIS.schedule  # spacing of the inverse temperatures
     init: Literal["prior", "encoder", "q_star"] = "encoder"  # initial distribution of the chains
-    num_leapfrog: int = Field(10, ge=1)  # leapfrog steps per HMC transition
-    target_acceptance: float = Field(0.65, gt=0.0, lt=1.0)  # acceptance probability the step sizes adapt toward
-    step_size: float = Field(0.05, gt=0.0)  # initial HMC step size
-    adaptation: Literal["datapoint", "chain"] = "datapoint"  # who shares a step size: a datapoint's chains, or none
-    adaptation_rate: float = Field(0.1, ge=0.0)  # log step-size change per unit of acceptance error (0: fixed)
-    min_step_size: float = Field(1e-4, gt=0.0)  # clamp of the adapted step sizes
-    max_step_size: float = Field(0.5, gt=0.0)
+    num_leapfrog: int = Field(DEFAULT_AIS.num_leapfrog, ge=1)  # leapfrog steps per HMC transition
+    target_acceptance: float = Field(DEFAULT_AIS.target_acceptance,
+                                    gt=0.0, lt=1.0)  # acceptance probability the step sizes adapt toward
+    step_size: float = Field(DEFAULT_AIS.step_size, gt=0.0)  # initial HMC step size
+    adaptation: Literal["datapoint", "chain"] = (
+        DEFAULT_AIS.adaptation)  # who shares a step size: a datapoint's chains, or none
+    adaptation_rate: float = Field(DEFAULT_AIS.adaptation_rate,
+                                  ge=0.0)  # log step-size change per unit of acceptance error (0: fixed)
+    min_step_size: float = Field(DEFAULT_AIS.min_step_size, gt=0.0)  # clamp of the adapted step sizes
+    max_step_size: float = Field(DEFAULT_AIS.max_step_size, gt=0.0)
     calibration_datapoints: int = Field(0, ge=0)  # BDMC on this many datapoints simulated from the model (0: none)
     calibration_tolerance: float = Field(0.2, gt=0.0)  # nats of BDMC sandwich width above which the report warns
     # a datapoint's AIS is flagged unhealthy, and left out of log p_hat(x), when (gapbench.estimators.health) ...
@@ -237,8 +242,8 @@ class AISConfig(Section):
         return self
 
     def procedure(self) -> AISProcedure:
-        """The keyword arguments of ``gapbench.ais`` (everything here but ``enabled``, ``init`` and the
-        ``calibration_*`` keys)."""
+        """The settings of ``gapbench.ais`` (``procedure=``): everything here but ``enabled``, ``init``, the
+        ``calibration_*`` and the ``flag_*`` keys."""
         return AISProcedure(**{k: getattr(self, k) for k in AISProcedure._fields})
 
     def flags(self) -> dict[str, float]:

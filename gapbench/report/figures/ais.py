@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from gapbench import io
-from gapbench.estimators import bdmc, simulate
+from gapbench.estimators import AISProcedure, bdmc, simulate
 from gapbench.models import LinearGaussian
 
 
@@ -38,7 +38,8 @@ def sandwich_by_steps(*, data_size: int = 100, latent_size: int = 10, num_datapo
     rows = []
     for num_steps in steps:
         start = time.perf_counter()
-        result = bdmc(model, x, z, num_chains=num_chains, num_steps=num_steps, schedule=schedule, generator=g)
+        procedure = AISProcedure(num_chains=num_chains, num_steps=num_steps, schedule=schedule)
+        result = bdmc(model, x, z, procedure=procedure, generator=g)
         row = {"num_steps": num_steps, "exact": exact.mean().item(), "seconds": time.perf_counter() - start}
         for name, value in (("forward", result.lower.value), ("reverse", result.upper.value)):
             row[name] = value.mean().item()
