@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from gapbench.commands.arguments import positive_int
+from gapbench.errors import ConfigError, GapbenchError
 
 EXIT_MOVED = 1  # gapbench check: a number moved beyond chance
 EXIT_USAGE = 2  # bad input: the message names the problem and the fix
@@ -20,10 +21,7 @@ TIME_LIMIT_ENV = "GAPBENCH_TIME_LIMIT"  # the default of gapbench run --time-lim
 def check_writable(path: str) -> None:
     """Refuse (exit 2) an --out file that cannot be written, before anything is computed: a
     temporary file is made (and removed) beside it."""
-    import os
     import tempfile
-
-    from gapbench.runner.config import ConfigError
 
     out = Path(path)
     if out.is_dir():
@@ -282,13 +280,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gapbench.commands.check import CheckError
-    from gapbench.runner.config import ConfigError
-    from gapbench.data import DataError
-    from gapbench.report.build import ReportError
-    from gapbench.report.published import PublishedError
-    from gapbench.runner.rundir import RunError
-
     from gapbench.deadline import StopRequested
 
     args = build_parser().parse_args(argv)
@@ -297,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     except StopRequested as stop:
         print(f"gapbench: {stop}", file=sys.stderr)
         return EXIT_STOPPED
-    except (ConfigError, DataError, RunError, CheckError, ReportError, PublishedError) as error:
+    except GapbenchError as error:  # bad input: its message names the problem and the fix
         print(f"gapbench: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -15,15 +15,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
+from gapbench.errors import ConfigError
 from gapbench.inference.curves import CurveProcedure
 from gapbench.estimators import AISProcedure
 from gapbench.estimators.health import AIS_FLAG_DEFAULTS
 from gapbench.measure import RefineProcedure
 from gapbench.inference.semi_amortized import SemiAmortized
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be run; the message names the key and the fix."""
 
 
 class Section(BaseModel):

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from gapbench import io
+from gapbench.errors import RunError
 from gapbench.estimators.health import AIS_FLAG_DEFAULTS
 from gapbench.outputs import content_problem, sha256_file
 
@@ -81,10 +82,6 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
 TRAIN_STATE = "train_state.pt"  # training's resume point, while the train stage is unfinished
 LOCK = ".lock"
 REPLACED = ".replaced"  # --force: the outputs it replaces, kept until the run finishes (restored if it fails)
-
-
-class RunError(RuntimeError):
-    """A run that cannot go on as asked (folder clash, unusable checkpoint); the message says why."""
 
 
 def hashed_sections(resolved: dict, stage: str) -> dict:

@@ -18,10 +18,11 @@ import json
 import sys
 from pathlib import Path
 
+from gapbench.errors import GapbenchError
 from gapbench.report.figures.common import save, use_style
 
 
-class FigureError(ValueError):
+class FigureError(GapbenchError, ValueError):
     """A run folder the figure cannot be drawn from; the message says why and what to do."""
 
 
