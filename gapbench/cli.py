@@ -274,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(gap_bars, gap_distributions, gap_scatter; PNG and PDF) here")
     report.add_argument("--no-figures", action="store_true", help="tables only")
     report.set_defaults(func=_report)
+    from gapbench.commands.figure import add_figure_parser
+    add_figure_parser(sub)
     from gapbench.bench import add_bench_parser
     add_bench_parser(sub)
     return parser

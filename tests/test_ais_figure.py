@@ -1,9 +1,14 @@
-"""The AIS/BDMC figure command runs end to end on a tiny setting."""
+"""The AIS/BDMC figure command (gapbench figure ais) runs end to end on a tiny setting."""
 
 import pandas as pd
 
 from gapbench import io
-from gapbench.report.figures.ais import main
+from gapbench.cli import main as gapbench
+
+
+def main(args: list[str]) -> int:
+    """gapbench figure ais ARGS."""
+    return gapbench(["figure", "ais", *args])
 
 
 def test_figure_and_its_numbers_are_written(tmp_path):
