@@ -183,6 +183,17 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_reference(args: argparse.Namespace) -> int:
+    from gapbench.runner.config_reference import reference_markdown, update_file
+
+    if args.update:
+        changed = update_file(args.update)
+        print(f"{args.update}: the config table is {'rewritten' if changed else 'already up to date'}", file=sys.stderr)
+        return 0
+    print(reference_markdown(), end="")
+    return 0
+
+
 def _duration(text: str) -> float:
     from gapbench.deadline import parse_duration
     try:
@@ -274,6 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(gap_bars, gap_distributions, gap_scatter; PNG and PDF) here")
     report.add_argument("--no-figures", action="store_true", help="tables only")
     report.set_defaults(func=_report)
+    reference = sub.add_parser("config-reference", help="the table of every config key with its default and meaning "
+                                                         "(Markdown, made from the config's field descriptions)")
+    reference.add_argument("--update", metavar="README.md",
+                           help="rewrite the table between the config-reference markers of this file instead")
+    reference.set_defaults(func=_config_reference)
     from gapbench.commands.figure import add_figure_parser
     add_figure_parser(sub)
     from gapbench.bench import add_bench_parser
