@@ -1,6 +1,7 @@
 """Experiment configuration: TOML in, validated pydantic models out.
 
-Every field has a default, a one-line meaning and its limits; unknown keys, wrong types and
+Every field has a default, its limits and its meaning (``Field(description=...)``, from which
+``gapbench config-reference`` makes README's table of config keys); unknown keys, wrong types and
 impossible values are refused with one message that names the key. Library functions never see
 these objects: the runner unpacks them into explicit keyword arguments.
 """
@@ -123,7 +124,8 @@ class ModelConfig(Section):
         "a folder put first on `sys.path` to import the factory's module (relative to the current directory)"))
     checkpoint: str | None = Field(None, description=(
         "a file or folder passed to the factory as `factory(Path(checkpoint))`"))
-    checkpoint_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", json_schema_extra={"shown_default": "filled in"},
+    checkpoint_sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$", json_schema_extra={"shown_default": "filled in"},
         description="the checkpoint's sha256 (a folder's: of its files' names and sha256s), written into "
                     "`config.json` by the run; part of every stage's hash, so a changed checkpoint is refused (or "
                     "redone with `--force`); give it to pin a file")
