@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from gapbench.commands.arguments import positive_int
+from gapbench.errors import ConfigError, GapbenchError
 
 EXIT_MOVED = 1  # gapbench check: a number moved beyond chance
 EXIT_USAGE = 2  # bad input: the message names the problem and the fix
@@ -20,10 +21,7 @@ TIME_LIMIT_ENV = "GAPBENCH_TIME_LIMIT"  # the default of gapbench run --time-lim
 def check_writable(path: str) -> None:
     """Refuse (exit 2) an --out file that cannot be written, before anything is computed: a
     temporary file is made (and removed) beside it."""
-    import os
     import tempfile
-
-    from gapbench.runner.config import ConfigError
 
     out = Path(path)
     if out.is_dir():
@@ -185,6 +183,17 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_reference(args: argparse.Namespace) -> int:
+    from gapbench.runner.config_reference import reference_markdown, update_file
+
+    if args.update:
+        changed = update_file(args.update)
+        print(f"{args.update}: the config table is {'rewritten' if changed else 'already up to date'}", file=sys.stderr)
+        return 0
+    print(reference_markdown(), end="")
+    return 0
+
+
 def _duration(text: str) -> float:
     from gapbench.deadline import parse_duration
     try:
@@ -276,19 +285,19 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(gap_bars, gap_distributions, gap_scatter; PNG and PDF) here")
     report.add_argument("--no-figures", action="store_true", help="tables only")
     report.set_defaults(func=_report)
+    reference = sub.add_parser("config-reference", help="the table of every config key with its default and meaning "
+                                                         "(Markdown, made from the config's field descriptions)")
+    reference.add_argument("--update", metavar="README.md",
+                           help="rewrite the table between the config-reference markers of this file instead")
+    reference.set_defaults(func=_config_reference)
+    from gapbench.commands.figure import add_figure_parser
+    add_figure_parser(sub)
     from gapbench.bench import add_bench_parser
     add_bench_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gapbench.commands.check import CheckError
-    from gapbench.runner.config import ConfigError
-    from gapbench.data import DataError
-    from gapbench.report.build import ReportError
-    from gapbench.report.published import PublishedError
-    from gapbench.runner.rundir import RunError
-
     from gapbench.deadline import StopRequested
 
     args = build_parser().parse_args(argv)
@@ -297,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     except StopRequested as stop:
         print(f"gapbench: {stop}", file=sys.stderr)
         return EXIT_STOPPED
-    except (ConfigError, DataError, RunError, CheckError, ReportError, PublishedError) as error:
+    except GapbenchError as error:  # bad input: its message names the problem and the fix
         print(f"gapbench: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

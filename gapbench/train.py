@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from gapbench.data import binarize, check_values
 from gapbench.deadline import StopRequested
+from gapbench.errors import GapbenchError
 from gapbench.estimators import elbo
 from gapbench.posteriors import as_posterior, fork_seed
 from gapbench.inference.semi_amortized import SemiAmortized, semi_amortized_gradients
@@ -114,7 +115,7 @@ def make_adam(params: list[nn.Parameter], *, learning_rate: float, eps: float,
     return torch.optim.Adam(params, lr=learning_rate, eps=eps, **ADAM_IMPLEMENTATIONS[implementation])
 
 
-class ResumeError(ValueError):
+class ResumeError(GapbenchError, ValueError):
     """A ``resume_from`` snapshot that does not fit the networks or optimiser it is loaded into."""
 
 

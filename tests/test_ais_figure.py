@@ -1,7 +1,14 @@
-"""The AIS/BDMC figure: its data against the exact log p(x), and the command end to end on a tiny setting."""
+"""The AIS/BDMC figure: its data against the exact log p(x), and the command (gapbench figure ais) end to end
+on a tiny setting."""
 
 from gapbench import io
-from gapbench.report.figures.ais import main, sandwich_by_steps
+from gapbench.cli import main as gapbench
+from gapbench.report.figures.ais import sandwich_by_steps
+
+
+def main(args: list[str]) -> int:
+    """gapbench figure ais ARGS."""
+    return gapbench(["figure", "ais", *args])
 
 
 def test_the_sandwich_closes_on_the_exact_column():

@@ -32,6 +32,7 @@ from pathlib import Path
 from statistics import NormalDist
 from typing import Any, NamedTuple
 
+from gapbench.errors import GapbenchError
 from gapbench.outputs import summary_value_problem
 
 BASELINE_FORMAT = "gapbench-baseline"
@@ -42,7 +43,7 @@ DEFAULT_ALPHA = 0.01
 IGNORED_SETTINGS = ("name", "device")
 
 
-class CheckError(ValueError):
+class CheckError(GapbenchError, ValueError):
     """A comparison that cannot be made (missing or unreadable file, different settings)."""
 
 

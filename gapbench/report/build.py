@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from gapbench import io
+from gapbench.errors import GapbenchError
 from gapbench.outputs import summary_problem
 from gapbench.report.published import (PublishedError, comparison_csv, comparison_markdown, comparison_rows,
     datasets_of, gap_consistency, has_published, load_published, source_line, transcription_lines)
@@ -16,7 +17,7 @@ from gapbench.report.tables import (column_labels, cross_family_csv, cross_famil
 NOTE = "(mean ± standard error over datapoints, nats; gaps use each model's encoder family)"
 
 
-class ReportError(ValueError):
+class ReportError(GapbenchError, ValueError):
     """Runs that cannot be reported; the message names the problem and the fix."""
 
 

@@ -1,6 +1,7 @@
 """Experiment configuration: TOML in, validated pydantic models out.
 
-Every field has a default, a one-line meaning and its limits; unknown keys, wrong types and
+Every field has a default, its limits and its meaning (``Field(description=...)``, from which
+``gapbench config-reference`` makes README's table of config keys); unknown keys, wrong types and
 impossible values are refused with one message that names the key. Library functions never see
 these objects: the runner unpacks them into explicit keyword arguments.
 """
@@ -15,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
+from gapbench.errors import ConfigError
 from gapbench.inference.curves import CurveProcedure
 from gapbench.estimators import AISProcedure
 from gapbench.estimators.ais import DEFAULT_AIS
@@ -22,10 +24,6 @@ from gapbench.estimators.health import AIS_FLAG_DEFAULTS
 from gapbench.measure import RefineProcedure
 from gapbench.inference.semi_amortized import SemiAmortized
 from gapbench.runner.migrate import omit_unused_keys, refine_families
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be run; the message names the key and the fix."""
 
 
 class Section(BaseModel):
@@ -37,18 +35,30 @@ FACTORY_KEYS = ("factory", "factory_path", "checkpoint", "checkpoint_sha256")  #
 
 
 class DataConfig(Section):
-    # which dataset; "file": the user's array file data.file (see gapbench.data.userfile)
-    dataset: Literal["digits", "fashion-mnist", "mnist", "cifar10", "file"] = "digits"
-    file: str | None = None  # dataset = "file": a .npy/.npz/.pt array (N, D), (N, H, W) or (N, C, H, W)
-    domain: Literal["binary", "levels"] | None = None  # dataset = "file": 0/1 values, or L grey levels
-    num_levels: int | None = Field(None, ge=2, le=65536)  # dataset = "file", domain "levels": L (default 256)
-    data_dir: str | None = None  # directory holding the dataset files (else $GAPBENCH_DATA, cache, ...)
-    download: bool = True  # download MNIST-family / CIFAR-10 files when not found locally
-    # dynamic: Bernoulli resampled each epoch; static: threshold; none: pixel levels as they are (the
-    # discretised logistic). Default: "none" for model.likelihood = "logistic", else "dynamic"
-    binarization: Literal["dynamic", "static", "none"] = "dynamic"
-    threshold: float = Field(0.5, gt=0.0, lt=1.0)  # static binarisation threshold
-    bits: int = Field(8, ge=1, le=8)  # cifar10 only: keep each 8-bit level's high bits (3: 3-bit CIFAR)
+    dataset: Literal["digits", "fashion-mnist", "mnist", "cifar10", "file"] = Field(
+        "digits", description="`digits`, `fashion-mnist`, `mnist`, `cifar10`, or `file` (an array file of your own, "
+                              "below)")
+    file: str | None = Field(None, description=(
+        '`dataset = "file"`: a `.npy`, `.npz` or `.pt` array of shape (N, D), (N, H, W) or (N, C, H, W), or three '
+        "named `train`, `valid`, `test` (see [Data](#data))"))
+    domain: Literal["binary", "levels"] | None = Field(None, json_schema_extra={"shown_default": '`"levels"`'},
+        description='`dataset = "file"`: `binary` (exactly 0 and 1) or `levels` (L grey levels: integers 0..L−1, '
+                    "or floats k/(L−1))")
+    num_levels: int | None = Field(None, ge=2, le=65536, json_schema_extra={"shown_default": "256"},
+                                   description='`dataset = "file"`, `domain = "levels"`: L')
+    data_dir: str | None = Field(None, description=(
+        "folder with the IDX `.gz` files, or CIFAR-10's `cifar-10-python.tar.gz` or its `cifar-10-batches-py` "
+        "folder (else `$GAPBENCH_DATA`, the user cache, ...; see [Data](#data))"))
+    download: bool = Field(True, description="download MNIST-family or CIFAR-10 files (checksummed) when not found")
+    binarization: Literal["dynamic", "static", "none"] = Field(
+        "dynamic", json_schema_extra={"shown_default": '`"dynamic"`; `"none"` with `model.likelihood = "logistic"`'},
+        description="`dynamic`: Bernoulli draws, new every epoch (evaluation data drawn once from the seed); "
+                    "`static`: threshold; `none`: the pixel levels as they are, the only choice for the "
+                    "discretised logistic (any other is refused, as is `none` with the Bernoulli)")
+    threshold: float = Field(0.5, gt=0.0, lt=1.0, description="static binarisation threshold")
+    bits: int = Field(8, ge=1, le=8, description=(
+        "`cifar10` with the logistic likelihood only: keep each 8-bit level's high `bits` (2^bits levels; 3: 3-bit "
+        "CIFAR)"))
 
     @model_validator(mode="after")
     def _file_keys_with_file(self) -> "DataConfig":
@@ -74,30 +84,49 @@ HIERARCHICAL_KEYS = ("latent_size_2", "prior_hidden")  # written out only for ki
 
 
 class ModelConfig(Section):
-    # mlp: fully connected; conv: Cremer et al.'s convolutional VAE (CIFAR-10); hierarchical: MLPs with two
-    # stochastic layers, p(z2) p(z1|z2) p(x|z1) with the encoder q(z1|x) q(z2|z1)
-    kind: Literal["mlp", "conv", "hierarchical"] = "mlp"
-    # p(x|z): bernoulli (binary pixels) or logistic (discretised logistic over the pixel levels).
-    # Default: "logistic" for cifar10, else "bernoulli". With model.factory it declares the data the
-    # factory's model is a density of: "bernoulli" binarised pixels, "logistic" or "gaussian" grey levels
-    likelihood: Literal["bernoulli", "logistic", "gaussian"] = "bernoulli"
-    latent_size: int = Field(50, ge=1)  # Z (kind = "hierarchical": Z1, the layer next to x)
-    encoder_hidden: list[int] = [200, 200]  # encoder hidden widths, x -> z (x -> z1)
-    decoder_hidden: list[int] = [200, 200]  # decoder hidden widths, z -> x (z1 -> x)
-    activation: Literal["elu", "relu", "tanh", "softplus", "leaky_relu"] = "elu"
-    posterior: Family = "ffg"  # the encoder's variational family
-    flow_steps: int | None = Field(None, ge=1)  # coupling / IAF steps, planar layers (None: 2, 2, 10)
-    flow_hidden: int = Field(100, ge=1)  # hidden width of the coupling and MADE networks (paper: 100)
-    conv_channels: list[int] = [64, 128, 256]  # kind = "conv": channels of each stride-2 convolution (paper)
-    latent_size_2: int = Field(16, ge=1)  # Z2, the top layer (kind = "hierarchical")
-    prior_hidden: list[int] = [100]  # hidden widths of p(z1|z2) and q(z2|z1) (kind = "hierarchical")
-    # an external model (gapbench.runner.external): "package.module:function" returning (model, encoder); the
-    # run then skips training. factory_path: a folder put on sys.path first; checkpoint: a file passed to
-    # the factory; checkpoint_sha256: the file's sha256, filled in by the runner (a pinned one must match)
-    factory: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-    factory_path: str | None = None
-    checkpoint: str | None = None
-    checkpoint_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    kind: Literal["mlp", "conv", "hierarchical"] = Field("mlp", description=(
+        "`mlp`: fully connected encoder and decoder; `conv`: the convolutional VAE of Cremer et al. for CIFAR-10 "
+        "(`gapbench/models/conv.py`): stride-2 convolutions of `conv_channels` to the encoder's features, mirrored "
+        "deconvolutions in the decoder (`encoder_hidden`, `decoder_hidden` unused); `hierarchical`: MLPs with two "
+        "stochastic layers, p(z2) p(z1|z2) p(x|z1) with the encoder q(z1|x) q(z2|z1) (see "
+        "[Two stochastic layers](#two-stochastic-layers)); `posterior` and `refine.families` then default to (and "
+        'must be) `"hierarchical"` and `["hierarchical"]`'))
+    likelihood: Literal["bernoulli", "logistic", "gaussian"] = Field(
+        "bernoulli", json_schema_extra={"shown_default": '`"logistic"` for `cifar10`, else `"bernoulli"`'},
+        description="p(x|z): `bernoulli` (binarised pixels) or `logistic`, the discretised logistic over the "
+                    "dataset's pixel levels (a mean and a log-scale per subpixel; see [Data](#data)). With `factory`: "
+                    "the data the external model is a density of, `bernoulli` (binarised) or `logistic` / `gaussian` "
+                    '(grey levels, `binarization = "none"`)')
+    latent_size: int = Field(50, ge=1, description='Z (with `kind = "hierarchical"`: Z1, the layer next to x)')
+    encoder_hidden: list[int] = Field([200, 200], description="encoder hidden widths, x → z (x → z1)")
+    decoder_hidden: list[int] = Field([200, 200], description="decoder hidden widths, z → x (z1 → x)")
+    activation: Literal["elu", "relu", "tanh", "softplus", "leaky_relu"] = Field(
+        "elu", description="`elu`, `relu`, `tanh`, `softplus` or `leaky_relu`")
+    posterior: Family = Field("ffg", description=(
+        "the encoder's family: `ffg`, `flow` (Cremer et al.'s auxiliary coupling flow), `planar`, `iaf` (see "
+        '[Variational families](#variational-families)); `hierarchical` with `kind = "hierarchical"`'))
+    flow_steps: int | None = Field(None, ge=1, description=(
+        "coupling steps (`flow`), IAF steps (`iaf`) or planar layers (`planar`); none: 2, 2 and 10. Used by the "
+        "encoder and by the local flows"))
+    flow_hidden: int = Field(100, ge=1, description=(
+        "hidden width of the coupling and MADE networks (encoder and local; paper: 100); planar flows have none"))
+    conv_channels: list[int] = Field([64, 128, 256], description=(
+        '`kind = "conv"`: channels of each convolution (kernel 4, stride 2, padding 1; the paper\'s)'))
+    latent_size_2: int = Field(16, ge=1, description='Z2, the top layer (`kind = "hierarchical"` only)')
+    prior_hidden: list[int] = Field([100], description=(
+        'hidden widths of the p(z1|z2) network and of the q(z2|z1) network (`kind = "hierarchical"` only)'))
+    factory: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", description=(
+        'an external model: `"package.module:function"` returning `(model, encoder)`; the run skips training '
+        "(see [Your own model](#your-own-model)). `kind` and the network keys are then unused"))
+    factory_path: str | None = Field(None, description=(
+        "a folder put first on `sys.path` to import the factory's module (relative to the current directory)"))
+    checkpoint: str | None = Field(None, description=(
+        "a file or folder passed to the factory as `factory(Path(checkpoint))`"))
+    checkpoint_sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$", json_schema_extra={"shown_default": "filled in"},
+        description="the checkpoint's sha256 (a folder's: of its files' names and sha256s), written into "
+                    "`config.json` by the run; part of every stage's hash, so a changed checkpoint is refused (or "
+                    "redone with `--force`); give it to pin a file")
 
     @model_validator(mode="after")
     def _positive_widths(self) -> "ModelConfig":
@@ -130,21 +159,34 @@ class ModelConfig(Section):
 
 
 class TrainConfig(Section):
-    epochs: int = Field(100, ge=1)  # maximum epochs
-    batch_size: int = Field(100, ge=1)
-    learning_rate: float = Field(1e-3, gt=0.0)  # Adam step size (initial, for the paper schedule)
-    adam_eps: float = Field(1e-8, gt=0.0)  # Adam's epsilon (the 2018 code: 1e-4)
-    warmup_epochs: float = Field(0.0, ge=0.0)  # linear KL warm-up length in epochs (0: none)
-    schedule: Literal["constant", "paper"] = "constant"  # paper: lr 10^(-i/7) after 3^i epochs
-    valid_every: int = Field(1, ge=1)  # epochs between validation ELBO checks
-    valid_num_samples: int = Field(10, ge=1)  # samples per validation datapoint
-    early_stopping_patience: int = Field(0, ge=0)  # validation checks without improvement (0: off)
-    data_parallel: bool = False  # under torchrun: every rank trains on a share of each minibatch (DDP)
-    semi_amortized_steps: int = Field(0, ge=0)  # K SVI steps refining the encoder's output per training step (0: plain VAE)
-    semi_amortized_lr: float = Field(SemiAmortized().learning_rate, gt=0.0)  # step size of those SGD steps
-    semi_amortized_max_grad_norm: float = Field(SemiAmortized().max_grad_norm, gt=0.0)  # per-datapoint clipping
-    semi_amortized_gradient: Literal["unrolled", "stop"] = "unrolled"  # through the steps, or stop-gradient
-    snapshot_every: int = Field(0, ge=0)  # save the weights every N epochs for `gapbench track` (0: never)
+    epochs: int = Field(100, ge=1, description="maximum epochs")
+    batch_size: int = Field(100, ge=1, description="datapoints per minibatch")
+    learning_rate: float = Field(1e-3, gt=0.0, description="Adam step size (the initial one with the `paper` schedule)")
+    adam_eps: float = Field(1e-8, gt=0.0, description="Adam's epsilon (the 2018 code: 1e-4)")
+    warmup_epochs: float = Field(0.0, ge=0.0, description="linear KL warm-up length in epochs (0: none)")
+    schedule: Literal["constant", "paper"] = Field("constant", description=(
+        "`constant`, or `paper`: lr × 10^(−i/7) during stage i, which lasts 3^i epochs"))
+    valid_every: int = Field(1, ge=1, description="epochs between validation ELBO checks; the best checkpoint is kept")
+    valid_num_samples: int = Field(10, ge=1, description="samples per validation datapoint")
+    early_stopping_patience: int = Field(0, ge=0, description=(
+        "validation checks without improvement before stopping (0: off)"))
+    data_parallel: bool = Field(False, description=(
+        "under torchrun: every process trains on a share of each minibatch (DistributedDataParallel); otherwise "
+        "rank 0 trains alone. Not with `semi_amortized_steps > 0` (refused: semi-amortized training runs in one "
+        "process)"))
+    semi_amortized_steps: int = Field(0, ge=0, description=(
+        "K: SGD steps refining the encoder's (μ, log σ²) inside every training step (Kim et al., 2018); 0 is the "
+        'plain VAE, exactly; K > 0 needs `model.posterior = "ffg"`. See "Semi-amortized training"'))
+    semi_amortized_lr: float = Field(SemiAmortized().learning_rate, gt=0.0, description=(
+        "step size of those SGD steps (0.01: the best of 0.003–0.05 on a digits VAE; Kim et al.'s 1.0 lowers its "
+        "ELBO)"))
+    semi_amortized_max_grad_norm: float = Field(SemiAmortized().max_grad_norm, gt=0.0, description=(
+        "each datapoint's inner gradient (over μ and log σ² together) is rescaled to at most this norm"))
+    semi_amortized_gradient: Literal["unrolled", "stop"] = Field("unrolled", description=(
+        "`unrolled`: the encoder is trained through the K steps; `stop`: stop-gradient (the encoder on its own "
+        "ELBO, the decoder on the refined ELBO)"))
+    snapshot_every: int = Field(0, ge=0, description=(
+        "save the weights every N epochs (and the last) in `snapshots/`, for `gapbench track` (0: never)"))
 
     @model_validator(mode="after")
     def _semi_amortized_in_one_process(self) -> "TrainConfig":
@@ -161,27 +203,43 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
-    split: Literal["train", "valid", "test"] = "train"  # which split's datapoints to evaluate
-    num_datapoints: int = Field(1000, ge=1)  # the first N datapoints of the split (paper: 1000 train)
-    num_samples: int = Field(5000, ge=1)  # samples for L[q], L[q*] and IWAE (paper: 5000)
-    chunk_size: int | None = Field(None, ge=1)  # samples per chunk (None: automatic)
-    batch_size: int = Field(1000, ge=1)  # datapoints refined and estimated together
+    split: Literal["train", "valid", "test"] = Field("train", description=(
+        "which split's datapoints to evaluate: `train`, `valid` or `test`"))
+    num_datapoints: int = Field(1000, ge=1, description="the first N datapoints of the split (paper: 1000 train)")
+    num_samples: int = Field(5000, ge=1, description="samples for L[q], L[q*] and IWAE-k (paper: 5000)")
+    chunk_size: int | None = Field(None, ge=1, json_schema_extra={"shown_default": "automatic"},
+                                   description="samples per chunk (memory is flat in k)")
+    batch_size: int = Field(1000, ge=1, description="datapoints refined and estimated together")
+
+SHOWN_PRESET = {"shown_default": "preset"}  # the config reference's default column: the preset decides
 
 
 class RefineConfig(Section):
-    families: list[Family] = ["ffg"]  # local families to refine (default: the encoder's); old key: family
-    init: Literal["prior", "encoder"] = "encoder"  # where each local optimisation starts
-    procedure: Literal["gapbench", "paper"] = "gapbench"  # preset; the fields below override it
-    num_samples: int | None = Field(None, ge=1)  # samples per step
-    learning_rate: float | None = Field(None, gt=0.0)  # initial Adam step size
-    max_steps: int | None = Field(None, ge=1)  # hard limit per datapoint
-    check_every: int | None = Field(None, ge=1)  # steps per convergence window
-    patience: int | None = Field(None, ge=1)  # bad windows in a row that stop a datapoint
-    lr_decay: float | None = Field(None, gt=0.0, le=1.0)  # step-size factor after a bad window
-    min_improvement: float | None = Field(None, ge=0.0)  # nats a window must gain
-    gradient: Literal["stl", "reparam"] | None = None  # gradient estimator
-    convergence: Literal["paired", "window"] | None = None  # convergence test
-    check_samples: int | None = Field(None, ge=1)  # noise draws per paired check
+    families: list[Family] = Field(["ffg"], json_schema_extra={"shown_default": "`[model.posterior]`"}, description=(
+        'local families to refine, e.g. `["ffg", "flow"]`; must include the encoder\'s. `hierarchical`: q(z1) '
+        'q(z2|z1) with every parameter free per datapoint, for `model.kind = "hierarchical"` only. '
+        '`family = "ffg"` reads as `families = ["ffg"]` (giving both is refused)'))
+    init: Literal["prior", "encoder"] = Field("encoder", description=(
+        "where each local optimisation starts: the encoder's output (`encoder`) or the prior (`prior`, as the "
+        "paper); see [Variational families](#variational-families) for what a family starts from"))
+    procedure: Literal["gapbench", "paper"] = Field("gapbench", description=(
+        "preset: `gapbench` (per family: `RefineProcedure()` for the FFG, `RefineProcedure.for_flows()` for "
+        "flows) or `paper`; the keys below override it for every family (see `gapbench.RefineProcedure`)"))
+    num_samples: int | None = Field(None, ge=1, json_schema_extra=SHOWN_PRESET, description="z samples per datapoint per step")
+    learning_rate: float | None = Field(None, gt=0.0, json_schema_extra=SHOWN_PRESET, description="initial Adam step size")
+    max_steps: int | None = Field(None, ge=1, json_schema_extra=SHOWN_PRESET, description="hard limit of steps per datapoint")
+    check_every: int | None = Field(None, ge=1, json_schema_extra=SHOWN_PRESET, description="steps per convergence window")
+    patience: int | None = Field(None, ge=1, json_schema_extra=SHOWN_PRESET, description=(
+        "bad windows in a row that stop a datapoint"))
+    lr_decay: float | None = Field(None, gt=0.0, le=1.0, json_schema_extra=SHOWN_PRESET, description=(
+        "step-size factor after a bad window"))
+    min_improvement: float | None = Field(None, ge=0.0, json_schema_extra=SHOWN_PRESET, description=(
+        "nats a window must gain to count as better"))
+    gradient: Literal["stl", "reparam"] | None = Field(None, json_schema_extra=SHOWN_PRESET, description=(
+        "gradient estimator: `stl` (sticking the landing) or `reparam`"))
+    convergence: Literal["paired", "window"] | None = Field(None, json_schema_extra=SHOWN_PRESET, description=(
+        "convergence test: `paired` (common random numbers against the anchor) or `window`"))
+    check_samples: int | None = Field(None, ge=1, json_schema_extra=SHOWN_PRESET, description="noise draws per paired check")
 
     @model_validator(mode="after")
     def _distinct_families(self) -> "RefineConfig":
@@ -208,31 +266,39 @@ class RefineConfig(Section):
 
 
 class AISConfig(Section):
-    enabled: bool = True  # run the AIS stage; AIS is then one of the estimators log p_hat(x) chooses from
-    num_chains: int = Field(DEFAULT_AIS.num_chains, ge=1)  # C, chains per datapoint (paper: 100)
-    num_steps: int = Field(DEFAULT_AIS.num_steps,
-                           ge=1)  # T, annealing steps; T - 1 intermediate distributions (paper: 5000-10000)
-    schedule: Literal["linear", "sigmoid"] = DEFAULT_AIS.schedule  # spacing of the inverse temperatures
-    init: Literal["prior", "encoder", "q_star"] = "encoder"  # initial distribution of the chains
-    num_leapfrog: int = Field(DEFAULT_AIS.num_leapfrog, ge=1)  # leapfrog steps per HMC transition
-    target_acceptance: float = Field(DEFAULT_AIS.target_acceptance,
-                                    gt=0.0, lt=1.0)  # acceptance probability the step sizes adapt toward
-    step_size: float = Field(DEFAULT_AIS.step_size, gt=0.0)  # initial HMC step size
-    adaptation: Literal["datapoint", "chain"] = (
-        DEFAULT_AIS.adaptation)  # who shares a step size: a datapoint's chains, or none
-    adaptation_rate: float = Field(DEFAULT_AIS.adaptation_rate,
-                                  ge=0.0)  # log step-size change per unit of acceptance error (0: fixed)
-    min_step_size: float = Field(DEFAULT_AIS.min_step_size, gt=0.0)  # clamp of the adapted step sizes
-    max_step_size: float = Field(DEFAULT_AIS.max_step_size, gt=0.0)
-    calibration_datapoints: int = Field(0, ge=0)  # BDMC on this many datapoints simulated from the model (0: none)
-    calibration_tolerance: float = Field(0.2, gt=0.0)  # nats of BDMC sandwich width above which the report warns
-    # a datapoint's AIS is flagged unhealthy, and left out of log p_hat(x), when (gapbench.estimators.health) ...
-    flag_acceptance_error: float = Field(AIS_FLAG_DEFAULTS["flag_acceptance_error"],
-                                         gt=0.0)  # |acceptance - target_acceptance| is above this
-    flag_divergence_rate: float = Field(AIS_FLAG_DEFAULTS["flag_divergence_rate"],
-                                        ge=0.0, le=1.0)  # the fraction of diverged transitions is above this
-    flag_ess_fraction: float = Field(AIS_FLAG_DEFAULTS["flag_ess_fraction"],
-                                     ge=0.0, le=1.0)  # the ESS of the final weights is below this x num_chains
+    enabled: bool = Field(True, description=(
+        "run the AIS stage; AIS is then one of the estimators log p̂(x) chooses from"))
+    num_chains: int = Field(DEFAULT_AIS.num_chains, ge=1, description="C, chains per datapoint (paper: 100)")
+    num_steps: int = Field(DEFAULT_AIS.num_steps, ge=1, description=(
+        "T, annealing steps: T − 1 intermediate distributions, one HMC transition each (paper: 5000–10000)"))
+    schedule: Literal["linear", "sigmoid"] = Field(DEFAULT_AIS.schedule, description=(
+        "spacing of the inverse temperatures β: `linear` or `sigmoid` (Grosse et al., 2015)"))
+    init: Literal["prior", "encoder", "q_star"] = Field("encoder", description=(
+        "initial distribution of the chains: `prior`, `encoder` (q(z|x)) or `q_star` (the refined local posterior)"))
+    num_leapfrog: int = Field(DEFAULT_AIS.num_leapfrog, ge=1, description="leapfrog steps per HMC transition")
+    target_acceptance: float = Field(DEFAULT_AIS.target_acceptance, gt=0.0, lt=1.0, description=(
+        "acceptance probability the step sizes adapt toward"))
+    step_size: float = Field(DEFAULT_AIS.step_size, gt=0.0, description="initial HMC step size")
+    adaptation: Literal["datapoint", "chain"] = Field(DEFAULT_AIS.adaptation, description=(
+        "`datapoint`: a datapoint's chains share one step size, adapted from their mean acceptance; `chain`: each "
+        "chain its own (biased, see below)"))
+    adaptation_rate: float = Field(DEFAULT_AIS.adaptation_rate, ge=0.0, description=(
+        "change of log step size per unit of acceptance error after each transition (0: fixed step sizes, exact AIS)"))
+    min_step_size: float = Field(DEFAULT_AIS.min_step_size, gt=0.0, description="lower clamp of the adapted step sizes")
+    max_step_size: float = Field(DEFAULT_AIS.max_step_size, gt=0.0, description="upper clamp of the adapted step sizes")
+    calibration_datapoints: int = Field(0, ge=0, description=(
+        "with N > 0 (a few dozen, e.g. 32), BDMC with these AIS settings on N datapoints simulated from the trained "
+        "model (calibration stage, `ais_calibration.json`); its sandwich width goes into `summary.json` "
+        "(`ais_calibration`) and under the gap table. 0: no calibration (then neither key enters a stage hash)"))
+    calibration_tolerance: float = Field(0.2, gt=0.0, description=(
+        "nats of mean sandwich width above which the table and the log warn"))
+    flag_acceptance_error: float = Field(AIS_FLAG_DEFAULTS["flag_acceptance_error"], gt=0.0, description=(
+        "AIS of a datapoint is flagged unhealthy, and left out of its log p̂(x) "
+        "(`gapbench.estimators.health`), when its acceptance rate is further than this from `target_acceptance`"))
+    flag_divergence_rate: float = Field(AIS_FLAG_DEFAULTS["flag_divergence_rate"], ge=0.0, le=1.0, description=(
+        "... or more than this fraction of its HMC transitions diverged"))
+    flag_ess_fraction: float = Field(AIS_FLAG_DEFAULTS["flag_ess_fraction"], ge=0.0, le=1.0, description=(
+        "... or the ESS of its chains' final weights is below this × `num_chains` (weight collapse)"))
 
     @model_validator(mode="after")
     def _step_size_within_clamp(self) -> "AISConfig":
@@ -253,12 +319,16 @@ class AISConfig(Section):
 
 
 class CurveConfig(Section):
-    enabled: bool = False  # run the curve stage: the ELBO after k SVI steps from the encoder's output
-    steps: list[int] = list(CurveProcedure().steps)  # the step counts k at which the ELBO is estimated
-    num_samples: int = Field(CurveProcedure().num_samples, ge=1)  # z samples per SVI step
-    learning_rate: float = Field(CurveProcedure().learning_rate, gt=0.0)  # Adam step size, constant
-    gradient: Literal["stl", "reparam"] = "stl"  # gradient estimator of the SVI steps
-    eval_samples: int = Field(CurveProcedure().eval_samples, ge=1)  # samples per ELBO estimate (same noise at every k)
+    enabled: bool = Field(False, description=(
+        "run the curve stage: the ELBO of every datapoint after k SVI steps from the encoder's output (needs "
+        '`model.posterior = "ffg"`)'))
+    steps: list[int] = Field(list(CurveProcedure().steps), description="the step counts k (distinct, ≥ 0)")
+    num_samples: int = Field(CurveProcedure().num_samples, ge=1, description="z samples per SVI step")
+    learning_rate: float = Field(CurveProcedure().learning_rate, gt=0.0, description=(
+        "Adam step size, constant (no decay, no early stopping); mean steps in units of σ as in refinement"))
+    gradient: Literal["stl", "reparam"] = Field("stl", description="`stl` (sticking the landing) or `reparam`")
+    eval_samples: int = Field(CurveProcedure().eval_samples, ge=1, description=(
+        "samples per ELBO estimate, the same noise at every k"))
 
     @model_validator(mode="after")
     def _valid_steps(self) -> "CurveConfig":
@@ -273,8 +343,10 @@ class CurveConfig(Section):
 
 
 class ExperimentConfig(Section):
-    name: str = Field(min_length=1)  # run name; the default output folder is runs/<name> (a plain folder name)
-    seed: int = Field(0, ge=0, le=2**64 - 1)  # every random stream of the run derives from it (torch takes 64 bits)
+    name: str = Field(min_length=1, description=(
+        "run name; the default output folder is `runs/<name>` (a plain folder name)"))
+    seed: int = Field(0, ge=0, le=2**64 - 1, description=(
+        "every random stream of the run derives from it (torch takes 64 bits)"))
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from gapbench import io
+from gapbench.errors import RunError
 from gapbench.outputs import sha256_file
 from gapbench.runner import migrate
 from gapbench.runner.stage_table import STAGE_OF, STAGES, affected_stages, hashed_sections, section_hash
@@ -45,9 +46,6 @@ TRAIN_STATE = "train_state.pt"  # training's resume point, while the train stage
 LOCK = ".lock"
 REPLACED = ".replaced"  # --force: the outputs it replaces, kept until the run finishes (restored if it fails)
 
-
-class RunError(RuntimeError):
-    """A run that cannot go on as asked (folder clash, unusable checkpoint); the message says why."""
 
 
 def diff_keys(a: dict, b: dict, prefix: str = "") -> set[str]:

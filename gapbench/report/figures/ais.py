@@ -1,7 +1,7 @@
 """Figure: AIS and the BDMC sandwich against the number of annealing steps, on a linear-Gaussian
 model whose log p(x) is known exactly.
 
-    python -m gapbench.report.figures.ais --out results/ais_linear_gaussian.png
+    gapbench figure ais --out results/ais_linear_gaussian.png
 
 Datapoints are simulated from the model, so the z that generated each x is an exact posterior
 sample and reverse AIS can start from it. For every number of steps T, forward AIS (the estimate,
@@ -13,16 +13,13 @@ of log p(x) across datapoints cancels).
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from gapbench import io
 from gapbench.estimators import AISProcedure, bdmc, simulate
 from gapbench.models import LinearGaussian
 
@@ -90,34 +87,3 @@ def plot(frame: pd.DataFrame, path: Path, *, title: str) -> None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gapbench.report.figures.ais", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="results/ais_linear_gaussian.png", help="PNG path (a CSV is written beside it)")
-    parser.add_argument("--data-size", type=int, default=100)
-    parser.add_argument("--latent-size", type=int, default=10)
-    parser.add_argument("--num-datapoints", type=int, default=50)
-    parser.add_argument("--num-chains", type=int, default=16)
-    parser.add_argument("--steps", type=int, nargs="+", default=[10, 30, 100, 300, 1000, 3000])
-    parser.add_argument("--schedule", choices=["linear", "sigmoid"], default="sigmoid")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--replot", action="store_true", help="redraw the PNG from the CSV beside it")
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    title = (f"linear-Gaussian model, D = {args.data_size}, Z = {args.latent_size}: {args.num_datapoints} simulated "
-             f"datapoints, {args.num_chains} chains, HMC (10 leapfrog steps), {args.schedule} schedule, from the prior")
-    if args.replot:
-        plot(io.read_csv(out.with_suffix(".csv")), out, title=title)
-        return 0
-    frame = sandwich_by_steps(data_size=args.data_size, latent_size=args.latent_size,
-                              num_datapoints=args.num_datapoints, num_chains=args.num_chains, steps=tuple(args.steps),
-                              schedule=args.schedule, seed=args.seed, log=lambda m: print(m, file=sys.stderr))
-    io.write_csv(out.with_suffix(".csv"), frame)
-    plot(frame, out, title=title)
-    print(frame.to_string(index=False))
-    print(f"figure written to {out}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

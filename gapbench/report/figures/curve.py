@@ -1,7 +1,7 @@
 """Figure: refinement curves of one or more runs, the mean ELBO and the fraction of the amortization
 gap closed against the number of SVI steps from the encoder's output.
 
-    python -m gapbench.report.figures.curve RUN_DIR [RUN_DIR ...] --out FILE.png
+    gapbench figure curve RUN_DIR [RUN_DIR ...] --out FILE.png
 
 Reads ``summary.json["curve"]`` of each run (a run made with ``curve.enabled = true``) and writes
 FILE.png and FILE.pdf. Left: mean ELBO over datapoints (nats) with, dashed, the mean L[q*] of local
@@ -13,15 +13,14 @@ mean(L_k - L_0) / mean(L[q*] - L_0), with its delta-method standard error.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
+from gapbench.errors import GapbenchError
 from gapbench.report.figures.common import save, use_style
 
 
-class FigureError(ValueError):
+class FigureError(GapbenchError, ValueError):
     """A run folder the figure cannot be drawn from; the message says why and what to do."""
 
 
@@ -78,22 +77,3 @@ def plot(curves: list[tuple[str, dict]], out: str | Path) -> list[Path]:
     fig.tight_layout()
     return save(fig, Path(out))  # FILE.png and FILE.pdf
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gapbench.report.figures.curve",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders made with curve.enabled = true")
-    parser.add_argument("--out", required=True, help="figure path; FILE.png and FILE.pdf are written")
-    args = parser.parse_args(argv)
-    try:
-        curves = [read_curve(run_dir) for run_dir in args.run_dirs]
-    except FigureError as error:
-        print(f"curve_figure: error: {error}", file=sys.stderr)
-        return 2
-    for path in plot(curves, args.out):
-        print(f"figure written to {path}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

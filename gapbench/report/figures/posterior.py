@@ -8,15 +8,17 @@ q(z|x), the refined q*_FFG and the refined q* of a flow with a density (IAF or p
 coupling flow has no tractable marginal density). Each panel's title gives the KL divergence from the
 approximation to the grid posterior, in nats (KL(q || p) = log p(x) − ELBO, the gap it contributes).
 
-    python -m gapbench.report.figures.posterior RUN_DIR [--datapoints 0 1 2 3] [--flow iaf] --out STEM
+    gapbench figure posterior RUN_DIR [--datapoints 0 1 2 3] [--flow iaf] --out STEM
+
+(``gapbench.commands.figure`` opens the run and hands its model, datapoints and posteriors to
+:func:`posterior_figure`.)
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -62,49 +64,33 @@ def kl_on_grid(log_q: torch.Tensor, log_post: torch.Tensor, area: float) -> floa
     return float((q * (log_q - log_post)).sum())
 
 
-def posterior_figure(run_dir: str | Path, stem: str | Path, *, datapoints: list[int], flow: str = "iaf") -> list[Path]:
-    """Draw the figure for a finished run (2-D latent, ``flow`` among its refine.families)."""
-    from gapbench.runner.run import local_family, open_run
-    from gapbench.measure import amortized_posterior
-    from gapbench.runner.rundir import RunError
+def posterior_figure(model, x: torch.Tensor, approximations: Sequence[tuple[str, Callable[[int], Any]]],
+                     stem: str | Path, *, datapoints: Sequence[int]) -> list[Path]:
+    """Draw one row per datapoint: the true posterior on a grid, then each approximation on the same grid.
 
-    config, decoder, encoder, x = open_run(run_dir)
-    if config.model.latent_size != 2:
-        raise RunError(f"{run_dir} has a {config.model.latent_size}-D latent space; the posterior figure needs "
-                       "2-D (e.g. experiments/digits_2d.toml)")
-    missing = [f for f in ("ffg", flow) if f not in config.refine.families]
-    if missing:
-        raise RunError(f"{run_dir} did not refine {', '.join(missing)} (refine.families = {config.refine.families}); "
-                       f"add them and rerun with --force, or choose --flow among them")
-    if not (Path(run_dir) / "local.pt").is_file():
-        raise RunError(f"{run_dir} has no local.pt; finish the run first")
-    bad = [i for i in datapoints if not 0 <= i < x.shape[0]]
-    if bad:
-        raise RunError(f"datapoints {bad} are not among the run's {x.shape[0]} evaluated datapoints")
-    saved = torch.load(Path(run_dir) / "local.pt", weights_only=True)
-
+    Parameters
+    ----------
+    model : the Model (``log_prior(z)``, ``log_likelihood(x, z)``, both (K, B)) of a 2-D latent space
+    x : (N, D) datapoints; row i of the figure is datapoint ``datapoints[i]``
+    approximations : (title, posterior_of) per column after the first: ``posterior_of(i)`` is the
+        approximation's distribution for ``x[i:i + 1]`` (``log_prob(z)`` of z (K, 1, 2) is (K, 1))
+    stem : output path without extension: STEM.png and STEM.pdf are written (and returned)
+    """
     use_style()
     import matplotlib.pyplot as plt
 
-    columns = [("true posterior", None), ("amortized FFG q(z|x)", "encoder"), ("optimal FFG q*", "ffg"),
-               (f"local {flow.upper() if flow == 'iaf' else flow} q*", flow)]
-    fig, axes = plt.subplots(len(datapoints), 4, figsize=(10.5, 2.6 * len(datapoints)), squeeze=False)
+    columns = [("true posterior", None), *approximations]
+    fig, axes = plt.subplots(len(datapoints), len(columns), figsize=(10.5, 2.6 * len(datapoints)), squeeze=False)
     for row, i in enumerate(datapoints):
-        xi = x[i:i + 1]
-        grid = true_posterior_grid(decoder, xi)
+        grid = true_posterior_grid(model, x[i:i + 1])
         zz, (a0, a1) = grid["zz"], grid["axes"]
-        for col, (title, source) in enumerate(columns):
+        for col, (title, posterior_of) in enumerate(columns):
             ax = axes[row, col]
-            if source is None:
+            if posterior_of is None:
                 log_q, label = grid["log_post"], f"{title}\nlog p(x) = {grid['log_px']:.2f}"
             else:
-                if source == "encoder":
-                    q = amortized_posterior(encoder, xi)
-                else:
-                    params = {k: v[i:i + 1] for k, v in saved[source].items()}
-                    q = local_family(config, source).posterior(params)
                 with torch.no_grad():
-                    log_q = q.log_prob(zz.unsqueeze(1))[:, 0]
+                    log_q = posterior_of(i).log_prob(zz.unsqueeze(1))[:, 0]  # (G, 1, 2) -> (G,)
                 label = f"{title}\nKL(q‖p) = {kl_on_grid(log_q, grid['log_post'], grid['area']):.2f} nats"
             density = torch.exp(log_q).reshape(len(a0), len(a1)).T  # rows: z_2, columns: z_1
             ax.contourf(a0.numpy(), a1.numpy(), density.numpy(), levels=12, cmap="Blues")
@@ -117,26 +103,3 @@ def posterior_figure(run_dir: str | Path, stem: str | Path, *, datapoints: list[
     fig.suptitle("Posteriors of a 2-D latent model (grey lines: the true posterior)", fontsize=10)
     fig.tight_layout()
     return save(fig, stem)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gapbench.report.figures.posterior", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", help="a finished run with a 2-D latent space (experiments/digits_2d.toml)")
-    parser.add_argument("--datapoints", type=int, nargs="+", default=[0, 1, 2, 3],
-                        help="indices among the run's evaluated datapoints (default 0 1 2 3)")
-    parser.add_argument("--flow", default="iaf", choices=["iaf", "planar"], help="the local flow to draw (default iaf)")
-    parser.add_argument("--out", required=True, help="output path without extension: STEM.png and STEM.pdf")
-    args = parser.parse_args(argv)
-    from gapbench.runner.rundir import RunError
-
-    try:
-        paths = posterior_figure(args.run_dir, args.out, datapoints=args.datapoints, flow=args.flow)
-    except RunError as error:
-        print(f"posterior_figure: error: {error}", file=sys.stderr)
-        return 2
-    print("written: " + ", ".join(str(p) for p in paths))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
