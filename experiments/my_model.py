@@ -14,7 +14,7 @@ projection onto the principal subspace (which ignores the noise: the exact poste
 optimal diagonal Gaussian's 1 / diag(S^{-1})). So the run's amortization gap is
 KL(q || p(z|x)) - KL(q* || p(z|x)) > 0, in closed form too (``LinearGaussian.elbo_diagonal``).
 
-Factories (see gapbench.external): ``make()`` fits the model on gapbench's digits train split;
+Factories (see gapbench.runner.external): ``make()`` fits the model on gapbench's digits train split;
 ``load(checkpoint)`` reads W, b and sigma saved by ``python experiments/my_model.py OUT.pt``.
 """
 

@@ -3,15 +3,16 @@
 Cremer, Li & Duvenaud (2018), "Inference Suboptimality in Variational Autoencoders".
 """
 
-from .curves import CurveProcedure, RefinementCurve, refinement_curve
-from .estimators import AISEstimate, AISProcedure, BDMCEstimate, Estimate, ais, bdmc, elbo, iwae, reverse_ais, simulate
-from .gaps import decompose, summarize
-from .measure import RefineProcedure, measure_gaps
-from .models import Decoder, HierarchicalDecoder, HierarchicalLinearGaussian, LinearGaussian, Model
-from .posteriors import (DatapointStreams, DiagonalGaussian, GaussianEncoder, HierarchicalEncoder, HierarchicalFamily,
-                         as_posterior)
-from .refine import RefineResult, refine
-from .semi_amortized import SemiAmortized
+from gapbench.inference.curves import CurveProcedure, RefinementCurve, refinement_curve
+from gapbench.estimators import (AISEstimate, AISProcedure, BDMCEstimate, Estimate, ais, bdmc, elbo, iwae, reverse_ais,
+    simulate)
+from gapbench.gaps import decompose, summarize
+from gapbench.measure import RefineProcedure, measure_gaps
+from gapbench.models import Decoder, HierarchicalDecoder, HierarchicalLinearGaussian, LinearGaussian, Model
+from gapbench.posteriors import (DatapointStreams, DiagonalGaussian, GaussianEncoder, HierarchicalEncoder,
+    HierarchicalFamily, as_posterior)
+from gapbench.inference.refine import RefineResult, refine
+from gapbench.inference.semi_amortized import SemiAmortized
 
 __version__ = "0.1.0"
 

@@ -16,8 +16,8 @@ from typing import Callable
 
 import torch
 
-from .estimators import AISProcedure, bdmc, simulate
-from .measure import amortized_posterior, frozen
+from gapbench.estimators import AISProcedure, bdmc, simulate
+from gapbench.measure import amortized_posterior, frozen
 
 CALIBRATION_INITS = ("prior", "encoder")
 
@@ -44,7 +44,7 @@ def calibrate_ais(model, encoder: Callable | None, *, num_datapoints: int, proce
     x, z = simulate(model, num_datapoints, generator=generator, dtype=dtype)  # (N, D), (N, Z)
     q = amortized_posterior(encoder, x) if init == "encoder" else None
     with frozen(model):
-        result = bdmc(model, x, z, init=q, **procedure._asdict(), generator=generator, callback=callback)
+        result = bdmc(model, x, z, init=q, procedure=procedure, generator=generator, callback=callback)
     width = result.gap.double()  # (N,)
     mean_width = float(width.mean())
     return {

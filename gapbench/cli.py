@@ -7,6 +7,9 @@ import os
 import sys
 from pathlib import Path
 
+from gapbench.commands.arguments import positive_int
+from gapbench.errors import ConfigError, GapbenchError
+
 EXIT_MOVED = 1  # gapbench check: a number moved beyond chance
 EXIT_USAGE = 2  # bad input: the message names the problem and the fix
 EXIT_STOPPED = 3  # gapbench run: stopped at the time limit or by SIGTERM; the same command continues
@@ -15,24 +18,10 @@ EXIT_INTERRUPTED = 130  # Ctrl-C
 TIME_LIMIT_ENV = "GAPBENCH_TIME_LIMIT"  # the default of gapbench run --time-limit
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number of at least 1 (argparse reports anything else and exits 2)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def check_writable(path: str) -> None:
     """Refuse (exit 2) an --out file that cannot be written, before anything is computed: a
     temporary file is made (and removed) beside it."""
-    import os
     import tempfile
-
-    from .config import ConfigError
 
     out = Path(path)
     if out.is_dir():
@@ -47,12 +36,12 @@ def check_writable(path: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .deadline import Deadline
-    from .device import resolve_device
-    from .distributed import close_ranks, init_ranks, ranks_from_env
-    from .experiment import run_experiment
-    from .report import gap_table_markdown
-    from .sweep import aggregate, aggregate_markdown, expand, write_index
+    from gapbench.deadline import Deadline
+    from gapbench.runner.device import resolve_device
+    from gapbench.runner.distributed import close_ranks, init_ranks, ranks_from_env
+    from gapbench.runner.run import run_experiment
+    from gapbench.report import gap_table_markdown
+    from gapbench.runner.sweep import aggregate, aggregate_markdown, expand, write_index
 
     points = expand(args.experiment, args.set)  # one point unless the file has a [sweep] table
     ranks = ranks_from_env()  # set by torchrun; one rank otherwise
@@ -95,8 +84,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _aggregate(args: argparse.Namespace) -> int:
-    from . import io
-    from .sweep import aggregate, aggregate_markdown, run_folders
+    from gapbench import io
+    from gapbench.runner.sweep import aggregate, aggregate_markdown, run_folders
 
     if args.out:
         check_writable(args.out)
@@ -111,8 +100,8 @@ def _aggregate(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     import json
 
-    from . import io
-    from .check import CheckError, compare, format_table, make_baseline, read_summary, z_threshold
+    from gapbench import io
+    from gapbench.commands.check import CheckError, compare, format_table, make_baseline, read_summary, z_threshold
 
     z_threshold(args.alpha, 1)  # refuse a bad --alpha before reading anything
     run = read_summary(args.run_dir)
@@ -148,9 +137,9 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _bdmc(args: argparse.Namespace) -> int:
-    from . import io
-    from .experiment import open_run_config
-    from .sandwich import bdmc_run, bdmc_table
+    from gapbench import io
+    from gapbench.runner.run import open_run_config
+    from gapbench.commands.bdmc import bdmc_run, bdmc_table
 
     if args.out:  # before the computation, so that its result is not lost
         check_writable(args.out)
@@ -169,8 +158,8 @@ def _bdmc(args: argparse.Namespace) -> int:
 
 
 def _track(args: argparse.Namespace) -> int:
-    from .report.track_figure import track_figure
-    from .track import track
+    from gapbench.report.figures.track import track_figure
+    from gapbench.commands.track import track
 
     log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr))
     frame = track(args.run_dir, num_datapoints=args.num_datapoints, num_samples=args.num_samples,
@@ -184,7 +173,7 @@ def _track(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report.build import make_report
+    from gapbench.report.build import make_report
 
     text, written = make_report(args.runs, args.out, compare=args.compare, transcription=args.transcription,
                                 figures=not args.no_figures)
@@ -194,8 +183,19 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_reference(args: argparse.Namespace) -> int:
+    from gapbench.runner.config_reference import reference_markdown, update_file
+
+    if args.update:
+        changed = update_file(args.update)
+        print(f"{args.update}: the config table is {'rewritten' if changed else 'already up to date'}", file=sys.stderr)
+        return 0
+    print(reference_markdown(), end="")
+    return 0
+
+
 def _duration(text: str) -> float:
-    from .deadline import parse_duration
+    from gapbench.deadline import parse_duration
     try:
         return parse_duration(text)
     except ValueError as error:
@@ -285,20 +285,20 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(gap_bars, gap_distributions, gap_scatter; PNG and PDF) here")
     report.add_argument("--no-figures", action="store_true", help="tables only")
     report.set_defaults(func=_report)
-    from .bench import add_bench_parser
+    reference = sub.add_parser("config-reference", help="the table of every config key with its default and meaning "
+                                                         "(Markdown, made from the config's field descriptions)")
+    reference.add_argument("--update", metavar="README.md",
+                           help="rewrite the table between the config-reference markers of this file instead")
+    reference.set_defaults(func=_config_reference)
+    from gapbench.commands.figure import add_figure_parser
+    add_figure_parser(sub)
+    from gapbench.bench import add_bench_parser
     add_bench_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .check import CheckError
-    from .config import ConfigError
-    from .data import DataError
-    from .report.build import ReportError
-    from .report.published import PublishedError
-    from .rundir import RunError
-
-    from .deadline import StopRequested
+    from gapbench.deadline import StopRequested
 
     args = build_parser().parse_args(argv)
     try:
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     except StopRequested as stop:
         print(f"gapbench: {stop}", file=sys.stderr)
         return EXIT_STOPPED
-    except (ConfigError, DataError, RunError, CheckError, ReportError, PublishedError) as error:
+    except GapbenchError as error:  # bad input: its message names the problem and the fix
         print(f"gapbench: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

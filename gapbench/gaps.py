@@ -5,7 +5,7 @@
     amortization gap   L[q*]    - L[q]      (the encoder misses the family's best member)
 
 with log p(x) replaced by log p_hat(x), a fresh draw of the estimator (IWAE under q or under q*, or
-AIS) that did best on a pilot draw (``gapbench.log_px``): a stochastic lower bound, so the
+AIS) that did best on a pilot draw (``gapbench.estimators.log_px``): a stochastic lower bound, so the
 approximation gap is estimated conservatively.
 """
 
@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .estimators import Estimate
+from gapbench.estimators import Estimate
 
 BOUND_NAMES = ("elbo_q", "elbo_q_star", "log_px")
 GAP_NAMES = ("approximation", "amortization", "inference")
@@ -120,7 +120,7 @@ def to_numpy(t: torch.Tensor | np.ndarray) -> np.ndarray:
 def gap_frame(bounds: Mapping[str, Estimate], *, log_px: Callable[[pd.DataFrame], pd.DataFrame],
               extra: Mapping[str, torch.Tensor | np.ndarray] | None = None) -> pd.DataFrame:
     """The per-datapoint frame: every bound's columns, extra columns, the log p_hat(x) columns that
-    ``log_px`` makes from that frame (``gapbench.log_px.selected_log_px``), the gaps and ``fault``
+    ``log_px`` makes from that frame (``gapbench.estimators.log_px.selected_log_px``), the gaps and ``fault``
     (:func:`find_faults` over the bounds, log_px and the boolean ``*_diverged`` extra columns).
 
     ``bounds`` must hold at least ``elbo_q`` and ``elbo_q_star``.

@@ -14,26 +14,27 @@ from typing import Any, Callable, NamedTuple
 import pandas as pd
 import torch
 
-from . import estimators
-from .data import check_finite
-from .estimators import AISEstimate, AISProcedure, Estimate, elbo_from_stats, iwae_from_stats, weight_stats
-from .estimators.ais import DEFAULT_AIS
-from .gaps import gap_frame, summarize
-from .log_px import selected_log_px
-from .posteriors import (DatapointStreams, DiagonalGaussian, FlowFamily, FlowPosterior, HierarchicalFamily,
-                         HierarchicalPosterior, LocalFamily, RandomStream, as_posterior, get_family)
-from .refine import RefineResult, refine
+from gapbench import estimators
+from gapbench.data import check_finite
+from gapbench.estimators import AISEstimate, AISProcedure, Estimate, elbo_from_stats, iwae_from_stats, weight_stats
+from gapbench.estimators.ais import DEFAULT_AIS
+from gapbench.gaps import gap_frame, summarize
+from gapbench.estimators.log_px import selected_log_px
+from gapbench.posteriors import (DatapointStreams, DiagonalGaussian, FlowFamily, FlowPosterior, HierarchicalFamily,
+    HierarchicalPosterior, LocalFamily, RandomStream, as_posterior, get_family)
+from gapbench.inference.frozen import amortized_posterior, frozen
+from gapbench.inference.refine import RefineResult, refine
 
 INITS = ("prior", "encoder")
 AIS_INITS = ("prior", "encoder", "q_star")
 
 
 class RefineProcedure(NamedTuple):
-    """Settings of local refinement; the fields are the keyword arguments of ``gapbench.refine``.
+    """Settings of local refinement; the fields are the keyword arguments of ``gapbench.inference.refine``.
 
     The defaults are gapbench's procedure: a large step size that is halved whenever a paired
     (common-random-number) test finds no improvement of the window-averaged iterate, so a datapoint
-    travels fast and still ends close to its optimum (see ``gapbench.refine`` for the rule and
+    travels fast and still ends close to its optimum (see ``gapbench.inference.refine`` for the rule and
     ``gapbench bench refine`` for how it compares with the paper's). :meth:`paper` gives Cremer,
     Li & Duvenaud (2018)'s.
     """
@@ -90,12 +91,6 @@ def check_data(model, x: torch.Tensor, name: str = "x") -> None:
     model_check = getattr(model, "check_data", None)
     if callable(model_check):
         model_check(x, name)
-
-
-def amortized_posterior(encoder: Callable, x: torch.Tensor):
-    """The encoder's posterior for x, without an autograd graph."""
-    with torch.no_grad():
-        return as_posterior(encoder(x))
 
 
 def resolve_family(family: str | LocalFamily) -> LocalFamily:
@@ -197,7 +192,7 @@ def ais_of(model, x: torch.Tensor, *, init: str = "encoder", encoder: Callable |
         q = fit_diagonal(q, generator=_fitting_noise(generator) if per_datapoint
                          else torch.Generator(device=x.device).manual_seed(0))
     with frozen(model):
-        return estimators.ais(model, x, init=q, **procedure._asdict(), chunk_size=chunk_size, generator=generator,
+        return estimators.ais(model, x, init=q, procedure=procedure, chunk_size=chunk_size, generator=generator,
                               callback=callback)
 
 
@@ -205,7 +200,7 @@ def fresh_estimators(model, x: torch.Tensor, *, encoder: Callable,
                      q_stars: dict[str, tuple[LocalFamily, dict[str, torch.Tensor]]], num_samples: int,
                      chunk_size: int | None, ais: dict | None,
                      streams: Callable[[str, torch.Tensor], RandomStream | None]) -> dict[str, Callable]:
-    """The fresh estimators of ``gapbench.log_px.fresh_estimate`` for the datapoints of x (B, D), each
+    """The fresh estimators of ``gapbench.estimators.log_px.fresh_estimate`` for the datapoints of x (B, D), each
     taking positions (n,) into x: "iwae_q", IWAE-K under the encoder's q; for every name of ``q_stars``
     (e.g. "iwae_q_star_ffg": (family, its q* parameters, (B, ...) each)), IWAE-K under that q*; with ``ais``
     (the keyword arguments of :func:`ais_of` but ``generator``, where ``q_star`` is a name of ``q_stars``
@@ -241,21 +236,6 @@ def ais_diagnostics(estimate: AISEstimate) -> dict[str, torch.Tensor]:
             "ais_divergence_rate": estimate.divergence_rate}
 
 
-class frozen:
-    """Context manager: stop a torch model's parameters from collecting gradients."""
-
-    def __init__(self, model: Any):
-        self.params = [p for p in getattr(model, "parameters", lambda: [])() if p.requires_grad]
-
-    def __enter__(self):
-        for p in self.params:
-            p.requires_grad_(False)
-
-    def __exit__(self, *exc):
-        for p in self.params:
-            p.requires_grad_(True)
-
-
 def measure_gaps(model, encoder: Callable, x: torch.Tensor, *, family: str | LocalFamily = "ffg", init: str = "prior",
                  num_samples: int = 5000, chunk_size: int | None = None,
                  procedure: RefineProcedure | None = None, ais: AISProcedure | None = None,
@@ -286,7 +266,7 @@ def measure_gaps(model, encoder: Callable, x: torch.Tensor, *, family: str | Loc
     frame : one row per datapoint: elbo_q, elbo_q_star, iwae_q, iwae_q_star and, with ``ais``, ais
         (each with _stderr and _ess; AIS also with _acceptance_rate, _step_size, _divergence_rate),
         log_px (with _stderr and _ess: a fresh draw of the estimator chosen per datapoint on those
-        pilot bounds, see ``gapbench.log_px``; a stochastic lower bound) with log_px_source (the estimator
+        pilot bounds, see ``gapbench.estimators.log_px``; a stochastic lower bound) with log_px_source (the estimator
         it comes from) and max_pilot_bound (the maximum of the pilot bounds: a diagnostic, biased upward,
         in no gap), the three gaps,
         refine_steps, refine_converged, refine_diverged, and fault ("ok", or the numerical faults:

@@ -4,8 +4,8 @@ the rows of every per-datapoint file against the run's datapoints.
 Every per-datapoint file (amortized.csv, local.csv, ais.csv, log_px.csv, datapoints.csv) holds an ``index``
 column, the datapoint's position in the evaluated split, and frames are joined on it, never by
 position. A file must hold each index 0..N-1 exactly once (N = ``eval.num_datapoints``); curve.csv
-holds each datapoint (column ``datapoint``) once per step count. A file written before the index
-column existed is read as datapoints 0..N-1 when it has exactly N rows, and refused otherwise.
+holds each datapoint (column ``datapoint``) once per step count. Which files are per datapoint:
+``gapbench.runner.stage_table``.
 """
 
 from __future__ import annotations
@@ -17,12 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import io
 
 INDEX = "index"
-PER_DATAPOINT = ("amortized.csv", "local.csv", "ais.csv", "log_px.csv", "datapoints.csv")
-CURVE = "curve.csv"
-SUMMARY = "summary.json"
 
 
 def sha256_file(path: str | Path) -> str:
@@ -87,33 +83,6 @@ def summary_value_problem(summary: object) -> str | None:
                 if not (value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))):
                     return f"{block}.{name}.{key} is {value!r}, not a number"
     return None
-
-
-def content_problem(path: Path, *, num_datapoints: int, num_curve_steps: int) -> str | None:
-    """Why the output ``path`` cannot be used by a run of ``num_datapoints`` datapoints (None if it can)."""
-    if path.name in PER_DATAPOINT or path.name == CURVE:
-        try:
-            frame = io.read_csv(path)
-        except (OSError, ValueError) as error:
-            return f"it is not a readable CSV ({str(error).strip().splitlines()[0] if str(error).strip() else error})"
-        if path.name == CURVE:
-            return curve_problem(frame, num_datapoints, num_curve_steps)
-        return index_problem(frame, num_datapoints)
-    if path.name == SUMMARY:
-        return summary_problem(path)
-    return None
-
-
-def read_datapoints(path: str | Path, num_datapoints: int) -> pd.DataFrame:
-    """A per-datapoint file, ordered by its ``index`` column (added as 0..N-1 to a file of exactly N rows
-    written before that column existed); ValueError saying why when its rows are not the N datapoints."""
-    frame = io.read_csv(path)
-    problem = index_problem(frame, num_datapoints)
-    if problem is not None:
-        raise ValueError(f"{path} cannot be used: {problem}")
-    if INDEX not in frame:
-        frame = with_index(frame)
-    return frame.sort_values(INDEX, kind="stable", ignore_index=True)
 
 
 def join_on_index(frames: list[pd.DataFrame]) -> pd.DataFrame:

@@ -5,7 +5,7 @@ log p(z) - log q(z|x) rises linearly from 0 to 1 over the first ``warmup_epochs`
 Optional learning-rate schedule of Burda et al. (2016), used by Cremer et al. (2018): in stage
 i = 0, 1, 2, ... the rate is lr * 10^(-i/7), and stage i lasts 3^i epochs.
 Optional semi-amortized training (Kim et al., 2018): the encoder's output refined by K SVI steps
-inside every training step (``gapbench.semi_amortized``).
+inside every training step (``gapbench.inference.semi_amortized``).
 """
 
 from __future__ import annotations
@@ -17,12 +17,14 @@ from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from .data import binarize, check_values
-from .deadline import StopRequested
-from .estimators import elbo
-from .posteriors import as_posterior, fork_seed
-from .semi_amortized import SemiAmortized, semi_amortized_gradients
+from gapbench.data import binarize, check_values
+from gapbench.deadline import StopRequested
+from gapbench.errors import GapbenchError
+from gapbench.estimators import elbo
+from gapbench.posteriors import as_posterior, fork_seed
+from gapbench.inference.semi_amortized import SemiAmortized, semi_amortized_gradients
 
 SCHEDULES = ("constant", "paper")
 # Implementations of the same Adam update (torch.optim.Adam's foreach / fused flags): "fused" updates every
@@ -113,7 +115,7 @@ def make_adam(params: list[nn.Parameter], *, learning_rate: float, eps: float,
     return torch.optim.Adam(params, lr=learning_rate, eps=eps, **ADAM_IMPLEMENTATIONS[implementation])
 
 
-class ResumeError(ValueError):
+class ResumeError(GapbenchError, ValueError):
     """A ``resume_from`` snapshot that does not fit the networks or optimiser it is loaded into."""
 
 
@@ -170,6 +172,129 @@ def _restore(state: dict, decoder: nn.Module, encoder: nn.Module, optimizer: tor
         raise ResumeError(f"{type(error).__name__}: {message[-1].strip() if message else ''}") from None
 
 
+class _Loop(NamedTuple):
+    """What every epoch of one training uses, fixed from the first epoch to the last."""
+
+    decoder: nn.Module
+    encoder: nn.Module
+    loss_fn: nn.Module  # WarmupLoss, wrapped in DistributedDataParallel when data-parallel
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    train_x: torch.Tensor  # grey levels; binarised anew every epoch when static_train is None
+    static_train: torch.Tensor | None
+    batch_size: int
+    num_batches: int
+    warmup_steps: int
+    semi_amortized: SemiAmortized
+    data_parallel: tuple[int, int] | None
+
+
+def check_arguments(*, schedule: str, checkpoint_seconds: float, data_parallel: tuple[int, int] | None,
+                    semi_amortized: SemiAmortized, train_x: torch.Tensor, valid_x: torch.Tensor) -> None:
+    """Refuse settings :func:`train` cannot run (ValueError naming the setting)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose one of {SCHEDULES}")
+    if not checkpoint_seconds >= 0:
+        raise ValueError(f"checkpoint_seconds must be at least 0, got {checkpoint_seconds}")
+    if data_parallel is not None and semi_amortized.num_steps:
+        raise ValueError("semi-amortized training (semi_amortized.num_steps > 0) does not run data-parallel: "
+                         "train it in one process (train.data_parallel = false)")
+    check_values(train_x, "training data")
+    check_values(valid_x, "validation data")
+
+
+def train_epoch(loop: _Loop, step: int) -> tuple[float, int, float, int]:
+    """One pass over the (re-binarised, shuffled) training data: (sum of the batches' ELBOs over every
+    rank, optimiser steps taken so far, the warm-up weight of the last step, rows in the epoch)."""
+    generator = loop.generator
+    data = loop.static_train if loop.static_train is not None else binarize(
+        loop.train_x, mode="dynamic", generator=generator)
+    order = torch.randperm(data.shape[0], generator=generator, device=data.device)
+    noise = generator
+    if loop.data_parallel is not None:  # the shared stream stays in step on every rank
+        rank, world_size = loop.data_parallel
+        noise = torch.Generator(device=data.device).manual_seed(fork_seed(generator) + rank)
+    loop.decoder.train(), loop.encoder.train()
+    total = torch.zeros((), dtype=torch.float64, device=data.device)
+    beta = warmup_weight(step, loop.warmup_steps)
+    for batch_index in range(loop.num_batches):
+        batch = data[order[batch_index * loop.batch_size:(batch_index + 1) * loop.batch_size]]
+        if loop.data_parallel is not None:
+            batch = batch[rank::world_size]  # this rank's share of the minibatch
+        step += 1
+        beta = warmup_weight(step, loop.warmup_steps)
+        total += _training_step(loop, batch, beta, noise)  # on the device: no wait for it at every step
+    loop.decoder.eval(), loop.encoder.eval()
+    return _sum_over_ranks(float(total), loop.data_parallel, data.device), step, beta, data.shape[0]
+
+
+def _training_step(loop: _Loop, batch: torch.Tensor, beta: float, noise: torch.Generator) -> torch.Tensor:
+    """One Adam step on one minibatch; the sum of its ELBOs (the refined posterior's when semi-amortized)."""
+    if loop.semi_amortized.num_steps == 0:
+        loss, batch_elbo = loop.loss_fn(batch, beta, noise)
+        loop.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    else:
+        batch_elbo = semi_amortized_gradients(loop.decoder, loop.encoder, batch, settings=loop.semi_amortized,
+                                              beta=beta, generator=noise)
+    loop.optimizer.step()
+    return batch_elbo.sum()
+
+
+def _sum_over_ranks(total: float, data_parallel: tuple[int, int] | None, device: torch.device) -> float:
+    """The epoch's ELBO sum over every rank's rows (the value itself in one process)."""
+    if data_parallel is None:
+        return total
+    import torch.distributed as dist
+    summed = torch.tensor([total], dtype=torch.float64, device=device)
+    dist.all_reduce(summed)
+    return float(summed.item())
+
+
+def _after_epoch(loop: _Loop, state: _Progress, *, epoch: int, total: float, valid_x: torch.Tensor,
+                 valid_every: int, valid_num_samples: int, epochs: int,
+                 early_stopping_patience: int) -> tuple[_Progress, float, bool]:
+    """Validation, best weights and the stopping rule after an epoch whose ELBO sum was ``total``:
+    (the progress with this epoch's outcome but not yet its record, the validation ELBO or NaN, whether
+    this epoch is the best so far)."""
+    best_elbo, best_epoch, bad_checks, best_state = state.best_elbo, state.best_epoch, state.bad_checks, \
+        state.best_state
+    valid, is_best, stop_reason = math.nan, False, None
+    if not math.isfinite(total):
+        stop_reason = "diverged"  # the weights are no longer finite: nothing more to learn
+    elif epoch % valid_every == 0 or epoch == epochs:
+        valid = validation_elbo(loop.decoder, loop.encoder, valid_x, num_samples=valid_num_samples,
+                                batch_size=1000, seed=0)
+        if valid > best_elbo:
+            best_elbo, best_epoch, bad_checks, is_best = valid, epoch, 0, True
+            best_state = (copy.deepcopy(loop.decoder.state_dict()), copy.deepcopy(loop.encoder.state_dict()))
+        else:
+            bad_checks += 1
+    if stop_reason is None and early_stopping_patience and bad_checks >= early_stopping_patience:
+        stop_reason = "early_stopping"
+    if stop_reason is None and epoch == epochs:
+        stop_reason = "epochs"
+    return state._replace(epoch=epoch, best_elbo=best_elbo, best_epoch=best_epoch, bad_checks=bad_checks,
+                          best_state=best_state, stop_reason=stop_reason), valid, is_best
+
+
+def _make_loop(decoder: nn.Module, encoder: nn.Module, train_x: torch.Tensor, *, generator: torch.Generator,
+               batch_size: int, learning_rate: float, adam_eps: float, adam: str, warmup_epochs: float,
+               binarization: str, threshold: float, semi_amortized: SemiAmortized,
+               data_parallel: tuple[int, int] | None) -> _Loop:
+    """The optimiser, loss and fixed data of a training."""
+    params = list(decoder.parameters()) + list(encoder.parameters())
+    optimizer = make_adam(params, learning_rate=learning_rate, eps=adam_eps, implementation=adam)
+    static_train = None if binarization == "dynamic" else binarize(train_x, mode=binarization, threshold=threshold)
+    num_batches = math.ceil(train_x.shape[0] / batch_size)
+    loss_fn: nn.Module = WarmupLoss(decoder, encoder)
+    if data_parallel is not None:
+        from torch.nn.parallel import DistributedDataParallel
+        loss_fn = DistributedDataParallel(loss_fn)
+    return _Loop(decoder, encoder, loss_fn, optimizer, generator, train_x, static_train, batch_size, num_batches,
+                 round(warmup_epochs * num_batches), semi_amortized, data_parallel)
+
+
 def train(decoder: nn.Module, encoder: nn.Module, train_x: torch.Tensor, valid_x: torch.Tensor, *,
           epochs: int, batch_size: int, learning_rate: float, adam_eps: float, warmup_epochs: float, schedule: str,
           binarization: str, threshold: float, valid_every: int, valid_num_samples: int,
@@ -196,7 +321,7 @@ def train(decoder: nn.Module, encoder: nn.Module, train_x: torch.Tensor, valid_x
     generator : every random draw (shuffling, binarisation, z samples) comes from it; pass a fresh
         generator seeded as for the first call also when resuming
     semi_amortized : with ``num_steps`` K > 0, every training step refines the encoder's output by K
-        SVI steps and trains on the refined ELBO (Kim et al., 2018; ``gapbench.semi_amortized``); the
+        SVI steps and trains on the refined ELBO (Kim et al., 2018; ``gapbench.inference.semi_amortized``); the
         epoch's train ELBO is then the refined posterior's. K = 0: the plain VAE
     on_epoch : called with each EpochRecord and whether it is the best so far
     resume_from : a snapshot passed to ``on_checkpoint`` by an earlier call with the same arguments;
@@ -222,31 +347,17 @@ def train(decoder: nn.Module, encoder: nn.Module, train_x: torch.Tensor, valid_x
     the best weights from before are returned. It raises FloatingPointError when no validation ELBO
     was ever finite.
     """
-    from tqdm.auto import tqdm
-
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose one of {SCHEDULES}")
-    if not checkpoint_seconds >= 0:
-        raise ValueError(f"checkpoint_seconds must be at least 0, got {checkpoint_seconds}")
-    if data_parallel is not None and semi_amortized.num_steps:
-        raise ValueError("semi-amortized training (semi_amortized.num_steps > 0) does not run data-parallel: "
-                         "train it in one process (train.data_parallel = false)")
-    check_values(train_x, "training data")
-    check_values(valid_x, "validation data")
-    params = list(decoder.parameters()) + list(encoder.parameters())
-    optimizer = make_adam(params, learning_rate=learning_rate, eps=adam_eps, implementation=adam)
+    check_arguments(schedule=schedule, checkpoint_seconds=checkpoint_seconds, data_parallel=data_parallel,
+                    semi_amortized=semi_amortized, train_x=train_x, valid_x=valid_x)
+    loop = _make_loop(decoder, encoder, train_x, generator=generator, batch_size=batch_size,
+                      learning_rate=learning_rate, adam_eps=adam_eps, adam=adam, warmup_epochs=warmup_epochs,
+                      binarization=binarization, threshold=threshold, semi_amortized=semi_amortized,
+                      data_parallel=data_parallel)
+    # The validation set is binarised before a resumed state is restored, exactly as the first call did it.
     valid_bin = binarize(valid_x, mode=binarization, threshold=threshold, generator=generator)
-    static_train = None if binarization == "dynamic" else binarize(train_x, mode=binarization, threshold=threshold)
-    num_batches = math.ceil(train_x.shape[0] / batch_size)
-    warmup_steps = round(warmup_epochs * num_batches)
     state = _Progress(0, 0, -math.inf, 0, 0, None, [], None)
-    if resume_from is not None:  # after the validation draw above, exactly as the first call made it
-        state = _restore(resume_from, decoder, encoder, optimizer, generator)
-    loss_fn: nn.Module = WarmupLoss(decoder, encoder)
-    if data_parallel is not None:
-        from torch.nn.parallel import DistributedDataParallel
-        rank, world_size = data_parallel
-        loss_fn = DistributedDataParallel(loss_fn)
+    if resume_from is not None:
+        state = _restore(resume_from, decoder, encoder, loop.optimizer, generator)
     last_checkpoint = time.perf_counter()
     bar = tqdm(range(state.epoch + 1, epochs + 1), desc="train", unit="epoch", initial=state.epoch,
                total=epochs, disable=not progress or state.stop_reason is not None)
@@ -255,72 +366,31 @@ def train(decoder: nn.Module, encoder: nn.Module, train_x: torch.Tensor, valid_x
             break
         start_time = time.perf_counter()
         lr = paper_learning_rate(epoch - 1, learning_rate) if schedule == "paper" else learning_rate
-        for group in optimizer.param_groups:
+        for group in loop.optimizer.param_groups:
             group["lr"] = lr
-        data = static_train if static_train is not None else binarize(
-            train_x, mode="dynamic", generator=generator)
-        order = torch.randperm(data.shape[0], generator=generator, device=data.device)
-        noise = generator
-        if data_parallel is not None:  # the shared stream stays in step on every rank
-            noise = torch.Generator(device=data.device).manual_seed(fork_seed(generator) + rank)
-        decoder.train(), encoder.train()
-        total, step = torch.zeros((), dtype=torch.float64, device=data.device), state.step
-        for b in range(num_batches):
-            batch = data[order[b * batch_size:(b + 1) * batch_size]]
-            if data_parallel is not None:
-                batch = batch[rank::world_size]  # this rank's share of the minibatch
-            step += 1
-            beta = warmup_weight(step, warmup_steps)
-            if semi_amortized.num_steps == 0:
-                loss, batch_elbo = loss_fn(batch, beta, noise)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-            else:
-                batch_elbo = semi_amortized_gradients(decoder, encoder, batch, settings=semi_amortized, beta=beta,
-                                                      generator=noise)
-            optimizer.step()
-            total += batch_elbo.sum()  # on the device: no wait for it at every step
-        total = float(total)
-        if data_parallel is not None:  # the epoch's ELBO sum over every rank's rows
-            import torch.distributed as dist
-            summed = torch.tensor([total], dtype=torch.float64, device=data.device)
-            dist.all_reduce(summed)
-            total = float(summed.item())
-        decoder.eval(), encoder.eval()
-        best_elbo, best_epoch, bad_checks = state.best_elbo, state.best_epoch, state.bad_checks
-        best_state = state.best_state
-        valid = math.nan
-        is_best = False
-        stop_reason = None
-        if not math.isfinite(total):
-            stop_reason = "diverged"  # the weights are no longer finite: nothing more to learn
-        elif epoch % valid_every == 0 or epoch == epochs:
-            valid = validation_elbo(decoder, encoder, valid_bin, num_samples=valid_num_samples,
-                                    batch_size=1000, seed=0)
-            if valid > best_elbo:
-                best_elbo, best_epoch, bad_checks, is_best = valid, epoch, 0, True
-                best_state = (copy.deepcopy(decoder.state_dict()), copy.deepcopy(encoder.state_dict()))
-            else:
-                bad_checks += 1
-        record = EpochRecord(epoch, total / data.shape[0], valid, lr, beta, time.perf_counter() - start_time)
-        if stop_reason is None and early_stopping_patience and bad_checks >= early_stopping_patience:
-            stop_reason = "early_stopping"
-        if stop_reason is None and epoch == epochs:
-            stop_reason = "epochs"
-        state = _Progress(epoch, step, best_elbo, best_epoch, bad_checks, best_state, [*state.history, record],
-                          stop_reason)
-        bar.set_postfix(elbo=f"{record.train_elbo:.2f}", valid=f"{best_elbo:.2f}", beta=f"{beta:.2f}")
+        total, step, beta, num_rows = train_epoch(loop, state.step)
+        state, valid, is_best = _after_epoch(loop, state, epoch=epoch, total=total, valid_x=valid_bin,
+                                             valid_every=valid_every, valid_num_samples=valid_num_samples,
+                                             epochs=epochs, early_stopping_patience=early_stopping_patience)
+        record = EpochRecord(epoch, total / num_rows, valid, lr, beta, time.perf_counter() - start_time)
+        state = state._replace(step=step, history=[*state.history, record])
+        bar.set_postfix(elbo=f"{record.train_elbo:.2f}", valid=f"{state.best_elbo:.2f}", beta=f"{beta:.2f}")
         if on_epoch is not None:
             on_epoch(record, is_best)
-        is_stopping = stop_reason is None and should_stop is not None and should_stop()
-        if on_checkpoint is not None and (stop_reason is not None or is_stopping
+        is_stopping = state.stop_reason is None and should_stop is not None and should_stop()
+        if on_checkpoint is not None and (state.stop_reason is not None or is_stopping
                                           or time.perf_counter() - last_checkpoint >= checkpoint_seconds):
-            on_checkpoint(train_state(decoder, encoder, optimizer, generator, state))
+            on_checkpoint(train_state(decoder, encoder, loop.optimizer, generator, state))
             last_checkpoint = time.perf_counter()
         if is_stopping:
             bar.close()
             raise StopRequested(f"[train] {epoch} of {epochs} epochs done, {epochs - epoch} remain")
     bar.close()
+    return _result(state)
+
+
+def _result(state: _Progress) -> TrainResult:
+    """The best weights and the history of a finished training."""
     if state.best_state is None:  # every validation ELBO was NaN
         raise FloatingPointError("training diverged: the validation ELBO was never finite; "
                                  "lower train.learning_rate or check the data")

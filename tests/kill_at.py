@@ -22,10 +22,11 @@ from pathlib import Path
 
 import torch
 
-import gapbench.experiment as experiment
+import gapbench.runner.stages as stages
+import gapbench.runner.training as training
 import gapbench.io as io
 from gapbench.cli import main
-from gapbench.rundir import RunFolder
+from gapbench.runner.rundir import RunFolder
 
 
 def die() -> None:
@@ -41,7 +42,7 @@ def die_halfway_through(path: Path, data: bytes) -> None:
 
 
 def install(point: str) -> None:
-    experiment.TRAIN_STATE_SECONDS = 0.0  # a training state after every epoch, so there is one to kill
+    training.TRAIN_STATE_SECONDS = 0.0  # a training state after every epoch, so there is one to kill
     calls = {"n": 0}
     if point == "train":
         save_torch = io.save_torch
@@ -64,16 +65,16 @@ def install(point: str) -> None:
                 die()
         RunFolder.finish = patched
     elif point == "amortized":
-        bounds_of = experiment.bounds_of
+        bounds_of = stages.bounds_of
 
         def patched(*args, **kwargs):
             calls["n"] += 1
             if calls["n"] == 2:
                 die()
             return bounds_of(*args, **kwargs)
-        experiment.bounds_of = patched
+        stages.bounds_of = patched
     elif point == "local":
-        local_posterior = experiment.local_posterior
+        local_posterior = stages.local_posterior
 
         def patched(*args, callback=None, **kwargs):
             calls["n"] += 1
@@ -83,9 +84,9 @@ def install(point: str) -> None:
                     die()
                 callback(step, num_active)
             return local_posterior(*args, callback=deadly, **kwargs)
-        experiment.local_posterior = patched
+        stages.local_posterior = patched
     elif point == "ais":
-        ais_of = experiment.ais_of
+        ais_of = stages.ais_of
 
         def patched(*args, callback=None, **kwargs):
             calls["n"] += 1
@@ -95,18 +96,18 @@ def install(point: str) -> None:
                     die()
                 callback(step)
             return ais_of(*args, callback=deadly, **kwargs)
-        experiment.ais_of = patched
+        stages.ais_of = patched
     elif point == "log_px":
-        selected_log_px = experiment.selected_log_px
+        selected_log_px = stages.selected_log_px
 
         def patched(*args, **kwargs):
             calls["n"] += 1
             if calls["n"] == 2:
                 die()
             return selected_log_px(*args, **kwargs)
-        experiment.selected_log_px = patched
+        stages.selected_log_px = patched
     elif point == "curve":
-        refinement_curve = experiment.refinement_curve
+        refinement_curve = stages.refinement_curve
 
         def patched(*args, callback=None, **kwargs):
             calls["n"] += 1
@@ -116,7 +117,7 @@ def install(point: str) -> None:
                     die()
                 callback(step)
             return refinement_curve(*args, callback=deadly, **kwargs)
-        experiment.refinement_curve = patched
+        stages.refinement_curve = patched
     elif point == "report":
         write_json = io.write_json
 

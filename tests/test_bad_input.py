@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import gapbench.data.mnist as mnist
-import gapbench.experiment as experiment
+import gapbench.runner.build as build
+import gapbench.runner.stages as stages
 import gapbench.io as io
 from gapbench.cli import main
 
@@ -118,7 +119,7 @@ def test_corrupt_dataset_files(mnist_dir, tmp_path, capsys, damage, message):
 def test_data_values_the_likelihood_does_not_accept(monkeypatch, tmp_path, capsys, value, message, split):
     dataset = load_dataset("digits")  # checked when made; then something changes it
     dataset.split(split)[5, 7] = value
-    monkeypatch.setattr(experiment, "load_dataset", lambda *args, **kwargs: dataset)
+    monkeypatch.setattr(build, "load_dataset", lambda *args, **kwargs: dataset)
     refused(capsys, ["run", str(DIGITS), "--out", str(tmp_path / "out"), *QUICK], f"digits {split} split",
             message, "Fix")
     assert not (tmp_path / "out").exists()
@@ -271,14 +272,14 @@ def test_a_nan_elbo_is_flagged_not_fatal(finished_run, tmp_path, capsys, monkeyp
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
     (run / "amortized.csv").unlink()
-    bounds_of = experiment.bounds_of
+    bounds_of = stages.bounds_of
 
     def nan_for_datapoint_2(*args, **kwargs):
         pair = bounds_of(*args, **kwargs)
         pair.elbo.value[2] = torch.nan  # what an overflow in the decoder does to one datapoint
         return pair
 
-    monkeypatch.setattr(experiment, "bounds_of", nan_for_datapoint_2)
+    monkeypatch.setattr(stages, "bounds_of", nan_for_datapoint_2)
     assert main(["run", str(DIGITS), "--out", str(run), *QUICK]) == 0
     assert "1 of 24 datapoints had numerical faults (elbo_q_not_finite: 1)" in capsys.readouterr().err
     frame = pd.read_csv(run / "datapoints.csv")

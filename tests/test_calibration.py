@@ -9,9 +9,9 @@ import torch
 
 from gapbench.calibration import calibrate_ais, calibration_lines
 from gapbench.cli import main
-from gapbench.config import parse_config
+from gapbench.runner.config import parse_config
 from gapbench.estimators import AISProcedure, simulate
-from gapbench.rundir import STAGES, section_hash
+from gapbench.runner.rundir import STAGES, section_hash
 
 from conftest import make_linear_gaussian
 from test_cli import DIGITS, QUICK
@@ -49,10 +49,11 @@ def test_calibration_keys_at_their_defaults_leave_every_stage_hash_unchanged():
     assert changed == ["calibration", "report"]
 
 
-def test_a_run_records_the_calibration_and_warns_under_the_table(tmp_path):
+def test_a_run_records_the_calibration_and_warns_under_the_table(tmp_path, capsys):
     out = tmp_path / "calibrated"
-    assert main(["run", str(DIGITS), "--out", str(out), *QUICK, "--set", "ais.calibration_datapoints=6",
-                 "--set", "ais.calibration_tolerance=0.0001"]) == 0
+    command = ["run", str(DIGITS), "--out", str(out), *QUICK, "--set", "ais.calibration_datapoints=6",
+               "--set", "ais.calibration_tolerance=0.0001"]
+    assert main(command) == 0
     summary = json.loads((out / "summary.json").read_text())
     calibration = summary["ais_calibration"]
     assert calibration["num_datapoints"] == 6 and calibration["num_steps"] == 20 and calibration["num_chains"] == 4
@@ -61,3 +62,8 @@ def test_a_run_records_the_calibration_and_warns_under_the_table(tmp_path):
     table = (out / "table.md").read_text()
     assert "AIS calibration: BDMC on 6 datapoints" in table and "WARNING: the AIS sandwich is wider" in table
     assert json.loads((out / "ais_calibration.json").read_text()) == calibration
+    capsys.readouterr()
+    assert main(command) == 0  # the same command again: every stage, the calibration too, read back
+    err = capsys.readouterr().err
+    assert "[calibration] skipped: finished" in err and "[report] skipped: finished" in err
+    assert json.loads((out / "summary.json").read_text())["ais_calibration"] == calibration

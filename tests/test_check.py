@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from gapbench.check import CheckError, compare, z_threshold
+from gapbench.commands.check import CheckError, compare, z_threshold
 from gapbench.cli import main
 from gapbench.outputs import sha256_file
 

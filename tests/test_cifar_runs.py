@@ -10,9 +10,9 @@ from test_cli import ROOT
 from test_data_cifar10 import write_folder
 
 from gapbench.cli import main
-from gapbench.config import load_config, parse_config
+from gapbench.runner.config import load_config, parse_config
 from gapbench.data import cifar10, load_dataset
-from gapbench.experiment import evaluation_data, networks_for, open_run
+from gapbench.runner.run import evaluation_data, networks_for, open_run
 from gapbench.models import ConvDecoder
 
 PER_BATCH, NUM_TEST, NUM_VALID = 8, 4, 8

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from gapbench.cli import main
-from gapbench.experiment import open_run
+from gapbench.runner.run import open_run
 from gapbench.report.tables import format_mean_stderr
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,8 +91,8 @@ def test_figures_change_no_number_or_stage_hash(quick_run, tmp_path, capsys):
 def test_threads_follow_the_size_of_a_step_and_threads_overrides():
     import torch
 
-    from gapbench.config import load_config
-    from gapbench.device import FLOP_PER_THREAD, stage_flop, stage_threads, use_stage_threads
+    from gapbench.runner.config import load_config
+    from gapbench.runner.device import FLOP_PER_THREAD, stage_flop, stage_threads, use_stage_threads
 
     assert stage_threads(0.5 * FLOP_PER_THREAD) == 1
     assert stage_threads(1e3 * FLOP_PER_THREAD) >= 1  # never more than torch's default (the cores)
@@ -135,14 +135,14 @@ def test_a_bad_set_is_named_as_coming_from_set(tmp_path, capsys):
 def test_ci_quick_uses_families_with_the_baselines_config():
     """refine.family -> refine.families in ci_quick.toml: the same resolved config as the baseline's,
     so the same stage hashes and numbers."""
-    from gapbench.config import load_config, read_raw
-    from gapbench.rundir import STAGE_SECTIONS, section_hash
+    from gapbench.runner.config import load_config, read_raw
+    from gapbench.runner.stage_table import STAGES, section_hash
 
     path = ROOT / "experiments" / "ci_quick.toml"
     assert "family" not in read_raw(path)["refine"] and read_raw(path)["refine"]["families"] == ["ffg"]
     resolved = load_config(path).model_dump(mode="json")
     baseline = json.loads((ROOT / "results" / "baselines" / "ci_quick.json").read_text())["config"]
-    assert {s: section_hash(resolved, s) for s in STAGE_SECTIONS} == {s: section_hash(baseline, s) for s in STAGE_SECTIONS}
+    assert {s: section_hash(resolved, s) for s in STAGES} == {s: section_hash(baseline, s) for s in STAGES}
 
 
 def test_report_output_in_the_checkout_is_ignored_by_git():
@@ -174,7 +174,7 @@ def test_same_config_gives_same_summary(quick_run, tmp_path):
 def test_log_px_is_a_fresh_draw_of_the_estimator_chosen_per_datapoint(quick_run):
     """The report stage combines the pilot bounds with the same code as measure_gaps; the fresh draw
     (log_px.csv) is not one of the pilot values, and the table says how log p_hat was made."""
-    from gapbench.log_px import select_estimators
+    from gapbench.estimators.log_px import select_estimators
     frame = pd.read_csv(quick_run / "datapoints.csv")
     candidates = ("iwae_q", "iwae_q_star_ffg", "ais")
     assert np.array_equal(frame["log_px_source"].to_numpy(), select_estimators(frame, candidates))

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch.distributions import AffineTransform, SigmoidTransform, TransformedDistribution, Uniform
 
-from gapbench.config import parse_config
+from gapbench.runner.config import parse_config
 from gapbench.data import DataError
-from gapbench.experiment import build_networks
+from gapbench.runner.run import build_networks
 from gapbench.models import ConvDecoder, ConvTrunk, Decoder, discretized_logistic_log_prob, discretized_logistic_sample
 from gapbench.posteriors import (
     AuxiliaryCouplingFlow,
@@ -124,12 +124,35 @@ def test_decoders_check_their_data():
 @pytest.mark.parametrize("family, posterior_type", [("ffg", DiagonalGaussian), ("flow", AuxiliaryCouplingFlow),
                                                     ("planar", PlanarFlow), ("iaf", InverseAutoregressiveFlow)])
 def test_every_encoder_family_runs_on_conv_features(family, posterior_type):
-    encoder = make_encoder(family, 192, 4, (), "elu", num_steps=2, flow_hidden=8, trunk=ConvTrunk((3, 8, 8), (4, 8)))
-    posterior = encoder(torch.rand(3, 192))
+    """Each family's q(z|x) from convolutional features is a normalised density with the log q it reports:
+    for a Gaussian p0 fitted to other draws (narrower, so the weights have finite variance),
+    E_q[p0(z) / q(z)] = 1 (the auxiliary flow reports q(z, v) / r(v|z), and E_q(z,v)[p0(z) r(v|z) / q(z, v)]
+    = 1 too); a constant of 0.03 nats in log q moves the mean out. The flows start at the identity, so
+    every weight is moved by 0.05 first (larger moves give weights too heavy-tailed for this check; the
+    flows' log-determinants are checked exactly in test_flows.py)."""
+    torch.manual_seed(0)
+    trunk = ConvTrunk((3, 8, 8), (4, 8))
+    encoder = make_encoder(family, 192, 4, (), "elu", num_steps=2, flow_hidden=8, trunk=trunk).double()
+    with torch.no_grad():
+        for param in encoder.parameters():
+            param.add_(0.05 * torch.randn(param.shape, dtype=param.dtype))
+    x = torch.rand(3, 192, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    posterior = encoder(x)
     assert isinstance(posterior, posterior_type)
-    z, log_q = as_posterior(posterior).rsample_and_log_prob(6, generator=torch.Generator().manual_seed(0))
-    assert z.shape == (6, 3, 4) and log_q.shape == (6, 3) and torch.isfinite(log_q).all()
-    assert any(name.startswith(("trunk.", "net.0.")) for name, _ in encoder.named_parameters())  # the conv trunk trains
+    q, generator = as_posterior(posterior), torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        fit, _ = q.rsample_and_log_prob(2000, generator=generator)  # (K, B, Z)
+        p0 = torch.distributions.Independent(torch.distributions.Normal(fit.mean(0), 0.7 * fit.std(0)), 1)
+        num_samples = 20000
+        z, log_q = q.rsample_and_log_prob(num_samples, generator=generator)  # (K, B, Z), (K, B)
+    weights = (p0.log_prob(z) - log_q).exp()  # (K, B)
+    z_scores = (weights.mean(0) - 1) / (weights.std(0) / math.sqrt(num_samples))
+    assert torch.all(z_scores.abs() < 4.5), z_scores
+    # the conv trunk is part of the encoder and learns: log q's gradient reaches its first convolution
+    first = next(p for name, p in encoder.named_parameters() if name.startswith(("trunk.", "net.0.")))
+    _, log_q = q.rsample_and_log_prob(4, generator=generator)
+    (grad,) = torch.autograd.grad(log_q.sum(), first)
+    assert grad.abs().sum() > 0
 
 
 def test_build_networks_for_conv_configs():

@@ -12,8 +12,14 @@ import torch
 from test_cli import DIGITS, QUICK
 
 from gapbench.cli import main
-from gapbench.report.curve_figure import main as figure_main
-from gapbench.rundir import section_hash
+from gapbench.runner.rundir import section_hash
+
+
+
+def figure_main(args: list[str]) -> int:
+    """gapbench figure curve ARGS."""
+    return main(["figure", "curve", *args])
+
 
 CURVE = ["--set", "curve.enabled=true", "--set", "curve.steps=[0,1,3,10]", "--set", "curve.eval_samples=50"]
 

@@ -11,7 +11,7 @@ import torch
 from conftest import make_linear_gaussian
 from torch.distributions import Independent, Normal
 
-from gapbench.curves import curve_frame, ratio_of_means, refinement_curve, summarize_curve
+from gapbench.inference.curves import curve_frame, ratio_of_means, refinement_curve, summarize_curve
 from gapbench.estimators import elbo
 from gapbench.posteriors import fork_seed
 

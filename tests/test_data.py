@@ -243,3 +243,61 @@ def test_check_binary_and_check_finite():
     check_finite(torch.tensor([-3.0, 7.0]), "fine")
     with pytest.raises(DataError, match=r"x: 1 of 2 values are NaN or infinite"):
         check_finite(torch.tensor([float("-inf"), 7.0]), "x")
+
+
+# --- the package's own imports -------------------------------------------------------------------
+
+
+def _data_imports(package: Path) -> dict[str, set[tuple[str, str]]]:
+    """For each module of gapbench.data (``__init__`` aside): the (module, name) pairs it imports from
+    its sibling modules, ``name`` "" for ``import gapbench.data.x``."""
+    import ast
+
+    found = {}
+    for path in package.glob("*.py"):
+        if path.stem == "__init__":
+            continue
+        pairs = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gapbench.data."):
+                pairs |= {(node.module.split(".")[2], alias.name) for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module == "gapbench.data":
+                pairs |= {(alias.name, "") for alias in node.names}
+            elif isinstance(node, ast.Import):
+                pairs |= {(a.name.split(".")[2], "") for a in node.names if a.name.startswith("gapbench.data.")}
+        found[path.stem] = pairs
+    return found
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str]:
+    """A cycle of the directed graph as a list of nodes (first = last), or [] if it has none."""
+    state: dict[str, str] = {}
+
+    def visit(node: str, path: list[str]) -> list[str]:
+        state[node] = "open"
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == "open":
+                return path[path.index(target):] + [target] if target in path else [node, target]
+            if target not in state and (found := visit(target, path + [target])):
+                return found
+        state[node] = "done"
+        return []
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start, [start])):
+            return found
+    return []
+
+
+def test_data_modules_import_one_way():
+    """No import cycle among gapbench.data's modules (lazy imports included), and none reaches for
+    another module's private name: shared helpers live in a module of their own (download, dataset)."""
+    import gapbench.data
+
+    imports = _data_imports(Path(gapbench.data.__file__).parent)
+    cycle = _cycle({module: {target for target, _ in pairs} for module, pairs in imports.items()})
+    assert not cycle, "import cycle in gapbench.data: " + " -> ".join(cycle)
+    private = sorted(f"{module} imports {target}.{name}" for module, pairs in imports.items()
+                     for target, name in pairs if name.startswith("_"))
+    assert not private, "private names imported across gapbench.data: " + ", ".join(private)
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]  # the check can fail

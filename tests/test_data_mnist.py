@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import gapbench.data.download as download
 import gapbench.data.mnist as mnist
 from gapbench.data import DataError, load_dataset, write_idx
 
@@ -256,7 +257,7 @@ def test_interrupted_download_leaves_no_file(tmp_path, monkeypatch):
         def __exit__(self, *args) -> None:
             pass
 
-    monkeypatch.setattr(mnist.urllib.request, "urlopen", lambda url, timeout: Broken())
+    monkeypatch.setattr(download.urllib.request, "urlopen", lambda url, timeout: Broken())
     with pytest.raises(DataError, match="connection lost"):
         load_dataset("mnist")
     assert list(cache("mnist", tmp_path).iterdir()) == []

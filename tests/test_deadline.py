@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from gapbench.deadline import Deadline, format_duration, parse_duration
-from gapbench.partial import PartialStore, Unit, UnitResult, run_units, units_of
-from gapbench.distributed import ONE_PROCESS
+from gapbench.runner.partial import PartialStore, Unit, UnitResult, run_units, units_of
+from gapbench.runner.distributed import ONE_PROCESS
 
 
 @pytest.mark.parametrize("text, seconds", [("90s", 90), ("45m", 2700), ("2h30m", 9000), ("1h5m10s", 3910),

@@ -94,10 +94,23 @@ def test_decoder_densities_on_their_own(generator):
     torch.testing.assert_close(decoder.log_likelihood(x, z), expected)
 
 
-def test_encoder_returns_diagonal_gaussian():
-    encoder = GaussianEncoder(data_size=7, latent_size=3, hidden_sizes=(5, 5))
-    q = encoder(torch.rand(4, 7))
-    assert isinstance(q, DiagonalGaussian) and q.mean.shape == (4, 3) and q.log_var.shape == (4, 3)
+def test_encoder_returns_the_diagonal_gaussian_of_its_network(generator):
+    """q(z|x) = N(mu, diag(exp(log_var))), (mu, log_var) the two halves of the network's output: its
+    log-density is torch.distributions', and its samples have that mean and variance."""
+    torch.manual_seed(0)
+    encoder = GaussianEncoder(data_size=7, latent_size=3, hidden_sizes=(5, 5)).double()
+    x = torch.rand(4, 7, generator=generator, dtype=torch.float64)
+    q = encoder(x)
+    assert isinstance(q, DiagonalGaussian)
+    mean, log_var = encoder.net(x).detach().chunk(2, -1)  # (B, Z) each
+    num_samples = 20000
+    z, log_q = q.rsample_and_log_prob(num_samples, generator=generator)  # (K, B, Z), (K, B)
+    reference = Independent(Normal(mean, (0.5 * log_var).exp()), 1)
+    torch.testing.assert_close(log_q, reference.log_prob(z.detach()))
+    z = z.detach()
+    z_mean = (z.mean(0) - mean) / (0.5 * log_var).exp() * math.sqrt(num_samples)  # N(0, 1) each
+    z_var = (z.var(0) / log_var.exp() - 1) / math.sqrt(2 / (num_samples - 1))  # about N(0, 1) each
+    assert z_mean.abs().max() < 4.5 and z_var.abs().max() < 4.5, (z_mean, z_var)
 
 
 def test_linear_gaussian_densities_on_their_own(generator):

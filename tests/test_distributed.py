@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from gapbench.cli import main
-from gapbench.config import ConfigError
-from gapbench.device import resolve_device, rows_that_fit, samples_per_chunk
-from gapbench.distributed import Ranks, shard
+from gapbench.runner.config import ConfigError
+from gapbench.runner.device import resolve_device, rows_that_fit, samples_per_chunk
+from gapbench.runner.distributed import Ranks, shard
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "experiments" / "digits.toml"
@@ -142,8 +142,8 @@ def test_data_parallel_training_keeps_the_ranks_in_step(tmp_path):
 
 
 def test_data_parallel_off_keeps_older_stage_records():
-    from gapbench.config import parse_config
-    from gapbench.rundir import section_hash
+    from gapbench.runner.config import parse_config
+    from gapbench.runner.rundir import section_hash
 
     resolved = parse_config({"name": "x"}).model_dump(mode="json")
     older = json.loads(json.dumps(resolved))

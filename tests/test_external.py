@@ -13,7 +13,7 @@ import torch
 
 from gapbench.cli import main
 from gapbench.data import load_dataset
-from gapbench.rundir import STAGE_OUTPUTS
+from gapbench.runner.stage_table import STAGE_TABLE
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "experiments" / "external_example.toml"
@@ -41,8 +41,8 @@ def example_run(tmp_path_factory):
 
 
 def test_the_example_writes_the_files_of_a_built_in_run(example_run):
-    expected = {"config.json", "stages.json", *[f for stage, files in STAGE_OUTPUTS.items()
-                                                if stage not in ("curve", "calibration") for f in files]}
+    expected = {"config.json", "stages.json", *[f for stage in STAGE_TABLE
+                                                if stage.name not in ("curve", "calibration") for f in stage.outputs]}
     assert {p.name for p in example_run.iterdir() if p.name not in (".lock", "figures")} == expected
     stages = json.loads((example_run / "stages.json").read_text())
     assert list(stages) == ["train", "amortized", "local", "ais", "log_px", "report"]
@@ -201,7 +201,7 @@ def test_bad_factory_settings_are_refused(setting, message, tmp_path, capsys):
 def test_built_in_configs_keep_their_stage_hashes():
     """The new keys at their defaults are left out of the resolved config: every experiment file's stage
     hashes are those of a config without them (so existing run folders keep their finished stages)."""
-    from gapbench.config import load_config, parse_config
+    from gapbench.runner.config import load_config, parse_config
 
     for path in sorted((ROOT / "experiments").glob("*.toml")):
         config = load_config(path)
@@ -210,7 +210,7 @@ def test_built_in_configs_keep_their_stage_hashes():
         resolved = config.model_dump(mode="json")
         assert not {"factory", "factory_path", "checkpoint", "checkpoint_sha256"} & set(resolved["model"])
         assert not {"file", "domain", "num_levels"} & set(resolved["data"])
-    from gapbench.rundir import STAGES, section_hash
+    from gapbench.runner.rundir import STAGES, section_hash
 
     recorded = json.loads((ROOT / "results" / "baselines" / "ci_quick.json").read_text())["config"]
     resolved = parse_config(recorded).model_dump(mode="json")
@@ -248,7 +248,7 @@ def test_two_ranks_write_the_files_of_one(tmp_path):
 def test_commands_on_finished_runs(example_run, tmp_path, capsys):
     """open_run rebuilds the factory's networks; `gapbench report` and `gapbench bdmc` (the example model has
     latent_size and sample_x) work on the run."""
-    from gapbench.experiment import open_run
+    from gapbench.runner.run import open_run
 
     config, model, encoder, x = open_run(example_run, num_datapoints=3)
     assert x.shape == (3, 64) and model.log_prior(encoder(x).rsample((2,))).shape == (2, 3)

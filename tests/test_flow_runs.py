@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from gapbench.cli import main
-from gapbench.config import ConfigError, parse_config
-from gapbench.experiment import build_networks, comparable_config, load_checkpoint
+from gapbench.runner.config import ConfigError, parse_config
+from gapbench.runner.migrate import comparable_config
+from gapbench.runner.run import build_networks, load_checkpoint
 from gapbench.posteriors import AuxiliaryCouplingFlow, AuxiliaryFlowEncoder
 from gapbench.report.tables import format_mean_stderr
 

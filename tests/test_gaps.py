@@ -7,11 +7,14 @@ import pandas as pd
 import pytest
 import torch
 
-from gapbench.estimators import Estimate
+from gapbench.estimators import Estimate, elbo, iwae
 from gapbench.gaps import decompose, gap_frame, summarize, summarize_column
-from gapbench.log_px import selected_log_px
+from gapbench.estimators.log_px import selected_log_px
+from gapbench.posteriors import DiagonalGaussian
 from gapbench.report import gap_table_markdown
 from gapbench.report.tables import format_mean_stderr
+
+from conftest import make_linear_gaussian
 
 
 def est(values, stderrs):
@@ -45,8 +48,48 @@ def test_gap_frame_decomposes_exactly():
     np.testing.assert_allclose(frame["log_px_stderr"], [0.05, 0.05, 0.05])
     np.testing.assert_allclose(frame["approximation"], [0.75, 0.75, 1.25])
     np.testing.assert_allclose(frame["amortization"], [1.0, 2.0, 0.5])
-    np.testing.assert_allclose(frame["inference"], frame["approximation"] + frame["amortization"])
+    np.testing.assert_allclose(frame["inference"], [1.75, 2.75, 1.75])  # log_px - elbo_q
     np.testing.assert_allclose(frame["amortization_stderr"], np.hypot(0.2, 0.1))
+
+
+def test_gaps_of_a_linear_gaussian_model_are_the_closed_form_divergences():
+    """On a linear-Gaussian model p(z|x) = N(m(x), Lambda^-1) with Lambda = I + W^T W / sigma^2. The best
+    diagonal Gaussian q* = N(m, diag(1 / Lambda_ii)) has KL(q* || p(z|x)) = (sum_i log Lambda_ii -
+    log det Lambda) / 2 for every x: the approximation gap. An encoder q = N(m + delta, diag(1 / Lambda_ii))
+    has KL(q || p) - KL(q* || p) = delta^T Lambda delta / 2: the amortization gap. The gap frame, from
+    Monte Carlo ELBO and IWAE estimates, must match both within its standard errors."""
+    model, x = make_linear_gaussian(data_size=12, latent_size=3, num_datapoints=30, seed=2)
+    weight, bias, sigma = model.weight, model.bias, model.sigma
+    precision = torch.eye(3, dtype=torch.float64) + weight.T @ weight / sigma**2  # Lambda (Z, Z)
+    post_mean = (x - bias) @ weight @ torch.linalg.inv(precision) / sigma**2  # m(x) (B, Z)
+    log_var = -torch.diagonal(precision).log().expand_as(post_mean)  # (B, Z)
+    delta = torch.tensor([0.3, -0.2, 0.25], dtype=torch.float64)
+    q_star, q = DiagonalGaussian(post_mean, log_var), DiagonalGaussian(post_mean + delta, log_var)
+    approximation = 0.5 * (torch.diagonal(precision).log().sum() - torch.logdet(precision)).item()
+    amortization = 0.5 * (delta @ precision @ delta).item()
+    assert approximation > 0.05 and amortization > 0.05  # large enough to be told from zero
+
+    g = torch.Generator().manual_seed(0)
+    bounds = {"elbo_q": elbo(model, q, x, num_samples=2000, generator=g),
+              "elbo_q_star": elbo(model, q_star, x, num_samples=2000, generator=g),
+              "iwae_q": iwae(model, q, x, num_samples=2000, generator=g),
+              "iwae_q_star": iwae(model, q_star, x, num_samples=2000, generator=g)}
+
+    def fresh(posterior):
+        return lambda positions: iwae(model, DiagonalGaussian(posterior.mean[positions], posterior.log_var[positions]),
+                                      x[positions], num_samples=2000, generator=g)
+
+    frame = gap_frame(bounds, log_px=lambda pilot: selected_log_px(
+        pilot, ("iwae_q", "iwae_q_star"), {"iwae_q": fresh(q), "iwae_q_star": fresh(q_star)}))
+    # log p_hat(x) is a fresh IWAE draw: within its standard errors of the exact log p(x)
+    z_log_px = (frame["log_px"] - model.log_marginal(x).numpy()) / frame["log_px_stderr"]
+    assert z_log_px.abs().max() < 4.5, z_log_px.abs().max()
+    for gap, exact in (("approximation", approximation), ("amortization", amortization),
+                       ("inference", approximation + amortization)):
+        z = (frame[gap] - exact) / frame[f"{gap}_stderr"]  # per datapoint
+        assert z.abs().max() < 4.5, (gap, z.abs().max())
+        summary = summarize_column(frame[gap], frame[f"{gap}_stderr"])
+        assert abs(summary["mean"] - exact) < 4 * summary["mc_stderr"], (gap, summary, exact)
 
 
 def test_summaries_match_numpy():

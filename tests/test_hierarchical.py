@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch.distributions import Bernoulli, Independent, MultivariateNormal, Normal
 
-from gapbench.estimators import ais, elbo, iwae, simulate
+from gapbench.estimators import AISProcedure, ais, elbo, iwae, simulate
 from gapbench.measure import RefineProcedure, local_posterior, measure_gaps
 from gapbench.models import HierarchicalDecoder, HierarchicalLinearGaussian, linear_conditional_joint
 from gapbench.posteriors import HierarchicalEncoder, HierarchicalFamily, HierarchicalPosterior
-from gapbench.refine import refine
+from gapbench.inference.refine import refine
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per module
@@ -213,7 +213,7 @@ def test_ais_matches_log_px(init, generator):
     """AIS over the joint latent, from the joint prior (ancestral draws) or from a structured q."""
     model, x = make_model(num_datapoints=40)
     start = None if init == "prior" else linear_posterior(*some_q(model, x))
-    est = ais(model, x, init=start, num_chains=16, num_steps=400, generator=generator)
+    est = ais(model, x, init=start, procedure=AISProcedure(num_chains=16, num_steps=400), generator=generator)
     diff = est.value - model.log_marginal(x)  # (B,)
     mean, stderr = diff.mean().item(), (diff.std() / math.sqrt(diff.numel())).item()
     assert abs(mean) < 4 * stderr, (mean, stderr)

@@ -10,8 +10,8 @@ import torch
 from test_cli import QUICK
 
 from gapbench.cli import main
-from gapbench.config import parse_config
-from gapbench.experiment import open_run
+from gapbench.runner.config import parse_config
+from gapbench.runner.run import open_run
 from gapbench.models import HierarchicalDecoder
 from gapbench.posteriors import HierarchicalPosterior
 

@@ -27,12 +27,12 @@ def test_value_and_grad_matches_analytic_and_keeps_no_graph():
 
 def test_leapfrog_is_the_exact_discrete_map_of_the_oscillator():
     """For z'' = -z one leapfrog step is the linear map [[1 - e^2/2, e], [-e (1 - e^2/4), 1 - e^2/2]]."""
-    eps, num_steps = 0.3, 7
+    eps, num_leapfrog = 0.3, 7
     z0 = torch.tensor([[0.8, -1.1]], dtype=torch.float64)
     p0 = torch.tensor([[0.5, 0.25]], dtype=torch.float64)
-    state, p = leapfrog(hmc_init(z0, oscillator), p0, oscillator, step_size=eps, num_steps=num_steps)
+    state, p = leapfrog(hmc_init(z0, oscillator), p0, oscillator, step_size=eps, num_leapfrog=num_leapfrog)
     step = torch.tensor([[1 - eps**2 / 2, eps], [-eps * (1 - eps**2 / 4), 1 - eps**2 / 2]], dtype=torch.float64)
-    expected = torch.linalg.matrix_power(step, num_steps) @ torch.stack([z0[0], p0[0]])  # (2, Z): rows z, p
+    expected = torch.linalg.matrix_power(step, num_leapfrog) @ torch.stack([z0[0], p0[0]])  # (2, Z): rows z, p
     torch.testing.assert_close(state.z[0], expected[0], rtol=0, atol=1e-12)
     torch.testing.assert_close(p[0], expected[1], rtol=0, atol=1e-12)
     torch.testing.assert_close(state.grad, -state.z)
@@ -45,9 +45,9 @@ def test_leapfrog_converges_to_the_continuous_solution_at_second_order():
     exact_z = z0 * math.cos(duration) + p0 * math.sin(duration)
     exact_p = -z0 * math.sin(duration) + p0 * math.cos(duration)
     errors = []
-    for num_steps in (20, 40, 80):
-        state, p = leapfrog(hmc_init(z0, oscillator), p0, oscillator, step_size=duration / num_steps,
-                            num_steps=num_steps)
+    for num_leapfrog in (20, 40, 80):
+        state, p = leapfrog(hmc_init(z0, oscillator), p0, oscillator, step_size=duration / num_leapfrog,
+                            num_leapfrog=num_leapfrog)
         errors.append(torch.cat([state.z - exact_z, p - exact_p]).abs().max().item())
     assert errors[-1] < 1e-3
     for coarse, fine in zip(errors[:-1], errors[1:]):
@@ -59,13 +59,13 @@ def test_leapfrog_is_reversible_and_per_chain_step_sizes_are_independent():
     z0 = torch.randn(5, 3, dtype=torch.float64)
     p0 = torch.randn(5, 3, dtype=torch.float64)
     eps = torch.tensor([0.01, 0.1, 0.2, 0.4, 0.8], dtype=torch.float64)  # (5,) one per chain
-    forward, p1 = leapfrog(hmc_init(z0, oscillator), p0, oscillator, step_size=eps, num_steps=6)
-    back, p2 = leapfrog(forward, -p1, oscillator, step_size=eps, num_steps=6)
+    forward, p1 = leapfrog(hmc_init(z0, oscillator), p0, oscillator, step_size=eps, num_leapfrog=6)
+    back, p2 = leapfrog(forward, -p1, oscillator, step_size=eps, num_leapfrog=6)
     torch.testing.assert_close(back.z, z0, rtol=0, atol=1e-12)
     torch.testing.assert_close(-p2, p0, rtol=0, atol=1e-12)
     for i in range(5):  # each chain's path is its own, whatever the others' step sizes
         alone, _ = leapfrog(hmc_init(z0[i:i + 1], oscillator), p0[i:i + 1], oscillator,
-                            step_size=float(eps[i]), num_steps=6)
+                            step_size=float(eps[i]), num_leapfrog=6)
         torch.testing.assert_close(alone.z[0], forward.z[i], rtol=0, atol=1e-14)
 
 
@@ -76,7 +76,7 @@ def test_energy_error_shrinks_with_step_size():
     h0 = -state0.log_density + kinetic_energy(p0)
     drift = []
     for eps in (0.2, 0.1):
-        state, p = leapfrog(state0, p0, oscillator, step_size=eps, num_steps=int(2 / eps))
+        state, p = leapfrog(state0, p0, oscillator, step_size=eps, num_leapfrog=int(2 / eps))
         drift.append((-state.log_density + kinetic_energy(p) - h0).abs().max().item())
     assert drift[1] < drift[0] / 3
 
@@ -131,7 +131,7 @@ def test_the_invariance_check_catches_a_kernel_without_metropolis_correction():
     state = hmc_init(z, target.log_prob)
     for _ in range(5):
         momentum = torch.randn(z.shape, generator=g, dtype=z.dtype)
-        state, _ = leapfrog(state, momentum, target.log_prob, step_size=0.3, num_steps=5)
+        state, _ = leapfrog(state, momentum, target.log_prob, step_size=0.3, num_leapfrog=5)
     assert moment_z_scores(state.z, target).abs().max() > 10
 
 

@@ -1,4 +1,4 @@
-"""log p_hat(x) without selection bias (gapbench.log_px), checked against exact log p(x) on
+"""log p_hat(x) without selection bias (gapbench.estimators.log_px), checked against exact log p(x) on
 linear-Gaussian models with encoders of three qualities."""
 
 import numpy as np
@@ -8,7 +8,7 @@ import torch
 
 import gapbench
 from gapbench.estimators import Estimate
-from gapbench.log_px import NO_CANDIDATE, fresh_estimate, select_estimators
+from gapbench.estimators.log_px import NO_CANDIDATE, fresh_estimate, select_estimators
 
 from conftest import make_linear_gaussian
 

@@ -3,7 +3,8 @@
 import pytest
 
 from gapbench.posteriors import DiagonalGaussian
-from gapbench.report.posterior_figure import kl_on_grid, main, true_posterior_grid
+from gapbench.cli import main as gapbench
+from gapbench.report.figures.posterior import kl_on_grid, true_posterior_grid
 
 from conftest import make_linear_gaussian
 
@@ -27,23 +28,21 @@ def test_grid_posterior_matches_the_linear_gaussian_closed_forms():
 
 def test_figure_of_a_run_without_a_2d_latent_is_refused(tmp_path, capsys):
     from test_cli import DIGITS, QUICK
-    from gapbench.cli import main as gapbench
 
     run = tmp_path / "run"
     assert gapbench(["run", str(DIGITS), "--out", str(run), *QUICK, "--quiet"]) == 0
-    assert main([str(run), "--out", str(tmp_path / "fig")]) == 2
+    assert gapbench(["figure", "posterior", str(run), "--out", str(tmp_path / "fig")]) == 2
     assert "needs 2-D" in capsys.readouterr().err
 
 
 def test_posterior_figure_is_written(tmp_path):
     from test_cli import QUICK
-    from gapbench.cli import main as gapbench
     from pathlib import Path
 
     experiment = Path(__file__).resolve().parents[1] / "experiments" / "digits_2d.toml"
     run = tmp_path / "run"
     assert gapbench(["run", str(experiment), "--out", str(run), *QUICK, "--set", "model.flow_hidden=8",
                      "--quiet"]) == 0
-    assert main([str(run), "--datapoints", "0", "5", "--out", str(tmp_path / "posterior")]) == 0
+    assert gapbench(["figure", "posterior", str(run), "--datapoints", "0", "5", "--out", str(tmp_path / "posterior")]) == 0
     for suffix in (".png", ".pdf"):
         assert (tmp_path / f"posterior{suffix}").stat().st_size > 5000

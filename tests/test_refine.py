@@ -10,7 +10,7 @@ import gapbench
 from gapbench.estimators import elbo
 from gapbench.measure import RefineProcedure, local_posterior
 from gapbench.posteriors import DiagonalGaussianFamily
-from gapbench.refine import refine
+from gapbench.inference.refine import refine
 
 from conftest import make_linear_gaussian
 
@@ -104,30 +104,37 @@ def test_model_parameters_are_untouched():
 
 def test_paired_check_replays_the_same_noise():
     """At the anchor itself the paired difference is exactly zero: both sides saw the same noise."""
-    from gapbench.refine import ActiveSet, paired_check
+    from gapbench.inference.convergence import convergence_init, paired_check
 
     model, x = make_linear_gaussian(num_datapoints=5)
     family = DiagonalGaussianFamily()
     params = family.init_params(5, model.latent_size, like=x)
-    zeros = torch.zeros(5, dtype=torch.float64)
-    state = ActiveSet(
-        positions=torch.arange(5), params=params, exp_avg={}, exp_avg_sq={},
-        learning_rate=torch.full((5,), 0.1, dtype=x.dtype), window_sum=zeros, best=zeros - torch.inf,
-        num_bad_checks=torch.zeros(5, dtype=torch.long), anchor=dict(params),
-        param_sum={k: 10 * v for k, v in params.items()}, candidate=dict(params), last_finite=dict(params),
-    )
-    new, _ = paired_check(model, family, x, state, check_every=10, check_samples=50, min_improvement=0.0,
-                          lr_decay=0.5, generator=torch.Generator().manual_seed(0))
-    assert torch.all(new.num_bad_checks == 1)  # no improvement over itself...
-    torch.testing.assert_close(new.learning_rate, torch.full((5,), 0.05, dtype=x.dtype))  # ...so decayed
+    state = convergence_init(params)._replace(param_sum={k: 10 * v for k, v in params.items()})
+    new, info = paired_check(model, family, x, state, check_every=10, check_samples=50, min_improvement=0.0,
+                             generator=torch.Generator().manual_seed(0))
+    assert not info.is_improved.any() and torch.all(new.num_bad_checks == 1)  # no improvement over itself
     # the optimal diagonal Gaussian is a significant improvement on the prior for every datapoint
     mean_opt, var_opt = model.optimal_diagonal(x)
     better = {"mean": mean_opt, "log_var": var_opt.log()}
     state = state._replace(param_sum={k: 10 * v for k, v in better.items()})
-    new, _ = paired_check(model, family, x, state, check_every=10, check_samples=50, min_improvement=0.0,
-                          lr_decay=0.5, generator=torch.Generator().manual_seed(0))
-    assert torch.all(new.num_bad_checks == 0)
+    new, info = paired_check(model, family, x, state, check_every=10, check_samples=50, min_improvement=0.0,
+                             generator=torch.Generator().manual_seed(0))
+    assert info.is_improved.all() and torch.all(new.num_bad_checks == 0)
     torch.testing.assert_close(new.anchor["mean"], better["mean"])
+
+
+def test_a_bad_check_decays_the_learning_rate_of_its_row_only():
+    """Refinement halves the step size of a datapoint after a check without improvement, and no other's."""
+    model, x = make_linear_gaussian(num_datapoints=3)
+    family = DiagonalGaussianFamily()
+    mean_opt, var_opt = model.optimal_diagonal(x)
+    start = {"mean": mean_opt.clone(), "log_var": var_opt.log()}
+    start["mean"][0] += 3.0  # far from its optimum, so its first window improves on the start
+    result = refine(model, x, family=family, init_params=start, num_samples=5, learning_rate=0.1, max_steps=10,
+                    check_every=10, patience=5, lr_decay=0.5, convergence="paired",
+                    generator=torch.Generator().manual_seed(0))
+    # the others start at their optimum: no window can beat it, so their step size is halved
+    torch.testing.assert_close(result.final_learning_rate, torch.tensor([0.1, 0.05, 0.05]))
 
 
 def test_ffg_steps_are_scaled_by_the_standard_deviation():

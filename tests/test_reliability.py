@@ -13,14 +13,16 @@ import pandas as pd
 import pytest
 import torch
 
-import gapbench.experiment as experiment
-import gapbench.rundir as rundir
+import gapbench.runner.stages as stages
+import gapbench.runner.training as training
+from gapbench.runner.rundir import RunError
+import gapbench.runner.rundir as rundir
 from gapbench.cli import EXIT_ALL_FAULTY, main
-from gapbench.config import parse_config
-from gapbench.health import AIS_FLAG_DEFAULTS, ais_flags
+from gapbench.runner.config import parse_config
+from gapbench.estimators.health import AIS_FLAG_DEFAULTS, ais_flags
 from gapbench.outputs import index_problem
-from gapbench.resources import memory_problems, stage_memory
-from gapbench.rundir import section_hash
+from gapbench.runner.resources import memory_problems, stage_memory
+from gapbench.runner.rundir import section_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK_TOML = ROOT / "experiments" / "ci_quick.toml"
@@ -167,8 +169,8 @@ def test_memory_estimate_counts_the_ais_chains():
 
 def test_a_folder_where_nothing_finished_takes_a_corrected_config(tmp_path, capsys, monkeypatch):
     def fail(*args, **kwargs):
-        raise experiment.RunError("stop")
-    monkeypatch.setattr(experiment, "train", fail)
+        raise RunError("stop")
+    monkeypatch.setattr(training, "train", fail)
     assert run(tmp_path / "run", "--set", "model.latent_size=4") == 2
     monkeypatch.undo()
     assert run(tmp_path / "run", "--set", "train.epochs=1") == 0
@@ -179,8 +181,8 @@ def test_force_puts_back_what_it_replaced_when_the_new_run_fails(copy, capsys, m
     before = files(copy)
 
     def fail(*args, **kwargs):
-        raise experiment.RunError("AIS failed")
-    monkeypatch.setattr(experiment, "ais_of", fail)
+        raise RunError("AIS failed")
+    monkeypatch.setattr(stages, "ais_of", fail)
     assert run(copy, "--force", "--set", "ais.num_steps=6") == 2
     assert "are back in" in capsys.readouterr().err
     assert files(copy) == before and not (copy / rundir.REPLACED).exists()
@@ -277,7 +279,7 @@ def test_a_run_name_that_is_a_path_is_refused(tmp_path, capsys, monkeypatch, nam
 
 @pytest.mark.parametrize("command", [["bdmc", "--num-steps", "2", "--quiet"], ["aggregate"]])
 def test_an_unwritable_out_is_refused_before_computing(finished, capsys, monkeypatch, command):
-    import gapbench.sandwich as sandwich
+    import gapbench.commands.bdmc as sandwich
     monkeypatch.setattr(sandwich, "bdmc_run", lambda *a, **k: pytest.fail("computed before checking --out"))
     assert main([command[0], str(finished), *command[1:], "--out", "/proc/no/such/file.csv"]) == 2
     assert "cannot write --out /proc/no/such/file.csv" in error_of(capsys)
@@ -327,7 +329,7 @@ def test_bad_arguments_are_exit_2(finished, tmp_path, capsys, args, message):
     args = [str(bad) if a == "BAD_TOML" else str(finished) if a == "RUN" else a for a in args]
     try:
         code = main(args + (["--out", str(tmp_path / "out")] if args[0] == "run" else []))
-    except SystemExit as exit:  # argparse refuses a count below 1 (gapbench.cli.positive_int)
+    except SystemExit as exit:  # argparse refuses a count below 1 (gapbench.commands.arguments.positive_int)
         code = exit.code
     assert code == 2
     err = capsys.readouterr().err
@@ -360,7 +362,7 @@ def test_a_finished_run_on_a_read_only_disk_prints_its_table(finished, capsys, m
 
 
 def test_a_run_where_every_datapoint_is_faulty_has_its_own_exit_code(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(experiment, "find_faults",
+    monkeypatch.setattr(stages, "find_faults",
                         lambda frame, *a, **k: pd.Series("elbo_q_not_finite", index=frame.index, name="fault"))
     assert run(tmp_path / "run") == EXIT_ALL_FAULTY == 4
     assert "every one of the 12 datapoints" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from gapbench.cli import main
-from gapbench.report.figures import family_gaps, read_datapoints
+from gapbench.report.figures.common import family_gaps, read_datapoints
 from gapbench.report.published import PublishedError, gap_consistency, load_published
 from gapbench.report.tables import format_mean_stderr
 
@@ -168,7 +168,7 @@ def test_report_of_an_unfinished_run_exits_2(tmp_path, capsys):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.toml")), ids=lambda p: p.name)
 def test_every_shipped_experiment_validates(path):
-    from gapbench.config import load_config
+    from gapbench.runner.config import load_config
 
     config = load_config(path)
     assert config.name == path.stem  # the default output folder runs/<name> matches the file

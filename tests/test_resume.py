@@ -53,7 +53,7 @@ def assert_nothing_half_written(folder: Path) -> None:
         if path.is_dir() and path.name == "figures":  # the report stage's: PNG and PDF, whole
             assert all(p.suffix in (".png", ".pdf") for p in path.iterdir()), list(path.iterdir())
             continue
-        if path.name == "partial":  # finished units of the stage that was killed (gapbench.partial)
+        if path.name == "partial":  # finished units of the stage that was killed (gapbench.runner.partial)
             for unit in path.glob("*/*"):
                 assert unit.suffix == ".tmp" or torch.load(unit, weights_only=True)["format"] == "gapbench-partial"
         elif path.name.startswith("."):
@@ -144,18 +144,18 @@ def test_a_second_process_in_the_same_folder_is_refused(tmp_path, capsys):
 
 
 def test_ctrl_c_exits_130_and_the_same_command_resumes(whole_run, tmp_path, capsys, monkeypatch):
-    import gapbench.experiment as experiment
+    import gapbench.runner.stages as stages
 
     out = tmp_path / "run"
-    local_posterior = experiment.local_posterior
+    local_posterior = stages.local_posterior
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(experiment, "local_posterior", interrupted)
+    monkeypatch.setattr(stages, "local_posterior", interrupted)
     assert main(["run", str(DIGITS), "--out", str(out), *ARGS]) == 130
     assert "interrupted" in capsys.readouterr().err
-    monkeypatch.setattr(experiment, "local_posterior", local_posterior)
+    monkeypatch.setattr(stages, "local_posterior", local_posterior)
     assert main(["run", str(DIGITS), "--out", str(out), *ARGS]) == 0
     assert "[amortized] skipped" in capsys.readouterr().err
     assert_same_results(out, whole_run)
@@ -208,7 +208,7 @@ def test_a_run_folder_from_before_config_hashes_is_resumed_not_redone(whole_run,
 def test_a_run_folder_from_before_a_new_key_is_resumed_not_redone(whole_run, tmp_path, capsys):
     """A folder written by a version without model.posterior (its records hash the config without
     that key): the key takes its default, the records are re-hashed, and nothing is redone."""
-    from gapbench.rundir import STAGES, section_hash
+    from gapbench.runner.rundir import STAGES, section_hash
 
     run = tmp_path / "run"
     shutil.copytree(whole_run, run)

@@ -8,11 +8,11 @@ import pytest
 import torch
 from conftest import make_linear_gaussian
 
-from gapbench.config import ConfigError, parse_config
+from gapbench.runner.config import ConfigError, parse_config
 from gapbench.data import load_dataset
 from gapbench.models import Decoder
 from gapbench.posteriors import DiagonalGaussian, GaussianEncoder
-from gapbench.semi_amortized import SemiAmortized, beta_elbo, refine_steps, semi_amortized_gradients, svi_step
+from gapbench.inference.semi_amortized import SemiAmortized, beta_elbo, refine_steps, semi_amortized_gradients, svi_step
 from gapbench.train import negative_elbo, train
 
 

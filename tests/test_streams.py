@@ -6,11 +6,11 @@ import pytest
 import torch
 from scipy import stats
 
-from gapbench.estimators import ais, elbo, iwae
+from gapbench.estimators import AISProcedure, ais, elbo, iwae
 from gapbench.measure import RefineProcedure, bounds_of, local_posterior
 from gapbench.models import Decoder
 from gapbench.posteriors import DatapointStreams, DiagonalGaussian, GaussianEncoder, get_family, standard_normal
-from gapbench.posteriors.streams import mix64
+from gapbench.random import mix64
 
 
 def test_mix64_matches_splitmix64_reference():
@@ -116,7 +116,7 @@ def _evaluate(decoder, encoder, x, indices):
                              procedure=RefineProcedure(max_steps=150, check_every=25), generator=streams)
     local = bounds_of(decoder, get_family("ffg").posterior(result.params), batch, num_samples=150,
                       chunk_size=None, generator=streams)
-    forward = ais(decoder, batch, init=None, latent_size=4, num_chains=3, num_steps=15,
+    forward = ais(decoder, batch, init=None, latent_size=4, procedure=AISProcedure(num_chains=3, num_steps=15),
                   generator=DatapointStreams.from_seed(3, indices))
     values = torch.stack([pair.elbo.value, pair.iwae.value, local.elbo.value, forward.value], 1)
     return values, result.num_steps
@@ -140,7 +140,7 @@ def _evaluate_merged(indices):
     model (its q(z1|x) q(z2|z1), AIS from its ancestral prior, a local hierarchical family started from
     random layers), a planar local family at random initial weights, AIS from a flow encoder's fitted
     diagonal Gaussian, and the refinement curve."""
-    from gapbench.curves import refinement_curve
+    from gapbench.inference.curves import refinement_curve
     from gapbench.estimators.ais import DEFAULT_AIS
     from gapbench.measure import ais_of
     from gapbench.models import HierarchicalDecoder
@@ -159,7 +159,8 @@ def _evaluate_merged(indices):
 
     procedure = RefineProcedure(max_steps=30, check_every=10)
     two_layer = bounds_of(decoder2, encoder2(batch), batch, num_samples=50, chunk_size=None, generator=streams(1))
-    prior_ais = ais(decoder2, batch, init=None, num_chains=3, num_steps=8, generator=streams(2))
+    prior_ais = ais(decoder2, batch, init=None, procedure=AISProcedure(num_chains=3, num_steps=8),
+                    generator=streams(2))
     hier = local_posterior(decoder2, encoder2, batch, family=HierarchicalFamily(3, 2, (6,)), init="prior",
                            procedure=procedure, generator=streams(3))
     planar = local_posterior(decoder, encoder, batch, family=make_family("planar", num_steps=2), init="prior",

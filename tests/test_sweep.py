@@ -9,8 +9,8 @@ import pytest
 from test_cli import DIGITS, QUICK
 
 from gapbench.cli import main
-from gapbench.config import ConfigError
-from gapbench.sweep import aggregate, expand, run_folders
+from gapbench.runner.config import ConfigError
+from gapbench.runner.sweep import aggregate, expand, run_folders
 
 SWEEP = DIGITS.read_text() + """
 [sweep]

@@ -37,6 +37,20 @@ def test_track_csv_holds_bounds_and_gaps_per_epoch_and_split(tracked, capsys):
         assert (tracked / f"gaps_over_training{suffix}").stat().st_size > 5000
 
 
+def test_figure_track_redraws_from_track_csv(tracked, tmp_path, capsys):
+    """gapbench figure track draws the same figure from track.csv alone, without the snapshots."""
+    run = tmp_path / "copy"
+    run.mkdir()
+    (run / "track.csv").write_bytes((tracked / "track.csv").read_bytes())
+    assert main(["figure", "track", str(run)]) == 0
+    assert (run / "gaps_over_training.png").stat().st_size > 5000
+    assert main(["figure", "track", str(run), "--out", str(tmp_path / "elsewhere")]) == 0
+    assert (tmp_path / "elsewhere.pdf").stat().st_size > 5000
+    capsys.readouterr()
+    assert main(["figure", "track", str(tmp_path)]) == 2
+    assert f"make it with gapbench track {tmp_path}" in capsys.readouterr().err
+
+
 def test_track_without_snapshots_exits_2(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["run", str(DIGITS), "--out", str(run), *QUICK, "--quiet"]) == 0

@@ -34,14 +34,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.likelihoods import gaussian_log_prob, standard_normal_log_prob
-from ..posteriors import DiagonalGaussian, FlowPosterior
-from ..posteriors.noise import standard_normal
+from gapbench.errors import GapbenchError
+from gapbench.models.likelihoods import gaussian_log_prob, standard_normal_log_prob
+from gapbench.posteriors import DiagonalGaussian, FlowPosterior
+from gapbench.posteriors.noise import standard_normal
 
 SUPPORTED = ("VAE", "IWAE", "VAE_IAF", "VAE_LinNF")
 
 
-class PythaeAdapterError(ValueError):
+class PythaeAdapterError(GapbenchError, ValueError):
     """A pythae model or folder this adapter cannot use; the message says what to do instead."""
 
 

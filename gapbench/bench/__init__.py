@@ -9,7 +9,7 @@ from pathlib import Path
 
 def _write(figures: dict, out: str | None) -> None:
     if out:
-        from .. import io
+        from gapbench import io
         io.write_json(Path(out), figures)
         print(f"figures written to {out}", file=sys.stderr)
 
@@ -22,7 +22,7 @@ def _set_threads(args: argparse.Namespace) -> None:
 
 
 def _refine(args: argparse.Namespace) -> int:
-    from .refine import bench_refine
+    from gapbench.bench.refine import bench_refine
     _set_threads(args)
     figures = bench_refine(args.run_dir, num_datapoints=args.num_datapoints,
                            reference_datapoints=args.reference_datapoints, num_samples=args.num_samples,
@@ -32,7 +32,7 @@ def _refine(args: argparse.Namespace) -> int:
 
 
 def _refine_flow(args: argparse.Namespace) -> int:
-    from .refine_flow import bench_refine_flow
+    from gapbench.bench.refine_flow import bench_refine_flow
     _set_threads(args)
     figures = bench_refine_flow(args.run_dir, family=args.family, num_datapoints=args.num_datapoints,
                                 reference_datapoints=args.reference_datapoints,
@@ -43,7 +43,7 @@ def _refine_flow(args: argparse.Namespace) -> int:
 
 
 def _iwae(args: argparse.Namespace) -> int:
-    from .iwae import bench_iwae
+    from gapbench.bench.iwae import bench_iwae
     _set_threads(args)
     figures = bench_iwae(args.run_dir, num_datapoints=args.num_datapoints, num_samples=args.k,
                          chunk_size=args.chunk_size, memory_ks=tuple(args.memory_k))
@@ -52,7 +52,7 @@ def _iwae(args: argparse.Namespace) -> int:
 
 
 def _ais(args: argparse.Namespace) -> int:
-    from .ais import bench_ais
+    from gapbench.bench.ais import bench_ais
     _set_threads(args)
     figures = bench_ais(args.run_dir, num_datapoints=args.num_datapoints, num_chains=args.num_chains,
                         num_steps=args.num_steps, num_leapfrog=args.num_leapfrog, memory_steps=args.memory_steps,
@@ -62,7 +62,7 @@ def _ais(args: argparse.Namespace) -> int:
 
 
 def _scale(args: argparse.Namespace) -> int:
-    from .scale import bench_scale
+    from gapbench.bench.scale import bench_scale
     figures = bench_scale(args.run_dir, num_datapoints=args.num_datapoints, processes=tuple(args.processes),
                           threads=args.threads, device=args.device, overrides=tuple(args.set),
                           stream_datapoints=args.stream_datapoints)
@@ -71,7 +71,7 @@ def _scale(args: argparse.Namespace) -> int:
 
 
 def _log_px(args: argparse.Namespace) -> int:
-    from .log_px import bench_linear_gaussian, bench_run, print_figures
+    from gapbench.bench.log_px import bench_linear_gaussian, bench_run, print_figures
     figures = bench_run(args.run_dir) if args.run_dir else bench_linear_gaussian(num_datapoints=args.num_datapoints,
                                                                                  num_samples=args.k)
     print_figures(figures)
@@ -80,7 +80,7 @@ def _log_px(args: argparse.Namespace) -> int:
 
 
 def _threads(args: argparse.Namespace) -> int:
-    from .threads import bench_threads
+    from gapbench.bench.threads import bench_threads
     figures = bench_threads(args.experiment, overrides=tuple(args.set), busy=args.busy, job=not args.no_job,
                             steps=not args.no_steps)
     _write(figures, args.out)
@@ -88,7 +88,7 @@ def _threads(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .train import bench_train
+    from gapbench.bench.train import bench_train
     figures = bench_train(args.source, implementations=tuple(args.adam), rounds=args.rounds,
                           num_train=args.num_train, threads=args.threads)
     _write(figures, args.out)
@@ -96,7 +96,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def add_bench_parser(sub) -> None:
-    from ..cli import positive_int
+    from gapbench.commands.arguments import positive_int
 
     def threads(parser, help="torch threads (default: torch's choice)"):
         parser.add_argument("--threads", type=positive_int, default=None, metavar="N", help=help)

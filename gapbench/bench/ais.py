@@ -18,12 +18,12 @@ from typing import Callable
 
 import torch
 
-from ..estimators import AISProcedure, ais
-from ..estimators.ais import chains_per_chunk
-from ..estimators.hmc import value_and_grad
-from ..experiment import open_run
-from ..measure import frozen
-from .iwae import _status_kib, decoder_flops_per_row, matmul_gflops
+from gapbench.estimators import AISProcedure, ais
+from gapbench.estimators.ais import chains_per_chunk
+from gapbench.estimators.hmc import value_and_grad
+from gapbench.runner.run import open_run
+from gapbench.measure import frozen
+from gapbench.bench.iwae import _status_kib, decoder_flops_per_row, matmul_gflops
 
 
 def gradient_gflops(decoder, x: torch.Tensor, *, num_chains: int, chunk_size: int | None,
@@ -59,8 +59,8 @@ def _rss_worker(run_dir: str, num_datapoints: int, num_chains: int, num_steps: i
             trace.append((t, _status_kib("VmRSS")))
 
     with frozen(decoder):
-        ais(decoder, x, num_chains=num_chains, num_steps=num_steps, generator=torch.Generator().manual_seed(0),
-            callback=record)
+        ais(decoder, x, procedure=AISProcedure(num_chains=num_chains, num_steps=num_steps),
+            generator=torch.Generator().manual_seed(0), callback=record)
     queue.put((before, trace, _status_kib("VmHWM")))
 
 
@@ -99,13 +99,13 @@ def bench_ais(run_dir: str, *, num_datapoints: int = 1000, num_chains: int = 16,
         f"Z = {decoder.latent_size}, decoder hidden {config.model.decoder_hidden}; {torch.get_num_threads()} threads")
     procedure = AISProcedure(num_chains=num_chains, num_steps=num_steps, num_leapfrog=num_leapfrog)
     with frozen(decoder):
-        ais(decoder, x[:10], **procedure._replace(num_steps=3)._asdict(),
+        ais(decoder, x[:10], procedure=procedure._replace(num_steps=3),
             generator=torch.Generator().manual_seed(0))  # warm-up
         gc.collect()
         is_reset = _reset_peak()
         rss_before = _status_kib("VmRSS")
         start = time.perf_counter()
-        estimate = ais(decoder, x, **procedure._asdict(), generator=torch.Generator().manual_seed(0))
+        estimate = ais(decoder, x, procedure=procedure, generator=torch.Generator().manual_seed(0))
         seconds = time.perf_counter() - start
         peak = _status_kib("VmHWM")
     num_transitions = num_steps - 1

@@ -17,9 +17,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..experiment import open_run
-from ..measure import amortized_posterior
-from ..estimators import iwae
+from gapbench.runner.run import open_run
+from gapbench.measure import amortized_posterior
+from gapbench.estimators import iwae
 
 
 def decoder_flops_per_row(decoder: nn.Module) -> int:

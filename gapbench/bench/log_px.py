@@ -4,7 +4,7 @@ with exact log p(x), and its cost and effect on a finished run.
 Without a run folder: for encoders whose amortization gap is 0.5, 6 and 20 nats (the exact optimal
 diagonal Gaussian, perturbed: ``LinearGaussian.perturbed_encoder``), the mean error against exact
 log p(x) of the per-datapoint max of the pilot bounds, of a fresh draw chosen on the largest pilot
-value, and of gapbench's rule (``gapbench.log_px``), with the approximation gap each gives.
+value, and of gapbench's rule (``gapbench.estimators.log_px``), with the approximation gap each gives.
 With a run folder: the seconds of the log_px stage against the others' (stages.json), and the mean
 approximation gap with the new log p_hat(x) and with the old maximum (datapoints.csv).
 """
@@ -19,9 +19,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..log_px import fresh_estimate, select_estimators
-from ..measure import fresh_estimators, local_posterior, measure_gaps, resolve_family
-from ..models import LinearGaussian
+from gapbench.estimators.log_px import fresh_estimate, select_estimators
+from gapbench.measure import fresh_estimators, local_posterior, measure_gaps, resolve_family
+from gapbench.models import LinearGaussian
 
 RULES = {"largest pilot value (penalty 0, no ESS guard)": {"penalty": 0.0, "min_ess": 0.0},
          "gapbench (value - 2 stderr, ESS >= 2)": {}}

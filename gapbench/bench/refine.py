@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from ..config import RefineConfig
-from ..estimators import elbo
-from ..experiment import open_run
-from ..measure import RefineProcedure, local_posterior
-from ..posteriors import get_family
+from gapbench.runner.config import RefineConfig
+from gapbench.estimators import elbo
+from gapbench.runner.run import open_run
+from gapbench.measure import RefineProcedure, local_posterior
+from gapbench.posteriors import get_family
 
 
 def _final_elbo(decoder, params, x, *, num_samples: int, seed: int) -> torch.Tensor:

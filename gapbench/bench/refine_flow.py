@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
-from ..config import RefineConfig
-from ..estimators import elbo
-from ..experiment import open_run
-from ..measure import RefineProcedure, effective_procedure, local_posterior
-from ..posteriors import make_family
+from gapbench.runner.config import RefineConfig
+from gapbench.estimators import elbo
+from gapbench.runner.run import open_run
+from gapbench.measure import RefineProcedure, effective_procedure, local_posterior
+from gapbench.posteriors import make_family
 
 
 def _elbo(decoder, family, params, x, *, num_samples: int, seed: int) -> torch.Tensor:

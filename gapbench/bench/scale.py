@@ -27,10 +27,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import io
-from ..experiment import open_run
-from ..measure import amortized_posterior, bounds_of, local_posterior
-from ..posteriors import DatapointStreams
+from gapbench import io
+from gapbench.runner.run import open_run
+from gapbench.measure import amortized_posterior, bounds_of, local_posterior
+from gapbench.posteriors import DatapointStreams
 
 EVALUATION_STAGES = ("amortized", "local", "ais")
 RUN_FILES = ("config.json", "checkpoint.pt", "train_history.csv")

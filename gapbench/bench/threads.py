@@ -4,7 +4,7 @@ Two measurements, each with and without ``busy`` competing processes (``python -
 pass"``, one per core the benchmark may fill) started beside it:
 
 1. one step of the decoder (forward and backward) of ``rows`` rows, with 1 and with 2 torch threads:
-   where a second thread starts to pay (``gapbench.device.FLOP_PER_THREAD``);
+   where a second thread starts to pay (``gapbench.runner.device.FLOP_PER_THREAD``);
 2. the whole job, ``gapbench run EXPERIMENT --quiet --no-figures`` in a fresh folder (a subprocess,
    wall clock), with ``--threads C`` (C: the usable cores, torch's default before threads were chosen
    per stage) and with the per-stage choice; the figure that matters is the busy/quiet ratio of each.

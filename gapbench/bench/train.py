@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import ExperimentConfig, load_config
-from ..data import binarize, load_dataset
-from ..experiment import networks_for, open_run_config, stage_generator
-from ..train import ADAM_IMPLEMENTATIONS, negative_elbo, train
+from gapbench.runner.config import ExperimentConfig, load_config
+from gapbench.data import binarize, load_dataset
+from gapbench.runner.run import networks_for, open_run_config, stage_generator
+from gapbench.train import ADAM_IMPLEMENTATIONS, negative_elbo, train
 
 
 def load_source(source: str | Path) -> ExperimentConfig:

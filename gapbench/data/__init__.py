@@ -1,18 +1,23 @@
-"""Datasets (digits, Fashion-MNIST, MNIST, CIFAR-10) with fixed splits and provenance, and binarisation.
+"""Datasets (digits, Fashion-MNIST, MNIST, CIFAR-10, a user's array file) with fixed splits and
+provenance, and binarisation.
 
-The lowest layer of gapbench: it imports nothing from the rest of the package.
+It imports only ``gapbench.errors`` from the rest of the package. Inside it, imports point one way:
+``errors`` <- ``dataset``, ``idx``, ``download`` <- the loaders (``digits``, ``mnist``, ``cifar10``,
+``userfile``) <- ``load`` (``load_dataset`` by name).
 """
 
 from gapbench.data.binarize import BINARIZE_MODES, binarize
-from gapbench.data.dataset import (DATASETS, SPLITS, Dataset, check_binary, check_finite, check_levels,
-                                   check_values, load_dataset)
+from gapbench.data.dataset import SPLITS, Dataset, check_binary, check_finite, check_levels, check_values
+from gapbench.data.download import ChecksumError
 from gapbench.data.errors import DataError
 from gapbench.data.idx import read_idx, write_idx
+from gapbench.data.load import DATASETS, load_dataset
 
 __all__ = [
     "BINARIZE_MODES",
     "DATASETS",
     "SPLITS",
+    "ChecksumError",
     "DataError",
     "Dataset",
     "binarize",

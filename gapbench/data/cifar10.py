@@ -26,9 +26,7 @@ batch (a uint8 array and integer labels) or it is refused. A batch file crafted 
 with a DataError naming the global it asked for.
 """
 
-import http.client
 import io
-import logging
 import os
 import pickle
 import tarfile
@@ -38,10 +36,8 @@ import numpy as np
 import torch
 
 from gapbench.data.dataset import Dataset, array_record
+from gapbench.data.download import cache_dir, fetch_first, make_cache
 from gapbench.data.errors import DataError
-from gapbench.data.mnist import ChecksumError, _fetch, cache_dir
-
-logger = logging.getLogger(__name__)
 
 NAME = "cifar10"
 ARCHIVE = "cifar-10-python.tar.gz"
@@ -264,20 +260,11 @@ def _load(raws: dict[str, bytes], *, source: str, found_via: str, downloaded_fro
 def _download(target: Path) -> tuple[str | None, list[str]]:
     """Fetch the archive into ``target`` (MD5-checked, atomic); the URL it came from, or None and
     one line per failed attempt."""
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        return None, [f"cannot create the cache directory {target}: {error}"]
-    failures = []
-    for url in URLS:
-        logger.info("downloading %s", url)
-        try:
-            _fetch(url, target / ARCHIVE, md5=ARCHIVE_MD5)
-        except (OSError, http.client.HTTPException, ValueError) as error:  # incl. URLError, ChecksumError
-            failures.append(f"{url}: {error}")
-            continue
-        return url, []
-    return None, failures
+    problem = make_cache(target)
+    if problem:
+        return None, [problem]
+    url, failures = fetch_first(URLS, target / ARCHIVE, md5=ARCHIVE_MD5)
+    return url, [] if url else failures
 
 
 def _not_found_message(dirs: list[tuple[Path, str]], failures: list[str] | None) -> str:
@@ -302,4 +289,4 @@ def _not_found_message(dirs: list[tuple[Path, str]], failures: list[str] | None)
     return "\n".join(lines)
 
 
-__all__ = ["ARCHIVE", "ARCHIVE_MD5", "ArrayUnpickler", "ChecksumError", "load_cifar10", "read_batch"]
+__all__ = ["ARCHIVE", "ARCHIVE_MD5", "ArrayUnpickler", "load_cifar10", "read_batch"]

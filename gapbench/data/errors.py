@@ -1,7 +1,9 @@
 """The one exception type of the data layer."""
 
+from gapbench.errors import GapbenchError
 
-class DataError(Exception):
+
+class DataError(GapbenchError):
     """A dataset file or value is missing, malformed or out of range.
 
     The message always says what is wrong (naming the file or array) and how to fix it, so that

@@ -21,22 +21,16 @@ References: LeCun et al. (1998), http://yann.lecun.com/exdb/mnist/; Xiao, Rasul 
 "Fashion-MNIST", arXiv:1708.07747.
 """
 
-import hashlib
-import http.client
-import logging
 import os
-import tempfile
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from gapbench.data.dataset import Dataset, array_record
+from gapbench.data.download import cache_dir, fetch_first, make_cache
 from gapbench.data.errors import DataError
 from gapbench.data.idx import read_idx
-
-logger = logging.getLogger(__name__)
 
 TRAIN_IMAGES = "train-images-idx3-ubyte.gz"
 TRAIN_LABELS = "train-labels-idx1-ubyte.gz"
@@ -75,13 +69,6 @@ NUM_IMAGES = {"train": 60_000, "test": 10_000}  # images in the training and t10
 NUM_VALID = 10_000  # taken from the end of the training file
 IMAGE_SHAPE = (28, 28)
 NUM_CLASSES = 10
-DOWNLOAD_TIMEOUT_S = 30.0
-
-
-def cache_dir(name: str) -> Path:
-    """The user cache for dataset ``name``: ``${XDG_CACHE_HOME:-~/.cache}/gapbench/<name>``."""
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root).expanduser() / "gapbench" / name
 
 
 def search_dirs(name: str, data_dir: str | os.PathLike[str] | None) -> list[tuple[Path, str]]:
@@ -222,59 +209,17 @@ def _download(name: str, target: Path) -> tuple[dict[str, str], list[str]]:
     Returns ``(downloaded_from, failures)``: the URL each file came from, and one line per failed
     attempt if some file could not be fetched from any mirror (then it stops).
     """
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        return {}, [f"cannot create the cache directory {target}: {error}"]
+    problem = make_cache(target)
+    if problem:
+        return {}, [problem]
     downloaded_from, failures = {}, []
     for file in missing_files(target):
-        for mirror in MIRRORS[name]:
-            url = mirror + file
-            logger.info("downloading %s", url)
-            try:
-                _fetch(url, target / file, md5=MD5[name][file])
-            except (OSError, http.client.HTTPException, ValueError) as error:  # incl. URLError
-                failures.append(f"{url}: {error}")
-                continue
-            downloaded_from[file] = url
-            break
-        else:
+        url, failed = fetch_first([mirror + file for mirror in MIRRORS[name]], target / file, md5=MD5[name][file])
+        failures += failed
+        if url is None:
             return downloaded_from, failures
+        downloaded_from[file] = url
     return downloaded_from, []
-
-
-class ChecksumError(ValueError):
-    """A downloaded file's MD5 is not the published one."""
-
-
-def _fetch(url: str, dest: Path, *, md5: str) -> None:
-    """Download ``url`` to ``dest`` atomically, keeping it only if its MD5 is ``md5``.
-
-    The bytes go to a temporary file beside ``dest`` that is renamed onto ``dest`` only when
-    complete and verified, and removed otherwise, so no partial file is ever left.
-    """
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        digest = hashlib.md5(usedforsecurity=False)
-        with (
-            os.fdopen(fd, "wb") as out,
-            urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response,
-        ):
-            while chunk := response.read(1 << 20):
-                digest.update(chunk)
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        if digest.hexdigest() != md5:
-            raise ChecksumError(
-                f"MD5 mismatch for {dest.name}: expected {md5}, got {digest.hexdigest()}; "
-                f"the download was discarded (the server, a proxy or a captive portal sent a "
-                f"different file: retry later, or fetch the file yourself and verify its MD5)"
-            )
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _not_found_message(name: str, dirs: list[tuple[Path, str]], failures: list[str] | None) -> str:

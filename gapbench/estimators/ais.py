@@ -20,6 +20,13 @@ quantitative analysis of decoder-based generative models", use AIS with HMC this
 validate it with BDMC: the prior as initial distribution, thousands of intermediate distributions,
 HMC with 10 leapfrog steps and a step size adapted toward an acceptance rate of 0.65.
 
+The shape follows BlackJAX, as ``gapbench.estimators.hmc`` does: :func:`ais_init` builds an
+:class:`AISState` (positions, log-weights, step sizes), :func:`ais_step` is one annealing step (the
+incremental weight, then one HMC transition) and :func:`adapt_step_size` the step-size update; the
+driver :func:`anneal` loops over the schedule and returns the diagnostics as an :class:`AISInfo`.
+:func:`ais` and :func:`reverse_ais` start the chains and turn the weights into an
+:class:`AISEstimate`. Their settings are one :class:`AISProcedure`.
+
 Implementation: all datapoints x chains move together as one (C, B, Z) batch; log-weights are
 accumulated in float64; no autograd graph outlives a step (``hmc.value_and_grad`` differentiates a
 fresh leaf), and only the current positions, weights and per-chain step sizes are kept, so memory
@@ -31,7 +38,10 @@ chains of a datapoint share one step size, adapted from their mean acceptance pr
 exactness argument of AIS does not allow: on a linear-Gaussian model (D = 10, Z = 2, 200
 datapoints, 16 chains, T = 200) it pushed forward AIS 0.06 +- 0.015 nats *above* the exact log p(x)
 and reverse AIS 0.09 +- 0.035 below it, breaking the sandwich; shared adaptation showed no such
-bias. ``adaptation_rate=0`` fixes the step sizes (AIS exactly as analysed by Neal, 2001).
+bias. With faster adaptation (rate 1, 500 datapoints, T = 100, 5 leapfrog steps) per-chain
+adaptation lands 0.146 +- 0.013 nats above log p(x) and shared adaptation 0.019 +- 0.015 below it
+(tests/test_ais.py). ``adaptation_rate=0`` fixes the step sizes (AIS exactly as
+analysed by Neal, 2001).
 """
 
 from __future__ import annotations
@@ -42,14 +52,92 @@ from typing import Callable, NamedTuple
 import torch
 from torch.distributions import Distribution
 
-from ..posteriors import (DiagonalGaussian, DistributionPosterior, Posterior, RandomStream, as_posterior,
-                          random_normal)
-from .hmc import HMCState, hmc_step
-from .iwae import iwae_from_stats
-from .log_weights import DEFAULT_ROWS_PER_CHUNK, empty_stats
+from gapbench.posteriors import (DiagonalGaussian, DistributionPosterior, Posterior, RandomStream, as_posterior,
+    random_normal)
+from gapbench.estimators.hmc import HMCInfo, HMCState, hmc_step
+from gapbench.estimators.iwae import iwae_from_stats
+from gapbench.estimators.log_weights import DEFAULT_ROWS_PER_CHUNK, empty_stats
 
 SCHEDULES = ("linear", "sigmoid")
+ADAPTATIONS = ("datapoint", "chain")
 SIGMOID_RADIUS = 4.0  # delta of the sigmoid schedule (Grosse, Ghahramani & Adams, 2015)
+
+
+class AISProcedure(NamedTuple):
+    """Settings of AIS with HMC, the one place for their defaults: :func:`ais`, :func:`reverse_ais`,
+    :func:`anneal` and ``gapbench.bdmc`` take them as ``procedure=``. The field names are the config's
+    ``[ais]`` keys (and ``gapbench bdmc``'s flags), which default to them. The defaults are gapbench's;
+    :meth:`paper` is the scale of Cremer, Li & Duvenaud (2018) (100 chains, 10000 annealing steps;
+    Wu et al., 2017: 10 leapfrog steps, acceptance target 0.65)."""
+
+    num_chains: int = 16  # C, chains (importance samples) per datapoint
+    num_steps: int = 500  # T, annealing steps (T - 1 intermediate distributions, one HMC transition each)
+    schedule: str = "sigmoid"  # spacing of the betas: "linear" or "sigmoid"
+    num_leapfrog: int = 10  # L, leapfrog steps per HMC transition
+    target_acceptance: float = 0.65  # acceptance probability the step sizes are adapted toward
+    step_size: float = 0.05  # initial step size
+    adaptation: str = "datapoint"  # "datapoint": the chains of a datapoint share a step size; "chain": each its own
+    adaptation_rate: float = 0.1  # log step-size change per unit of acceptance error (0: fixed step sizes)
+    min_step_size: float = 1e-4  # clamp of the adapted step sizes
+    max_step_size: float = 0.5
+
+    @classmethod
+    def paper(cls) -> "AISProcedure":
+        return cls(num_chains=100, num_steps=10000)
+
+
+DEFAULT_AIS = AISProcedure()
+
+
+def check_procedure(procedure: AISProcedure) -> None:
+    """Raise ValueError naming the first setting of ``procedure`` that AIS cannot run with."""
+    if procedure.num_chains < 1:
+        raise ValueError(f"num_chains must be at least 1, got {procedure.num_chains}")
+    if procedure.num_steps < 1:
+        raise ValueError(f"num_steps (annealing steps) must be at least 1, got {procedure.num_steps}")
+    if procedure.schedule not in SCHEDULES:
+        raise ValueError(f"unknown annealing schedule {procedure.schedule!r}; choose one of {SCHEDULES}")
+    if procedure.num_leapfrog < 1:
+        raise ValueError(f"num_leapfrog must be at least 1, got {procedure.num_leapfrog}")
+    if not 0.0 < procedure.target_acceptance < 1.0:
+        raise ValueError(f"target_acceptance must lie in (0, 1), got {procedure.target_acceptance}")
+    if not 0.0 < procedure.min_step_size <= procedure.step_size <= procedure.max_step_size:
+        raise ValueError(f"need 0 < min_step_size <= step_size <= max_step_size, got {procedure.min_step_size}, "
+                         f"{procedure.step_size}, {procedure.max_step_size}")
+    if procedure.adaptation not in ADAPTATIONS:
+        raise ValueError(f"unknown step-size adaptation {procedure.adaptation!r}; choose one of {ADAPTATIONS}")
+    if procedure.adaptation_rate < 0:
+        raise ValueError(f"adaptation_rate must be >= 0, got {procedure.adaptation_rate}")
+
+
+class AISState(NamedTuple):
+    """The chains between two annealing steps.
+
+    Attributes
+    ----------
+    z : (C, B, Z) positions
+    log_weights : (C, B) float64 log w accumulated so far
+    log_step_size : (C, B) log of each chain's HMC step size
+    """
+
+    z: torch.Tensor
+    log_weights: torch.Tensor
+    log_step_size: torch.Tensor
+
+
+class AISInfo(NamedTuple):
+    """Diagnostics of a whole annealing run, per chain, each (C, B).
+
+    Attributes
+    ----------
+    acceptance_rate : mean HMC acceptance probability over the transitions
+    step_size : the final adapted step sizes
+    divergence_rate : fraction of transitions flagged divergent
+    """
+
+    acceptance_rate: torch.Tensor
+    step_size: torch.Tensor
+    divergence_rate: torch.Tensor
 
 
 class AISEstimate(NamedTuple):
@@ -80,16 +168,16 @@ class AISEstimate(NamedTuple):
     z: torch.Tensor
 
 
-def annealing_schedule(num_steps: int, schedule: str = "linear", *,
+def annealing_schedule(num_annealing_steps: int, schedule: str = "linear", *,
                        radius: float = SIGMOID_RADIUS) -> torch.Tensor:
-    """beta_0 = 0 < beta_1 < ... < beta_T = 1 as a (T + 1,) float64 tensor.
+    """beta_0 = 0 < beta_1 < ... < beta_T = 1 as a (T + 1,) float64 tensor, T = ``num_annealing_steps``.
 
     ``"linear"``: beta_t = t / T. ``"sigmoid"``: beta~_t = sigmoid(radius (2 t / T - 1)), rescaled
     so the ends are 0 and 1; it spends more steps near both ends (Grosse, Ghahramani & Adams, 2015).
     """
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be at least 1, got {num_steps}")
-    t = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps  # (T + 1,)
+    if num_annealing_steps < 1:
+        raise ValueError(f"num_steps (annealing steps) must be at least 1, got {num_annealing_steps}")
+    t = torch.arange(num_annealing_steps + 1, dtype=torch.float64) / num_annealing_steps  # (T + 1,)
     if schedule == "linear":
         return t
     if schedule == "sigmoid":
@@ -111,20 +199,25 @@ def _log_prob_fn(posterior: Posterior) -> Callable[[torch.Tensor], torch.Tensor]
     raise TypeError(f"AIS needs the initial distribution's log density; {type(posterior).__name__} has no log_prob")
 
 
-class _Path(NamedTuple):
+class AnnealingPath(NamedTuple):
     """The geometric path log f_beta(z) = base(z) + beta * delta(z), both (C, B)."""
 
     base_fn: Callable[[torch.Tensor], torch.Tensor]  # log q(z) (the prior: log p(z))
     delta_fn: Callable[[torch.Tensor], torch.Tensor]  # log p(x, z) - log q(z) (the prior: log p(x|z))
 
+    def logdensity_fn(self, beta: float) -> Callable[[torch.Tensor], torch.Tensor]:
+        """z (C, B, Z) -> log f_beta(z) (C, B)."""
+        return lambda z: self.base_fn(z) + beta * self.delta_fn(z)
 
-def _make_path(model, x: torch.Tensor, log_init_fn: Callable | None) -> _Path:
+
+def annealing_path(model, x: torch.Tensor, log_init_fn: Callable | None) -> AnnealingPath:
+    """The path from q (``log_init_fn``; None: the prior) to p(z|x) for the datapoints x (B, D)."""
     if log_init_fn is None:
-        return _Path(model.log_prior, lambda z: model.log_likelihood(x, z))
-    return _Path(log_init_fn, lambda z: model.log_prior(z) + model.log_likelihood(x, z) - log_init_fn(z))
+        return AnnealingPath(model.log_prior, lambda z: model.log_likelihood(x, z))
+    return AnnealingPath(log_init_fn, lambda z: model.log_prior(z) + model.log_likelihood(x, z) - log_init_fn(z))
 
 
-def _evaluate(path: _Path, z: torch.Tensor, beta: float, chunk_size: int) -> tuple[HMCState, torch.Tensor]:
+def _evaluate(path: AnnealingPath, z: torch.Tensor, beta: float, chunk_size: int) -> tuple[HMCState, torch.Tensor]:
     """f_beta's state at z (C, B, Z) and delta(z) (C, B): one forward and one backward pass,
     ``chunk_size`` chains at a time."""
     log_densities, grads, deltas = [], [], []
@@ -151,112 +244,95 @@ def chains_per_chunk(num_datapoints: int, chunk_size: int | None = None) -> int:
     return max(1, DEFAULT_ROWS_PER_CHUNK // max(1, num_datapoints))
 
 
-ADAPTATIONS = ("datapoint", "chain")
+def ais_init(z: torch.Tensor, step_size: float) -> AISState:
+    """Chains at z (C, B, Z) with zero log-weights and every step size ``step_size``."""
+    chains = z.shape[:2]  # (C, B)
+    return AISState(z, torch.zeros(chains, dtype=torch.float64, device=z.device),
+                    torch.full(chains, math.log(step_size), dtype=z.dtype, device=z.device))
 
 
-class AISProcedure(NamedTuple):
-    """Settings of AIS with HMC; the fields are the keyword arguments of :func:`ais` and
-    :func:`reverse_ais` (besides ``init``). The defaults are gapbench's; :meth:`paper` is the scale
-    of Cremer, Li & Duvenaud (2018) (100 chains, 10000 annealing steps; Wu et al., 2017: 10 leapfrog
-    steps, acceptance target 0.65)."""
+def ais_step(state: AISState, path: AnnealingPath, beta_from: torch.Tensor, beta_to: torch.Tensor, *,
+             is_transition: bool, num_leapfrog: int, generator: RandomStream | None,
+             chunk_size: int) -> tuple[AISState, HMCInfo | None]:
+    """One annealing step from beta_from = beta_{t-1} to beta_to = beta_t, for every chain.
 
-    num_chains: int = 16  # C, chains (importance samples) per datapoint
-    num_steps: int = 500  # T, annealing steps (T - 1 intermediate distributions, one HMC transition each)
-    schedule: str = "sigmoid"  # spacing of the betas: "linear" or "sigmoid"
-    num_leapfrog: int = 10  # L, leapfrog steps per HMC transition
-    target_acceptance: float = 0.65  # acceptance probability the step sizes are adapted toward
-    step_size: float = 0.05  # initial step size
-    adaptation: str = "datapoint"  # "datapoint": the chains of a datapoint share a step size; "chain": each its own
-    adaptation_rate: float = 0.1  # log step-size change per unit of acceptance error (0: fixed step sizes)
-    min_step_size: float = 1e-4  # clamp of the adapted step sizes
-    max_step_size: float = 0.5
+    log w += (beta_t - beta_{t-1}) delta(z), then (when ``is_transition``: every step but the last)
+    one HMC transition with the chains' step sizes that leaves f_{beta_t} invariant. The step sizes
+    are not changed here (:func:`adapt_step_size`).
 
-    @classmethod
-    def paper(cls) -> "AISProcedure":
-        return cls(num_chains=100, num_steps=10000)
+    Returns
+    -------
+    the new state, and the transition's :class:`~gapbench.estimators.HMCInfo` (None without one)
+    """
+    beta = float(beta_to)
+    hmc_state, delta = _evaluate(path, state.z, beta, chunk_size)  # f_{beta_t} at z_{t-1}
+    log_weights = state.log_weights + (beta_to - beta_from) * delta.to(torch.float64)  # (C, B)
+    if not is_transition:
+        return state._replace(log_weights=log_weights), None
+    hmc_state, info = hmc_step(hmc_state, path.logdensity_fn(beta), step_size=state.log_step_size.exp(),
+                               num_leapfrog=num_leapfrog, generator=generator, chunk_size=chunk_size)
+    return AISState(hmc_state.z, log_weights, state.log_step_size), info
 
 
-DEFAULT_AIS = AISProcedure()
+def adapt_step_size(log_step_size: torch.Tensor, acceptance_rate: torch.Tensor,
+                    procedure: AISProcedure) -> torch.Tensor:
+    """log eps (C, B) moved toward the target acceptance after a transition with ``acceptance_rate`` (C, B):
+    log eps + adaptation_rate * (acceptance - target), clamped to [log min_step_size, log max_step_size],
+    with the acceptance averaged over the datapoint's chains (``adaptation="datapoint"``) or each
+    chain's own (``"chain"``)."""
+    if procedure.adaptation == "datapoint":
+        acceptance_rate = acceptance_rate.mean(0, keepdim=True)  # (1, B): shared by the datapoint's chains
+    return torch.clamp(log_step_size + procedure.adaptation_rate * (acceptance_rate - procedure.target_acceptance),
+                       math.log(procedure.min_step_size), math.log(procedure.max_step_size))
 
 
 def anneal(model, x: torch.Tensor, z: torch.Tensor, *, betas: torch.Tensor,
            log_init_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-           num_leapfrog: int = DEFAULT_AIS.num_leapfrog, target_acceptance: float = DEFAULT_AIS.target_acceptance,
-           step_size: float = DEFAULT_AIS.step_size, adaptation: str = DEFAULT_AIS.adaptation,
-           adaptation_rate: float = DEFAULT_AIS.adaptation_rate, min_step_size: float = DEFAULT_AIS.min_step_size,
-           max_step_size: float = DEFAULT_AIS.max_step_size, chunk_size: int | None = None,
-           generator: RandomStream | None,
-           callback: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Move chains z (C, B, Z) along ``betas`` and return their log-weights: the loop behind
-    :func:`ais` and :func:`reverse_ais`.
+           procedure: AISProcedure = DEFAULT_AIS, chunk_size: int | None = None, generator: RandomStream | None,
+           callback: Callable[[int], None] | None = None) -> tuple[AISState, AISInfo]:
+    """Move chains z (C, B, Z) along ``betas``: the driver behind :func:`ais` and :func:`reverse_ais`.
 
-    For t = 1..T: log w += (beta_t - beta_{t-1}) delta(z), then (for t < T) one HMC transition
-    leaving f_{beta_t} invariant, with delta(z) = log p(x, z) - log q(z) (q = ``log_init_fn``, or
-    the prior when None). ``betas`` (T + 1,) from 0 to 1 is forward AIS (start z ~ q); from 1 to 0
-    it is reverse AIS (start z ~ p(z|x)). After each transition the step sizes move toward
-    ``target_acceptance``: log eps += adaptation_rate * (acceptance - target), clamped, with the
-    acceptance probability averaged over the datapoint's chains (``adaptation="datapoint"``) or
-    each chain's own (``"chain"``).
+    For t = 1..T: :func:`ais_step` from beta_{t-1} to beta_t, then (after a transition)
+    :func:`adapt_step_size`. delta(z) = log p(x, z) - log q(z) (q = ``log_init_fn``, or the prior
+    when None). ``betas`` (T + 1,) from 0 to 1 is forward AIS (start z ~ q); from 1 to 0 it is
+    reverse AIS (start z ~ p(z|x)). ``procedure``: its HMC and adaptation settings (its chains,
+    steps and schedule are those of z and ``betas``); ``callback(t)`` runs after step t.
 
     Returns
     -------
-    log_weights : (C, B) float64
-    z : (C, B, Z) final positions
-    diagnostics : {"acceptance_rate", "step_size", "divergence_rate"}, each (C, B)
+    the final :class:`AISState` (log-weights (C, B) float64, positions (C, B, Z)) and its :class:`AISInfo`
     """
     if z.ndim != 3 or z.shape[1] != x.shape[0]:
         raise ValueError(f"chains must have shape (C, B, Z) with B = {x.shape[0]} datapoints, got {tuple(z.shape)}")
-    if not 0.0 < target_acceptance < 1.0:
-        raise ValueError(f"target_acceptance must lie in (0, 1), got {target_acceptance}")
-    if not 0.0 < min_step_size <= step_size <= max_step_size:
-        raise ValueError(f"need 0 < min_step_size <= step_size <= max_step_size, got "
-                         f"{min_step_size}, {step_size}, {max_step_size}")
-    if adaptation not in ADAPTATIONS:
-        raise ValueError(f"unknown step-size adaptation {adaptation!r}; choose one of {ADAPTATIONS}")
-    if adaptation_rate < 0:
-        raise ValueError(f"adaptation_rate must be >= 0, got {adaptation_rate}")
-    path = _make_path(model, x, log_init_fn)
+    check_procedure(procedure)
+    path = annealing_path(model, x, log_init_fn)
     chunk = chains_per_chunk(x.shape[0], chunk_size)
     betas = betas.to(torch.float64)
-    num_steps = betas.shape[0] - 1
-    chains = z.shape[:2]  # (C, B)
-    log_w = torch.zeros(chains, dtype=torch.float64, device=z.device)  # (C, B)
-    log_eps = torch.full(chains, math.log(step_size), dtype=z.dtype, device=z.device)  # (C, B)
-    log_min, log_max = math.log(min_step_size), math.log(max_step_size)
-    sum_acceptance = torch.zeros(chains, dtype=torch.float64, device=z.device)  # (C, B)
-    num_divergent = torch.zeros(chains, dtype=torch.float64, device=z.device)  # (C, B)
-    for t in range(1, num_steps + 1):
-        beta = float(betas[t])
-        state, delta = _evaluate(path, z, beta, chunk)  # f_{beta_t} at z_{t-1}
-        log_w += (betas[t] - betas[t - 1]) * delta.to(torch.float64)
-        if t < num_steps:
-            def logdensity_fn(v: torch.Tensor, beta: float = beta) -> torch.Tensor:
-                return path.base_fn(v) + beta * path.delta_fn(v)  # (C, B)
-            state, info = hmc_step(state, logdensity_fn, step_size=log_eps.exp(), num_leapfrog=num_leapfrog,
-                                   generator=generator, chunk_size=chunk)
-            acceptance = info.acceptance_rate  # (C, B)
-            if adaptation == "datapoint":
-                acceptance = acceptance.mean(0, keepdim=True)  # (1, B): shared by the datapoint's chains
-            log_eps = torch.clamp(log_eps + adaptation_rate * (acceptance - target_acceptance), log_min, log_max)
+    num_annealing_steps = betas.shape[0] - 1
+    state = ais_init(z, procedure.step_size)
+    sum_acceptance = torch.zeros(z.shape[:2], dtype=torch.float64, device=z.device)  # (C, B)
+    num_divergent = torch.zeros(z.shape[:2], dtype=torch.float64, device=z.device)  # (C, B)
+    for t in range(1, num_annealing_steps + 1):
+        state, info = ais_step(state, path, betas[t - 1], betas[t], is_transition=t < num_annealing_steps,
+                               num_leapfrog=procedure.num_leapfrog, generator=generator, chunk_size=chunk)
+        if info is not None:
+            state = state._replace(log_step_size=adapt_step_size(state.log_step_size, info.acceptance_rate, procedure))
             sum_acceptance += info.acceptance_rate.to(torch.float64)
             num_divergent += info.is_divergent.to(torch.float64)
-        z = state.z
         if callback is not None:
             callback(t)
-    num_transitions = max(num_steps - 1, 1)
-    diagnostics = {"acceptance_rate": sum_acceptance / num_transitions, "step_size": log_eps.exp(),
-                   "divergence_rate": num_divergent / num_transitions}
-    return log_w, z, diagnostics
+    num_transitions = max(num_annealing_steps - 1, 1)
+    return state, AISInfo(sum_acceptance / num_transitions, state.log_step_size.exp(), num_divergent / num_transitions)
 
 
-def _estimate(log_w: torch.Tensor, z: torch.Tensor, diagnostics: dict, *, reverse: bool) -> AISEstimate:
+def _estimate(state: AISState, info: AISInfo, *, reverse: bool) -> AISEstimate:
     """log mean exp over chains (negated for reverse AIS) with the IWAE delta-method error."""
-    estimate = iwae_from_stats(empty_stats().merge(log_w))  # (B,) each
+    estimate = iwae_from_stats(empty_stats().merge(state.log_weights))  # (B,) each
     value = -estimate.value if reverse else estimate.value
     return AISEstimate(value=value, stderr=estimate.stderr, ess=estimate.ess,
-                       acceptance_rate=diagnostics["acceptance_rate"].mean(0),
-                       step_size=diagnostics["step_size"].to(torch.float64).mean(0),
-                       divergence_rate=diagnostics["divergence_rate"].mean(0), log_weights=log_w, z=z)
+                       acceptance_rate=info.acceptance_rate.mean(0),
+                       step_size=info.step_size.to(torch.float64).mean(0),
+                       divergence_rate=info.divergence_rate.mean(0), log_weights=state.log_weights, z=state.z)
 
 
 def _initial(init: Posterior | Distribution | None, model, x: torch.Tensor, num_chains: int,
@@ -283,13 +359,8 @@ def _initial(init: Posterior | Distribution | None, model, x: torch.Tensor, num_
 
 
 def ais(model, x: torch.Tensor, *, init: Posterior | Distribution | None = None,
-        num_chains: int = DEFAULT_AIS.num_chains, num_steps: int = DEFAULT_AIS.num_steps,
-        schedule: str = DEFAULT_AIS.schedule, num_leapfrog: int = DEFAULT_AIS.num_leapfrog,
-        target_acceptance: float = DEFAULT_AIS.target_acceptance, step_size: float = DEFAULT_AIS.step_size,
-        adaptation: str = DEFAULT_AIS.adaptation, adaptation_rate: float = DEFAULT_AIS.adaptation_rate,
-        min_step_size: float = DEFAULT_AIS.min_step_size, max_step_size: float = DEFAULT_AIS.max_step_size,
-        latent_size: int | None = None, chunk_size: int | None = None, generator: RandomStream | None,
-        callback: Callable[[int], None] | None = None) -> AISEstimate:
+        procedure: AISProcedure = DEFAULT_AIS, latent_size: int | None = None, chunk_size: int | None = None,
+        generator: RandomStream | None, callback: Callable[[int], None] | None = None) -> AISEstimate:
     """Forward AIS: a stochastic lower bound on log p(x) per datapoint.
 
     AIS = log (1/C) sum_c w_c with log w_c = sum_t (beta_t - beta_{t-1}) (log p(x, z_c,t-1) - log q(z_c,t-1)).
@@ -301,17 +372,10 @@ def ais(model, x: torch.Tensor, *, init: Posterior | Distribution | None = None,
     init : q(z), a Posterior or torch Distribution with batch shape (B,) and event shape (Z,)
         (e.g. the encoder's output) with a log density; None starts from the prior: draws of
         ``model.sample_prior(shape, generator=...)`` where the model has it, else N(0, I)
-    num_chains : C, independent chains (importance samples) per datapoint (paper: 100)
-    num_steps : T, annealing steps: T - 1 intermediate distributions, one HMC transition each
-        (paper: 5000 to 10000)
-    schedule : "linear" or "sigmoid" spacing of the betas (see :func:`annealing_schedule`)
-    num_leapfrog : L, leapfrog steps (gradient evaluations) per transition
-    target_acceptance : the acceptance probability the step sizes are adapted toward
-    step_size : initial step size of every chain
-    adaptation : "datapoint" (the chains of a datapoint share one step size, adapted from their mean
-        acceptance probability) or "chain" (each chain adapts its own; see the module notes)
-    adaptation_rate : log step-size change per unit of acceptance error (0: fixed step sizes)
-    min_step_size, max_step_size : clamp of the adapted step sizes
+    procedure : the settings (:class:`AISProcedure`): C = ``num_chains`` chains per datapoint,
+        T = ``num_steps`` annealing steps (T - 1 intermediate distributions, one HMC transition each)
+        spaced by ``schedule`` (see :func:`annealing_schedule`), ``num_leapfrog`` leapfrog steps per
+        transition, and the step-size adaptation (see :func:`adapt_step_size` and the module notes)
     latent_size : Z, only needed from the prior when the model has no ``latent_size`` attribute
     chunk_size : chains whose gradients are evaluated together (None: about 4096 rows of chains x
         datapoints); the result does not depend on it
@@ -322,26 +386,17 @@ def ais(model, x: torch.Tensor, *, init: Posterior | Distribution | None = None,
     -------
     :class:`AISEstimate`; value, stderr and ess are (B,) float64.
     """
-    if num_chains < 1:
-        raise ValueError(f"num_chains must be at least 1, got {num_chains}")
-    betas = annealing_schedule(num_steps, schedule)
-    z, log_init_fn = _initial(init, model, x, num_chains, latent_size, generator)
-    log_w, z, diagnostics = anneal(
-        model, x, z, betas=betas, log_init_fn=log_init_fn, num_leapfrog=num_leapfrog,
-        target_acceptance=target_acceptance, step_size=step_size, adaptation=adaptation,
-        adaptation_rate=adaptation_rate, min_step_size=min_step_size, max_step_size=max_step_size,
-        chunk_size=chunk_size, generator=generator, callback=callback)
-    return _estimate(log_w, z, diagnostics, reverse=False)
+    check_procedure(procedure)
+    betas = annealing_schedule(procedure.num_steps, procedure.schedule)
+    z, log_init_fn = _initial(init, model, x, procedure.num_chains, latent_size, generator)
+    state, info = anneal(model, x, z, betas=betas, log_init_fn=log_init_fn, procedure=procedure,
+                         chunk_size=chunk_size, generator=generator, callback=callback)
+    return _estimate(state, info, reverse=False)
 
 
 def reverse_ais(model, x: torch.Tensor, z: torch.Tensor, *, init: Posterior | Distribution | None = None,
-                num_chains: int = DEFAULT_AIS.num_chains, num_steps: int = DEFAULT_AIS.num_steps,
-                schedule: str = DEFAULT_AIS.schedule, num_leapfrog: int = DEFAULT_AIS.num_leapfrog,
-                target_acceptance: float = DEFAULT_AIS.target_acceptance, step_size: float = DEFAULT_AIS.step_size,
-                adaptation: str = DEFAULT_AIS.adaptation, adaptation_rate: float = DEFAULT_AIS.adaptation_rate,
-                min_step_size: float = DEFAULT_AIS.min_step_size, max_step_size: float = DEFAULT_AIS.max_step_size,
-                chunk_size: int | None = None, generator: RandomStream | None,
-                callback: Callable[[int], None] | None = None) -> AISEstimate:
+                procedure: AISProcedure = DEFAULT_AIS, chunk_size: int | None = None,
+                generator: RandomStream | None, callback: Callable[[int], None] | None = None) -> AISEstimate:
     """Reverse AIS from exact posterior samples: a stochastic upper bound on log p(x).
 
     The chains start at z ~ p(z|x) (for simulated data, the z that generated x) and anneal from
@@ -357,15 +412,14 @@ def reverse_ais(model, x: torch.Tensor, z: torch.Tensor, *, init: Posterior | Di
     -------
     :class:`AISEstimate` whose value is the upper bound.
     """
+    check_procedure(procedure)
+    num_chains = procedure.num_chains
     if z.ndim == 2:
         z = z.expand(num_chains, *z.shape)  # (C, B, Z): every chain starts at the datapoint's sample
     if z.shape[0] != num_chains:
         raise ValueError(f"z holds {z.shape[0]} chains, num_chains is {num_chains}")
     log_init_fn = None if init is None else _log_prob_fn(as_posterior(init))
-    betas = annealing_schedule(num_steps, schedule).flip(0)  # (T + 1,) from 1 to 0
-    log_w, z_end, diagnostics = anneal(
-        model, x, z.detach().clone(), betas=betas, log_init_fn=log_init_fn, num_leapfrog=num_leapfrog,
-        target_acceptance=target_acceptance, step_size=step_size, adaptation=adaptation,
-        adaptation_rate=adaptation_rate, min_step_size=min_step_size, max_step_size=max_step_size,
-        chunk_size=chunk_size, generator=generator, callback=callback)
-    return _estimate(log_w, z_end, diagnostics, reverse=True)
+    betas = annealing_schedule(procedure.num_steps, procedure.schedule).flip(0)  # (T + 1,) from 1 to 0
+    state, info = anneal(model, x, z.detach().clone(), betas=betas, log_init_fn=log_init_fn, procedure=procedure,
+                         chunk_size=chunk_size, generator=generator, callback=callback)
+    return _estimate(state, info, reverse=True)

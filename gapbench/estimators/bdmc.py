@@ -18,8 +18,8 @@ from typing import Callable, NamedTuple
 import torch
 from torch.distributions import Distribution
 
-from ..posteriors import Posterior
-from .ais import DEFAULT_AIS, AISEstimate, ais, reverse_ais
+from gapbench.posteriors import Posterior
+from gapbench.estimators.ais import DEFAULT_AIS, AISEstimate, AISProcedure, ais, reverse_ais
 
 
 class BDMCEstimate(NamedTuple):
@@ -61,12 +61,8 @@ def simulate(model, num_datapoints: int, *, latent_size: int | None = None,
 
 
 def bdmc(model, x: torch.Tensor, z: torch.Tensor, *, init: Posterior | Distribution | None = None,
-         num_chains: int = DEFAULT_AIS.num_chains, num_steps: int = DEFAULT_AIS.num_steps,
-         schedule: str = DEFAULT_AIS.schedule, num_leapfrog: int = DEFAULT_AIS.num_leapfrog,
-         target_acceptance: float = DEFAULT_AIS.target_acceptance, step_size: float = DEFAULT_AIS.step_size,
-         adaptation: str = DEFAULT_AIS.adaptation, adaptation_rate: float = DEFAULT_AIS.adaptation_rate,
-         min_step_size: float = DEFAULT_AIS.min_step_size, max_step_size: float = DEFAULT_AIS.max_step_size,
-         generator: torch.Generator | None, callback: Callable[[int], None] | None = None) -> BDMCEstimate:
+         procedure: AISProcedure = DEFAULT_AIS, generator: torch.Generator | None,
+         callback: Callable[[int], None] | None = None) -> BDMCEstimate:
     """Forward and reverse AIS with the same settings on simulated pairs (x, z).
 
     Parameters
@@ -75,16 +71,15 @@ def bdmc(model, x: torch.Tensor, z: torch.Tensor, *, init: Posterior | Distribut
     x : (B, D) simulated data
     z : (B, Z) the latents that generated x (exact posterior samples)
     init : q(z) for both directions (None: the prior)
-    the rest : as :func:`gapbench.estimators.ais`
+    procedure : the AIS settings of both directions (:class:`~gapbench.estimators.ais.AISProcedure`)
+    generator, callback : as :func:`gapbench.estimators.ais`, shared by both directions (forward first)
 
     Returns
     -------
     :class:`BDMCEstimate`; E[lower] <= log p(x) <= E[upper] for every datapoint.
     """
-    settings = dict(init=init, num_chains=num_chains, num_steps=num_steps, schedule=schedule,
-                    num_leapfrog=num_leapfrog, target_acceptance=target_acceptance, step_size=step_size,
-                    adaptation=adaptation, adaptation_rate=adaptation_rate, min_step_size=min_step_size,
-                    max_step_size=max_step_size, generator=generator)
-    lower = ais(model, x, latent_size=z.shape[-1], callback=callback, **settings)
-    upper = reverse_ais(model, x, z.to(x.dtype), callback=callback, **settings)
+    lower = ais(model, x, init=init, procedure=procedure, latent_size=z.shape[-1], generator=generator,
+                callback=callback)
+    upper = reverse_ais(model, x, z.to(x.dtype), init=init, procedure=procedure, generator=generator,
+                        callback=callback)
     return BDMCEstimate(lower, upper, upper.value - lower.value)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from .estimate import Estimate
-from ..posteriors import RandomStream
-from .log_weights import WeightStats, weight_stats
+from gapbench.estimators.estimate import Estimate
+from gapbench.posteriors import RandomStream
+from gapbench.estimators.log_weights import WeightStats, weight_stats
 
 
 def elbo_from_stats(stats: WeightStats) -> Estimate:

@@ -19,7 +19,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from ..posteriors import RandomStream, random_normal, random_uniform
+from gapbench.posteriors import RandomStream, random_normal, random_uniform
 
 LogDensityFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -88,13 +88,13 @@ def hmc_init(z: torch.Tensor, logdensity_fn: LogDensityFn) -> HMCState:
 
 
 def leapfrog(state: HMCState, momentum: torch.Tensor, logdensity_fn: LogDensityFn, *,
-             step_size: torch.Tensor | float, num_steps: int, inverse_mass: torch.Tensor | None = None,
+             step_size: torch.Tensor | float, num_leapfrog: int, inverse_mass: torch.Tensor | None = None,
              chunk_size: int | None = None) -> tuple[HMCState, torch.Tensor]:
-    """``num_steps`` leapfrog (velocity Verlet) steps of Hamilton's equations.
+    """``num_leapfrog`` leapfrog (velocity Verlet) steps of Hamilton's equations.
 
     For dz/dt = M^{-1} p, dp/dt = grad log pi(z), each step is
         p <- p + (eps/2) grad log pi(z);  z <- z + eps M^{-1} p;  p <- p + (eps/2) grad log pi(z)
-    and consecutive half steps of p are merged, so ``num_steps`` steps cost ``num_steps`` gradient
+    and consecutive half steps of p are merged, so ``num_leapfrog`` steps cost ``num_leapfrog`` gradient
     evaluations (the gradient at the start comes with ``state``). The map is volume-preserving and
     time-reversible, with an energy error of order eps^2 (Neal, 2011, section 2.3).
 
@@ -104,7 +104,7 @@ def leapfrog(state: HMCState, momentum: torch.Tensor, logdensity_fn: LogDensityF
     momentum : (..., Z)
     logdensity_fn : z (..., Z) -> log pi(z) (...)
     step_size : eps, a float or a tensor broadcastable to (...) (one step size per chain)
-    num_steps : L >= 1
+    num_leapfrog : L >= 1
     inverse_mass : M^{-1}, diagonal, broadcastable to (..., Z); None is the identity
     chunk_size : evaluate the gradient in chunks along the first dimension (see :func:`value_and_grad`)
 
@@ -112,17 +112,17 @@ def leapfrog(state: HMCState, momentum: torch.Tensor, logdensity_fn: LogDensityF
     -------
     the state at the end point and the momentum there (..., Z)
     """
-    if num_steps < 1:
-        raise ValueError(f"num_leapfrog must be at least 1, got {num_steps}")
+    if num_leapfrog < 1:
+        raise ValueError(f"num_leapfrog must be at least 1, got {num_leapfrog}")
     eps = torch.as_tensor(step_size, dtype=state.z.dtype, device=state.z.device)
     eps = eps[..., None] if eps.ndim else eps  # (..., 1): one step size per chain
     z, grad = state.z, state.grad
     p = momentum + 0.5 * eps * grad  # (..., Z) first half step
-    for i in range(num_steps):
+    for i in range(num_leapfrog):
         velocity = p if inverse_mass is None else inverse_mass * p  # (..., Z)
         z = z + eps * velocity  # (..., Z)
         log_density, grad = value_and_grad(logdensity_fn, z, chunk_size=chunk_size)
-        p = p + (eps if i < num_steps - 1 else 0.5 * eps) * grad  # (..., Z); the last is a half step
+        p = p + (eps if i < num_leapfrog - 1 else 0.5 * eps) * grad  # (..., Z); the last is a half step
     return HMCState(z, log_density, grad), p
 
 
@@ -170,7 +170,7 @@ def hmc_step(state: HMCState, logdensity_fn: LogDensityFn, *, step_size: torch.T
     if inverse_mass is not None:
         momentum = momentum / inverse_mass.sqrt()  # ~ N(0, M)
     proposal, end_momentum = leapfrog(state, momentum, logdensity_fn, step_size=step_size,
-                                      num_steps=num_leapfrog, inverse_mass=inverse_mass, chunk_size=chunk_size)
+                                      num_leapfrog=num_leapfrog, inverse_mass=inverse_mass, chunk_size=chunk_size)
     energy = -state.log_density + kinetic_energy(momentum, inverse_mass)  # (...)
     proposal_energy = -proposal.log_density + kinetic_energy(end_momentum, inverse_mass)  # (...)
     energy_change = proposal_energy - energy  # (...)

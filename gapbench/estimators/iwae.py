@@ -11,9 +11,9 @@ import math
 
 import torch
 
-from .estimate import Estimate
-from ..posteriors import RandomStream
-from .log_weights import WeightStats, weight_stats
+from gapbench.estimators.estimate import Estimate
+from gapbench.posteriors import RandomStream
+from gapbench.estimators.log_weights import WeightStats, weight_stats
 
 
 def iwae_from_stats(stats: WeightStats) -> Estimate:

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..posteriors import Posterior, RandomStream, as_posterior
+from gapbench.posteriors import Posterior, RandomStream, as_posterior
 
 # Rows (samples x datapoints) per chunk when the caller does not choose. About 4096 rows keeps a
 # chunk's activations in cache while the matmuls stay large: on 2 CPU cores with the paper's decoder,

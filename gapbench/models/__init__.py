@@ -4,23 +4,15 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from .conv import ConvDecoder, ConvTrunk
-from .hierarchical import HierarchicalDecoder
-from .hierarchical_linear_gaussian import HierarchicalLinearGaussian, linear_conditional_joint
-from .likelihoods import (
-    LIKELIHOODS,
-    BernoulliLikelihood,
-    DiscretizedLogisticLikelihood,
-    bernoulli_log_prob,
-    discretized_logistic_log_prob,
-    discretized_logistic_sample,
-    gaussian_log_prob,
-    make_likelihood,
-    standard_normal_log_prob,
-)
-from .linear_gaussian import LinearGaussian
-from .mlp import ACTIVATIONS, mlp
-from .vae import Decoder, DecoderBase
+from gapbench.models.conv import ConvDecoder, ConvTrunk
+from gapbench.models.hierarchical import HierarchicalDecoder
+from gapbench.models.hierarchical_linear_gaussian import HierarchicalLinearGaussian, linear_conditional_joint
+from gapbench.models.likelihoods import (LIKELIHOODS, BernoulliLikelihood, DiscretizedLogisticLikelihood,
+    bernoulli_log_prob, discretized_logistic_log_prob, discretized_logistic_sample, gaussian_log_prob, make_likelihood,
+    standard_normal_log_prob)
+from gapbench.models.linear_gaussian import LinearGaussian
+from gapbench.models.mlp import ACTIVATIONS, mlp
+from gapbench.models.vae import Decoder, DecoderBase
 
 
 @runtime_checkable

@@ -28,9 +28,9 @@ import math
 import torch
 from torch import nn
 
-from .likelihoods import make_likelihood
-from .mlp import ACTIVATIONS
-from .vae import DecoderBase
+from gapbench.models.likelihoods import make_likelihood
+from gapbench.models.mlp import ACTIVATIONS
+from gapbench.models.vae import DecoderBase
 
 KERNEL, STRIDE, PADDING = 4, 2, 1  # out = floor(in / 2) for a convolution; out = 2 in (+1) for a deconvolution
 

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from .likelihoods import gaussian_log_prob, standard_normal_log_prob
-from .mlp import mlp
-from .vae import Decoder
+from gapbench.models.likelihoods import gaussian_log_prob, standard_normal_log_prob
+from gapbench.models.mlp import mlp
+from gapbench.models.vae import Decoder
 
 
 def prior_noise(shape: tuple[int, ...], *, generator, dtype: torch.dtype,

@@ -25,8 +25,8 @@ import math
 import torch
 from torch.distributions import MultivariateNormal
 
-from .hierarchical import prior_noise
-from .likelihoods import gaussian_log_prob, standard_normal_log_prob
+from gapbench.models.hierarchical import prior_noise
+from gapbench.models.likelihoods import gaussian_log_prob, standard_normal_log_prob
 
 
 class HierarchicalLinearGaussian:

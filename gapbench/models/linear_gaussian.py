@@ -18,7 +18,7 @@ import math
 import torch
 from torch.distributions import MultivariateNormal
 
-from .likelihoods import gaussian_log_prob, standard_normal_log_prob
+from gapbench.models.likelihoods import gaussian_log_prob, standard_normal_log_prob
 
 
 class LinearGaussian:

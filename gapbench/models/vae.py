@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..data import DataError, check_binary, check_levels
-from .likelihoods import BernoulliLikelihood, make_likelihood, standard_normal_log_prob
-from .mlp import mlp
+from gapbench.data import DataError, check_binary, check_levels
+from gapbench.models.likelihoods import BernoulliLikelihood, make_likelihood, standard_normal_log_prob
+from gapbench.models.mlp import mlp
 
 
 class DecoderBase(nn.Module):

@@ -1,16 +1,17 @@
 """Variational families: amortized (encoder output) and local (free per-datapoint parameters)."""
 
-from .amortized import ENCODERS, GaussianEncoder, make_encoder
-from .base import DistributionPosterior, Posterior, as_posterior
-from .coupling import AuxiliaryCouplingFlow, AuxiliaryFlowEncoder, AuxiliaryFlowFamily
-from .families import FAMILIES, FLOW_FAMILIES, DiagonalGaussianFamily, LocalFamily, get_family, make_family
-from .flowbase import FlowEncoder, FlowFamily, FlowPosterior
-from .gaussian import DiagonalGaussian
-from .hierarchical import HierarchicalEncoder, HierarchicalFamily, HierarchicalPosterior
-from .iaf import IAFEncoder, IAFFamily, InverseAutoregressiveFlow, made_masks
-from .noise import RandomStream, fork_seed, random_normal, random_uniform, standard_normal
-from .planar import PlanarFlow, PlanarFlowEncoder, PlanarFlowFamily
-from .streams import DatapointStreams
+from gapbench.posteriors.amortized import ENCODERS, GaussianEncoder, make_encoder
+from gapbench.posteriors.base import DistributionPosterior, Posterior, as_posterior
+from gapbench.posteriors.coupling import AuxiliaryCouplingFlow, AuxiliaryFlowEncoder, AuxiliaryFlowFamily
+from gapbench.posteriors.families import (FAMILIES, FLOW_FAMILIES, DiagonalGaussianFamily, LocalFamily, get_family,
+    make_family)
+from gapbench.posteriors.flowbase import FlowEncoder, FlowFamily, FlowPosterior
+from gapbench.posteriors.gaussian import DiagonalGaussian
+from gapbench.posteriors.hierarchical import HierarchicalEncoder, HierarchicalFamily, HierarchicalPosterior
+from gapbench.posteriors.iaf import IAFEncoder, IAFFamily, InverseAutoregressiveFlow, made_masks
+from gapbench.posteriors.noise import RandomStream, fork_seed, random_normal, random_uniform, standard_normal
+from gapbench.posteriors.planar import PlanarFlow, PlanarFlowEncoder, PlanarFlowFamily
+from gapbench.random import DatapointStreams
 
 __all__ = [
     "AuxiliaryCouplingFlow", "AuxiliaryFlowEncoder", "AuxiliaryFlowFamily", "DatapointStreams", "DiagonalGaussian",

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..models.mlp import mlp
-from .coupling import AuxiliaryFlowEncoder
-from .gaussian import DiagonalGaussian
-from .iaf import IAFEncoder
-from .planar import PlanarFlowEncoder
+from gapbench.models.mlp import mlp
+from gapbench.posteriors.coupling import AuxiliaryFlowEncoder
+from gapbench.posteriors.gaussian import DiagonalGaussian
+from gapbench.posteriors.iaf import IAFEncoder
+from gapbench.posteriors.planar import PlanarFlowEncoder
 
 
 class GaussianEncoder(nn.Module):

@@ -7,8 +7,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch.distributions import Distribution, Independent, Normal
 
-from .gaussian import DiagonalGaussian
-from .noise import fork_seed
+from gapbench.posteriors.gaussian import DiagonalGaussian
+from gapbench.posteriors.noise import fork_seed
 
 
 @runtime_checkable

@@ -39,11 +39,11 @@ import re
 import torch
 from torch import nn
 
-from ..models.likelihoods import gaussian_log_prob
-from .flowbase import (ConditionedNets, FlowEncoder, FlowFamily, FlowPosterior, linear, log_gate, mlp_params,
-                       mlp_shapes, random_weight)
-from .gaussian import LOG_2PI
-from .noise import standard_normal
+from gapbench.models.likelihoods import gaussian_log_prob
+from gapbench.posteriors.flowbase import (ConditionedNets, FlowEncoder, FlowFamily, FlowPosterior, linear, log_gate,
+    mlp_params, mlp_shapes, random_weight)
+from gapbench.posteriors.gaussian import LOG_2PI
+from gapbench.posteriors.noise import standard_normal
 
 _STEP = re.compile(r"c(\d+)\.v\.w1")
 

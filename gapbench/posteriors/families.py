@@ -1,7 +1,7 @@
 """Variational families in their local form: free parameters per datapoint, held as (B, ...) tensors.
 
 A family turns a dict of parameter tensors, each with the datapoints along dimension 0, into a
-Posterior. Refinement (``gapbench.refine``) optimises those tensors for B datapoints at once and
+Posterior. Refinement (``gapbench.inference.refine``) optimises those tensors for B datapoints at once and
 only ever indexes them along dimension 0, so any family written this way is refined in batch.
 """
 
@@ -11,11 +11,11 @@ from typing import Any, Mapping, Protocol
 
 import torch
 
-from .base import Posterior
-from .coupling import AuxiliaryFlowFamily
-from .gaussian import DiagonalGaussian
-from .iaf import IAFFamily
-from .planar import PlanarFlowFamily
+from gapbench.posteriors.base import Posterior
+from gapbench.posteriors.coupling import AuxiliaryFlowFamily
+from gapbench.posteriors.gaussian import DiagonalGaussian
+from gapbench.posteriors.iaf import IAFFamily
+from gapbench.posteriors.planar import PlanarFlowFamily
 
 
 class LocalFamily(Protocol):

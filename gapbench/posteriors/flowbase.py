@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.likelihoods import standard_normal_log_prob
-from ..models.mlp import ACTIVATIONS, mlp
-from .gaussian import DiagonalGaussian
-from .noise import random_normal, standard_normal
+from gapbench.models.likelihoods import standard_normal_log_prob
+from gapbench.models.mlp import ACTIVATIONS, mlp
+from gapbench.posteriors.gaussian import DiagonalGaussian
+from gapbench.posteriors.noise import random_normal, standard_normal
 
 LOG_2 = math.log(2.0)
 

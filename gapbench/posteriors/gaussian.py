@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from .noise import RandomStream, standard_normal
+from gapbench.posteriors.noise import RandomStream, standard_normal
 
 LOG_2PI = math.log(2.0 * math.pi)
 

@@ -36,12 +36,12 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ..models.likelihoods import standard_normal_log_prob
-from ..models.mlp import ACTIVATIONS, mlp
-from .flowbase import linear
-from .gaussian import LOG_2PI
-from .noise import RandomStream, random_uniform, standard_normal
-from .streams import DatapointStreams
+from gapbench.models.likelihoods import standard_normal_log_prob
+from gapbench.models.mlp import ACTIVATIONS, mlp
+from gapbench.posteriors.flowbase import linear
+from gapbench.posteriors.gaussian import LOG_2PI
+from gapbench.posteriors.noise import RandomStream, random_uniform, standard_normal
+from gapbench.random import DatapointStreams
 
 
 def _layer_names(num_layers: int) -> list[tuple[str, str]]:

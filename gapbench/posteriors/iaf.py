@@ -27,16 +27,8 @@ import re
 import torch
 from torch import nn
 
-from .flowbase import (
-    ConditionedNets,
-    FlowEncoder,
-    FlowFamily,
-    InvertibleFlowPosterior,
-    linear,
-    log_gate,
-    mlp_params,
-    mlp_shapes,
-)
+from gapbench.posteriors.flowbase import (ConditionedNets, FlowEncoder, FlowFamily, InvertibleFlowPosterior, linear,
+    log_gate, mlp_params, mlp_shapes)
 
 _STEP = re.compile(r"s(\d+)\.w1")
 

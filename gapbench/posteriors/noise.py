@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .streams import DatapointStreams
+from gapbench.random import DatapointStreams
 
 RandomStream = torch.Generator | DatapointStreams  # what every ``generator=`` keyword accepts
 

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .flowbase import FlowEncoder, FlowFamily, InvertibleFlowPosterior
-from .noise import random_normal
+from gapbench.posteriors.flowbase import FlowEncoder, FlowFamily, InvertibleFlowPosterior
+from gapbench.posteriors.noise import random_normal
 
 LOG_E_MINUS_1 = math.log(math.e - 1.0)  # softplus(LOG_E_MINUS_1) = 1
 

@@ -6,16 +6,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .. import io
-from ..outputs import summary_problem
-from .published import (PublishedError, comparison_csv, comparison_markdown, comparison_rows, datasets_of,
-                        gap_consistency, has_published, load_published, source_line, transcription_lines)
-from .tables import column_labels, cross_family_csv, cross_family_latex, cross_family_markdown, cross_family_rows
+from gapbench import io
+from gapbench.errors import GapbenchError
+from gapbench.outputs import summary_problem
+from gapbench.report.published import (PublishedError, comparison_csv, comparison_markdown, comparison_rows,
+    datasets_of, gap_consistency, has_published, load_published, source_line, transcription_lines)
+from gapbench.report.tables import (column_labels, cross_family_csv, cross_family_latex, cross_family_markdown,
+    cross_family_rows)
 
 NOTE = "(mean ± standard error over datapoints, nats; gaps use each model's encoder family)"
 
 
-class ReportError(ValueError):
+class ReportError(GapbenchError, ValueError):
     """Runs that cannot be reported; the message names the problem and the fix."""
 
 
@@ -85,7 +87,7 @@ def make_report(run_dirs: list[str | Path], out: str | Path | None, *, compare: 
             io.write_text(out / "comparison.csv", comparison_csv(comparison))
             written += [out / "comparison.md", out / "comparison.csv"]
         if figures:
-            from .figures import read_datapoints, run_figures
+            from gapbench.report.figures.common import read_datapoints, run_figures
 
             frames = [read_datapoints(run_dir) for run_dir in run_dirs]
             written += run_figures(frames, summaries, column_labels(summaries), out)

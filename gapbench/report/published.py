@@ -18,7 +18,8 @@ import json
 import math
 from pathlib import Path
 
-from .tables import format_mean_stderr, table_grid
+from gapbench.errors import GapbenchError
+from gapbench.report.tables import format_mean_stderr, table_grid
 
 PUBLISHED_FORMAT = "gapbench-published"
 PUBLISHED_VERSIONS = (1, 2)
@@ -27,7 +28,7 @@ GAP_NAMES = {"approximation": ("log_px", "elbo_q_star_{family}"), "amortization"
              "inference": ("log_px", "elbo_q")}
 
 
-class PublishedError(ValueError):
+class PublishedError(GapbenchError, ValueError):
     """A published table that cannot be used; the message names the problem and the fix."""
 
 

@@ -8,7 +8,7 @@ import io
 import math
 from typing import Sequence
 
-from ..calibration import calibration_lines
+from gapbench.calibration import calibration_lines
 
 FAMILY_LABELS = {"ffg": "FFG", "flow": "Flow", "iaf": "IAF", "planar": "Planar", "hierarchical": "Hier"}
 # rows of L[q*]: the flows above the FFG, as in Table 2; the two-layer model's q(z1) q(z2|z1) last
@@ -44,7 +44,7 @@ def gap_table_markdown(summary: dict) -> str:
     ``summary`` is the dict written to ``summary.json``. L[q*] gets one row per refined family
     (``bounds.elbo_q_star_<family>``); a summary without those shows the single ``elbo_q_star``. A line
     under the table counts the datapoints left out for numerical faults, and those whose AIS was flagged
-    unhealthy (``gapbench.health``), if any.
+    unhealthy (``gapbench.estimators.health``), if any.
     """
     bounds = summary["bounds"]
     star_rows = [(f"elbo_q_star_{f}", f"L[q*_{_label(f)}]") for f in FAMILY_ORDER if f"elbo_q_star_{f}" in bounds]
@@ -84,13 +84,13 @@ def gap_table_markdown(summary: dict) -> str:
 # --- the cross-family table (Table 2) -----------------------------------------------------------------
 
 def encoder_family(summary: dict) -> str:
-    """The family of a run's encoder (runs made before flows existed: "ffg")."""
+    """The family of a run's encoder (``settings.encoder_family``; "ffg" for a summary without it)."""
     return summary.get("settings", {}).get("encoder_family", "ffg")
 
 
 def local_bound(summary: dict, family: str) -> dict | None:
-    """L[q*_family] of a run, or None where that family was not refined. Runs made before flows
-    recorded one family (``settings.refinement.family``) under ``bounds.elbo_q_star``."""
+    """L[q*_family] of a run, or None where that family was not refined: ``bounds.elbo_q_star_<family>``, or
+    for a summary of one refined family (``settings.refinement.family``, no ``families``) ``bounds.elbo_q_star``."""
     bounds = summary["bounds"]
     if f"elbo_q_star_{family}" in bounds:
         return bounds[f"elbo_q_star_{family}"]
