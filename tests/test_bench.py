@@ -118,3 +118,20 @@ def test_bench_refine_flow_reports_figures(tiny_run, monkeypatch):
     assert figures["speedup_over_paper"] > 0
     assert any("batched vs one at a time" in line for line in lines)
     json.dumps(figures)
+
+
+def test_bench_threads_times_the_job_quiet_and_busy_with_its_cpu_seconds():
+    """The job's figures: wall and CPU seconds, per-stage seconds, and the busy/quiet ratio of the same run."""
+    from gapbench.bench.threads import bench_threads
+    overrides = tuple(v for v in QUICK if v not in ("--set", "--quiet"))
+    lines = []
+    figures = bench_threads(str(DIGITS), overrides=overrides, busy=1, steps=False, before=False, log=lines.append)
+    (job,) = figures["jobs"]
+    assert job["threads"] == "per stage"
+    assert job["ratio"] == pytest.approx(job["busy_s"] / job["quiet_s"])
+    for condition in ("quiet", "busy"):
+        assert 0 < job[f"{condition}_cpu_s"]
+        assert set(job[f"{condition}_stages"]) >= {"train", "amortized", "local", "ais", "log_px", "report"}
+        # the stages ran inside the timed job: together no longer than its wall clock
+        assert sum(job[f"{condition}_stages"].values()) <= job[f"{condition}_s"]
+    assert any("CPU s quiet / busy" in line for line in lines)

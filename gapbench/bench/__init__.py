@@ -82,7 +82,7 @@ def _log_px(args: argparse.Namespace) -> int:
 def _threads(args: argparse.Namespace) -> int:
     from gapbench.bench.threads import bench_threads
     figures = bench_threads(args.experiment, overrides=tuple(args.set), busy=args.busy, job=not args.no_job,
-                            steps=not args.no_steps)
+                            steps=not args.no_steps, before=not args.no_before)
     _write(figures, args.out)
     return 0
 
@@ -181,6 +181,8 @@ def add_bench_parser(sub) -> None:
     th.add_argument("--busy", type=positive_int, default=2, help="competing busy processes (default 2)")
     th.add_argument("--no-job", action="store_true", help="time the decoder step only")
     th.add_argument("--no-steps", action="store_true", help="time the job only")
+    th.add_argument("--no-before", action="store_true",
+                    help="time the job with the per-stage choice only (not also with --threads C)")
     th.add_argument("--out", help="also write the figures as JSON here")
     th.set_defaults(func=_threads)
     tr = kinds.add_parser("train", help="seconds per training epoch and share of the matmul peak, per Adam "

@@ -7,14 +7,19 @@ pass"``, one per core the benchmark may fill) started beside it:
    where a second thread starts to pay (``gapbench.runner.device.FLOP_PER_THREAD``);
 2. the whole job, ``gapbench run EXPERIMENT --quiet --no-figures`` in a fresh folder (a subprocess,
    wall clock), with ``--threads C`` (C: the usable cores, torch's default before threads were chosen
-   per stage) and with the per-stage choice; the figure that matters is the busy/quiet ratio of each.
+   per stage; skipped with ``before=False``) and with the per-stage choice; the figure that matters is
+   the busy/quiet ratio of each. The job's CPU seconds are reported too: when they are the same quiet
+   and busy, the busy run lost only the share of the cores the busy processes took (with one thread
+   against two spinning processes on two cores, a fair scheduler gives 2/3 of a core: 1.5x).
 
 Every figure is the wall-clock time of this one invocation; the ratios compare times measured in it.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -69,21 +74,29 @@ def step_seconds(rows: int, threads: int, *, widths: tuple[int, ...] = (16, 128,
     return best, flop
 
 
-def job_seconds(experiment: str, overrides: tuple[str, ...], threads: int | None) -> float:
-    """Wall-clock seconds of ``gapbench run`` in a fresh folder (a subprocess without OMP_NUM_THREADS)."""
+def job_seconds(experiment: str, overrides: tuple[str, ...], threads: int | None) -> dict:
+    """``gapbench run`` in a fresh folder (a subprocess without OMP_NUM_THREADS): its wall-clock seconds
+    (``wall_s``), the CPU seconds it used (``cpu_s``, user + system: equal quiet and busy when the
+    difference in wall time is the share of the cores other processes took) and each stage's seconds
+    (``stages``, from the run's stages.json)."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     with tempfile.TemporaryDirectory() as folder:
         command = [sys.executable, "-m", "gapbench", "run", experiment, "--out", str(Path(folder) / "run"),
                    "--quiet", "--no-figures", *[a for item in overrides for a in ("--set", item)],
                    *(["--threads", str(threads)] if threads else [])]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        return time.perf_counter() - start
+        wall = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        records = json.loads((Path(folder) / "run" / "stages.json").read_text())
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"wall_s": wall, "cpu_s": cpu, "stages": {stage: record["seconds"] for stage, record in records.items()}}
 
 
 def bench_threads(experiment: str, *, overrides: tuple[str, ...] = (), busy: int = 2,
                   rows: tuple[int, ...] = (400, 1600, 6400, 25600), job: bool = True, steps: bool = True,
-                  log: Callable[[str], None] = print) -> dict:
+                  before: bool = True, log: Callable[[str], None] = print) -> dict:
     """Time both measurements quiet and busy; returns the figures (also printed through ``log``)."""
     cores = len(os.sched_getaffinity(0))
     load = os.getloadavg()
@@ -105,21 +118,26 @@ def bench_threads(experiment: str, *, overrides: tuple[str, ...] = (), busy: int
                     f"| {one / two:.2f} |")
     if not job:
         return figures
-    settings = ((f"--threads {cores} (before: torch's default)", cores), ("per stage (after)", None))
-    seconds: dict = {}
+    settings = ((f"--threads {cores} (before: torch's default)", cores),) if before else ()
+    settings += (("per stage (after)", None),)
+    timed: dict = {}
     for condition in ("quiet", "busy"):
         with Busy(busy if condition == "busy" else 0):
             for label, threads in settings:
-                seconds[label, condition] = job_seconds(experiment, overrides, threads)
-                log(f"  {label}, {condition}: {seconds[label, condition]:.1f} s")
+                timed[label, condition] = job_seconds(experiment, overrides, threads)
+                log(f"  {label}, {condition}: {timed[label, condition]['wall_s']:.1f} s "
+                    f"({timed[label, condition]['cpu_s']:.1f} CPU s; stages {timed[label, condition]['stages']})")
     command = " ".join(["gapbench run", experiment, *[f"--set {o}" for o in overrides]])
-    log(f"\n| `{command}` | quiet s | busy s | busy / quiet |")
-    log("|---|---:|---:|---:|")
+    log(f"\n| `{command}` | quiet s | busy s | busy / quiet | CPU s quiet / busy |")
+    log("|---|---:|---:|---:|---:|")
     for label, threads in settings:
-        quiet, loaded = seconds[label, "quiet"], seconds[label, "busy"]
-        figures["jobs"].append({"threads": threads or "per stage", "quiet_s": quiet, "busy_s": loaded,
-                                "ratio": loaded / quiet})
-        log(f"| {label} | {quiet:.1f} | {loaded:.1f} | {loaded / quiet:.2f} |")
+        quiet, loaded = timed[label, "quiet"], timed[label, "busy"]
+        figures["jobs"].append({"threads": threads or "per stage", "quiet_s": quiet["wall_s"],
+                                "busy_s": loaded["wall_s"], "ratio": loaded["wall_s"] / quiet["wall_s"],
+                                "quiet_cpu_s": quiet["cpu_s"], "busy_cpu_s": loaded["cpu_s"],
+                                "quiet_stages": quiet["stages"], "busy_stages": loaded["stages"]})
+        log(f"| {label} | {quiet['wall_s']:.1f} | {loaded['wall_s']:.1f} | {loaded['wall_s'] / quiet['wall_s']:.2f} "
+            f"| {quiet['cpu_s']:.1f} / {loaded['cpu_s']:.1f} |")
     figures["load_average_at_end"] = os.getloadavg()[0]
     log(f"load average {figures['load_average_at_end']:.1f} (1 min) at the end")
     return figures
