@@ -192,6 +192,30 @@ def test_force_puts_back_what_it_replaced_when_the_new_run_fails(copy, capsys, m
     assert (copy / "ais.csv").read_bytes() != before["ais.csv"]
 
 
+def test_force_keeps_the_new_runs_progress_when_it_stops_at_a_time_limit(copy, capsys, monkeypatch):
+    """A forced run stopped by the time limit (or SIGTERM) inside a later stage is not a failure: its
+    new config and finished stages stay, and the same command continues it without redoing them."""
+    from gapbench.deadline import StopRequested
+    before = files(copy)
+
+    def stop(*args, **kwargs):
+        raise StopRequested("0 of 24 datapoints done")
+    monkeypatch.setattr(stages, "ais_of", stop)
+    command = ("--force", "--set", "ais.num_steps=6", "--set", "refine.max_steps=60")
+    assert run(copy, *command, "--time-limit", "1h") == 3
+    assert "are back in" not in capsys.readouterr().err
+    assert json.loads((copy / "config.json").read_text())["refine"]["max_steps"] == 60  # the new config stays
+    records = json.loads((copy / "stages.json").read_text())
+    assert {"train", "amortized", "local"} <= set(records) and "ais" not in records
+    assert (copy / rundir.REPLACED).is_dir()
+    local = (copy / "local.csv").read_bytes()
+    assert local != before["local.csv"]
+    monkeypatch.undo()
+    assert run(copy, *command) == 0
+    assert "[local] skipped: finished" in capsys.readouterr().err  # finished under the new config: not redone
+    assert (copy / "local.csv").read_bytes() == local and not (copy / rundir.REPLACED).exists()
+
+
 # --- 3: gapbench check ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("damage, message", [

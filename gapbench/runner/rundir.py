@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from gapbench import io
+from gapbench.deadline import StopRequested
 from gapbench.errors import RunError
 from gapbench.outputs import sha256_file
 from gapbench.runner import migrate
@@ -155,7 +156,8 @@ def open_run_folder(path: str | Path, resolved: dict, *, force: bool, log: Calla
     ``force`` (or no stage of it finished). Holds an exclusive lock (released when the process ends,
     even by SIGKILL) while open. ``force`` moves the outputs it replaces to ``.replaced/``; they are
     deleted when the block ends normally and put back (with the old config and records) when it
-    raises an Exception. A finished run on a read-only disk opens read-only (no lock), so its
+    raises an Exception other than :class:`StopRequested` (a time limit or SIGTERM leaves the new run's
+    config and finished stages, and ``.replaced/``, so that the same command continues it). A finished run on a read-only disk opens read-only (no lock), so its
     table can be printed again.
     """
     path = Path(path)
@@ -177,7 +179,9 @@ def open_run_folder(path: str | Path, resolved: dict, *, force: bool, log: Calla
                                "choose a writable --out") from None
             started = True
             yield RunFolder(path, resolved, records, log=log)
-        except Exception:  # not on Ctrl-C or a kill: then the same command resumes the new run
+        except StopRequested:  # a time limit or SIGTERM: the new run's progress stays, the same command resumes it
+            raise
+        except Exception:  # not on Ctrl-C or a kill either: then the same command resumes the new run
             if replaced or (started and (path / REPLACED).is_dir()):
                 _restore_replaced(path, log)
             raise
