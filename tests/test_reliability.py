@@ -216,6 +216,22 @@ def test_force_keeps_the_new_runs_progress_when_it_stops_at_a_time_limit(copy, c
     assert (copy / "local.csv").read_bytes() == local and not (copy / rundir.REPLACED).exists()
 
 
+@pytest.mark.parametrize("init", ["encoder", "q_star"])
+def test_a_lost_local_pt_redoes_ais_only_when_ais_starts_from_q_star(copy, capsys, init):
+    """local.pt (every datapoint's q*, hundreds of MB for local flows) is the one output a committed run
+    folder leaves out; redoing the local stage then redoes AIS only if AIS reads q* from it."""
+    assert run(copy, "--force", "--set", f'ais.init="{init}"') == 0
+    ais = (copy / "ais.csv").read_bytes()
+    capsys.readouterr()
+    (copy / "local.pt").unlink()
+    assert run(copy, "--set", f'ais.init="{init}"') == 0
+    err = capsys.readouterr().err
+    assert "[local] skipped" not in err and "[log_px] skipped" not in err
+    assert ("[ais] skipped: finished" in err) == (init == "encoder")
+    if init == "encoder":
+        assert (copy / "ais.csv").read_bytes() == ais
+
+
 # --- 3: gapbench check ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("damage, message", [

@@ -9,7 +9,8 @@ import pytest
 from gapbench.runner.build import stage_seed
 from gapbench.runner.config import load_config
 from gapbench.runner.migrate import comparable_config
-from gapbench.runner.stage_table import PER_DATAPOINT, STAGE_OF, STAGE_TABLE, STAGES, affected_stages, section_hash
+from gapbench.runner.stage_table import (PER_DATAPOINT, STAGE_OF, STAGE_TABLE, STAGES, affected_stages, section_hash,
+                                        stages_read)
 
 ROOT = Path(__file__).resolve().parents[1]
 CI_QUICK = ROOT / "experiments" / "ci_quick.toml"
@@ -57,6 +58,13 @@ def test_the_committed_training_states_still_belong_to_their_folders(family):
     current = load_config(ROOT / "results" / "reproduction" / "fashion_mnist_full" / family / "config.json",
                           ignore_unknown=True).model_dump(mode="json")
     assert section_hash(comparable_config(recorded, current), "train") == TRAINING_STATES[family]
+
+
+def test_ais_reads_the_local_stage_only_from_q_star():
+    assert stages_read("ais", {"ais": {"init": "q_star"}}) == ("train", "local")
+    for init in ("prior", "encoder"):
+        assert stages_read("ais", {"ais": {"init": init}}) == ("train",)
+    assert stages_read("log_px", {"ais": {"init": "prior"}}) == STAGE_OF["log_px"].reads
 
 
 def test_the_table_is_consistent():

@@ -41,7 +41,8 @@ from gapbench.deadline import StopRequested
 from gapbench.errors import RunError
 from gapbench.outputs import sha256_file
 from gapbench.runner import migrate
-from gapbench.runner.stage_table import STAGE_OF, STAGES, affected_stages, hashed_sections, section_hash
+from gapbench.runner.stage_table import (STAGE_OF, STAGES, affected_stages, hashed_sections, section_hash,
+                                        stages_read)
 
 TRAIN_STATE = "train_state.pt"  # training's resume point, while the train stage is unfinished
 LOCK = ".lock"
@@ -88,7 +89,7 @@ class RunFolder:
         record = self.records.get(stage)
         return (isinstance(record, dict) and record.get("config_sha256") == self.stage_hash(stage)
                 and all((self.path / name).is_file() for name in STAGE_OF[stage].outputs)
-                and not set(STAGE_OF[stage].reads) & self.redone and self.outputs_intact(stage))
+                and not set(stages_read(stage, self.resolved)) & self.redone and self.outputs_intact(stage))
 
     def outputs_intact(self, stage: str) -> bool:
         """Whether the recorded stage's outputs are the files it wrote: their sha256 as recorded (for a record

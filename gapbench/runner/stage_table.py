@@ -42,7 +42,7 @@ class Stage(NamedTuple):
 
     name: str
     sections: tuple[str, ...]  # config sections whose values its outputs depend on (hashed)
-    reads: tuple[str, ...]  # the stages whose outputs it reads: redoing one of them redoes this one
+    reads: tuple[str, ...]  # the stages whose outputs it may read: redoing one of them redoes this one
     outputs: tuple[str, ...]  # the files it writes into the run folder, recorded with their sha256
     per_datapoint: tuple[str, ...] = ()  # outputs with one row per datapoint (column ``index``)
     stream: int = 0  # its random stream's number: fixed, so adding a stage changes no other's numbers
@@ -50,6 +50,8 @@ class Stage(NamedTuple):
     read_files: Callable[[Any], tuple[str, ...]] = lambda config: ()  # files keying its partial results
     hashes_ais_flags: bool = False  # its hash covers the AIS health thresholds set away from their defaults
     hashes_calibration: bool = False  # its hash covers ais.calibration_* (while calibration runs)
+    # the stages of ``reads`` it reads under a config (its JSON form), where that is fewer (see stages_read)
+    reads_under: Callable[[dict], tuple[str, ...]] | None = None
 
 
 MODEL = ("seed", "data", "model", "train")
@@ -63,6 +65,7 @@ STAGE_TABLE: tuple[Stage, ...] = (
           read_files=lambda config: (CHECKPOINT,)),
     Stage("ais", (*EVALUATION, "refine", "ais"), ("train", "local"), ("ais.csv",), ("ais.csv",), stream=5,
           is_enabled=lambda config: config.ais.enabled,
+          reads_under=lambda resolved: ("train", "local") if resolved["ais"]["init"] == "q_star" else ("train",),
           read_files=lambda config: (CHECKPOINT, "local.pt") if config.ais.init == "q_star" else (CHECKPOINT,)),
     Stage("calibration", (*MODEL, "ais"), ("train",), ("ais_calibration.json",), stream=8,
           is_enabled=lambda config: config.ais.enabled and config.ais.calibration_datapoints > 0,
@@ -83,6 +86,14 @@ STAGE_OF: dict[str, Stage] = {stage.name: stage for stage in STAGE_TABLE}
 STAGES: tuple[str, ...] = tuple(STAGE_OF)  # in the order they run: a stage's readers come after it
 PER_DATAPOINT: tuple[str, ...] = tuple(name for stage in STAGE_TABLE for name in stage.per_datapoint)
 CURVE = "curve.csv"  # per datapoint and step count (column ``datapoint``)
+
+
+def stages_read(stage: str, resolved: dict) -> tuple[str, ...]:
+    """The stages whose outputs ``stage`` reads under the config ``resolved`` (JSON form): AIS reads the
+    local stage's q* only when it starts there (``ais.init = "q_star"``), so a local stage redone (its
+    local.pt lost, say) redoes AIS from the prior or the encoder only if the config changed."""
+    facts = STAGE_OF[stage]
+    return facts.reads if facts.reads_under is None else facts.reads_under(resolved)
 
 
 def hashed_sections(resolved: dict, stage: str) -> dict:
