@@ -6,6 +6,7 @@ depend on the machine's speed. With a limit of a few readings, refinement, AIS a
 stopped inside a batch (the deadline is read at every step), and that batch is redone on resume."""
 
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -96,6 +97,31 @@ def test_sigterm_stops_at_the_next_safe_point_and_the_run_resumes(whole_run, tmp
     assert main(["run", str(EXPERIMENT), "--out", str(out), *ARGS]) == 0
     assert "[train] resuming after epoch" in capsys.readouterr().err
     assert_same_results(out, whole_run)
+
+
+def test_sigterm_stops_the_calibration_stage_inside_its_annealing(whole_run, tmp_path, capsys, monkeypatch):
+    """BDMC on simulated data takes minutes at real settings: SIGTERM stops it at its next AIS step."""
+    import gapbench.runner.stages as stages
+    real = stages.calibrate_ais
+    steps = []
+
+    def terminated_after_one_step(*args, callback, **kwargs):
+        def counting(step):
+            steps.append(step)
+            if len(steps) == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            callback(step)
+        return real(*args, callback=counting, **kwargs)
+    monkeypatch.setattr(stages, "calibrate_ais", terminated_after_one_step)
+    out = tmp_path / "run"
+    shutil.copytree(whole_run, out, ignore=shutil.ignore_patterns(".lock"))
+    calibrated = [*ARGS, "--set", "ais.calibration_datapoints=3"]
+    assert main(["run", str(EXPERIMENT), "--out", str(out), *calibrated, "--force", "--time-limit", "1h"]) == EXIT_STOPPED
+    assert "stopped at SIGTERM in the calibration stage" in capsys.readouterr().err
+    assert len(steps) == 1 and not (out / "ais_calibration.json").exists()
+    monkeypatch.setattr(stages, "calibrate_ais", real)
+    assert main(["run", str(EXPERIMENT), "--out", str(out), *calibrated]) == 0
+    assert (out / "ais_calibration.json").exists()
 
 
 def test_exit_code_3_from_the_command_line_and_the_environment(tmp_path, capsys, monkeypatch):

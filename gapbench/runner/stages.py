@@ -336,7 +336,7 @@ def calibration(run: Run, decoder, encoder) -> dict | None:
                                    init="prior" if settings.init == "prior" else "encoder",
                                    tolerance=settings.calibration_tolerance,
                                    generator=stage_generator(run.config.seed, "calibration"),
-                                   callback=lambda step: bar.update(1))
+                                   callback=lambda step: (bar.update(1), run.stop_inside()))
         io.write_json(path, result)
         for line in calibration_lines(result):
             run.log(f"[calibration] {line}")
