@@ -124,9 +124,9 @@ def bench_threads(experiment: str, *, overrides: tuple[str, ...] = (), busy: int
     for condition in ("quiet", "busy"):
         with Busy(busy if condition == "busy" else 0):
             for label, threads in settings:
-                timed[label, condition] = job_seconds(experiment, overrides, threads)
-                log(f"  {label}, {condition}: {timed[label, condition]['wall_s']:.1f} s "
-                    f"({timed[label, condition]['cpu_s']:.1f} CPU s; stages {timed[label, condition]['stages']})")
+                result = timed[label, condition] = job_seconds(experiment, overrides, threads)
+                log(f"  {label}, {condition}: {result['wall_s']:.1f} s ({result['cpu_s']:.1f} CPU s; "
+                    f"stages {result['stages']})")
     command = " ".join(["gapbench run", experiment, *[f"--set {o}" for o in overrides]])
     log(f"\n| `{command}` | quiet s | busy s | busy / quiet | CPU s quiet / busy |")
     log("|---|---:|---:|---:|---:|")

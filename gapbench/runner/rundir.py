@@ -158,8 +158,8 @@ def open_run_folder(path: str | Path, resolved: dict, *, force: bool, log: Calla
     even by SIGKILL) while open. ``force`` moves the outputs it replaces to ``.replaced/``; they are
     deleted when the block ends normally and put back (with the old config and records) when it
     raises an Exception other than :class:`StopRequested` (a time limit or SIGTERM leaves the new run's
-    config and finished stages, and ``.replaced/``, so that the same command continues it). A finished run on a read-only disk opens read-only (no lock), so its
-    table can be printed again.
+    config and finished stages, and ``.replaced/``, so that the same command continues it). A finished
+    run on a read-only disk opens read-only (no lock), so its table can be printed again.
     """
     path = Path(path)
     _refuse_other_content(path)

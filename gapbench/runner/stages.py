@@ -153,6 +153,14 @@ def unit_bar(run: Run, unit: Unit, total: int, what: str, unit_name: str = "step
                 disable=not run.progress)
 
 
+def step_callback(run: Run, bar: tqdm) -> Callable[[int], None]:
+    """An annealing or SVI loop's callback: one step on ``bar``, then the deadline read inside the unit."""
+    def callback(step: int) -> None:
+        bar.update(1)
+        run.stop_inside()
+    return callback
+
+
 # --- the evaluation stages ------------------------------------------------------------------------------
 
 def amortized(run: Run, decoder, encoder, x: torch.Tensor) -> pd.DataFrame | None:
@@ -237,13 +245,10 @@ def ais(run: Run, decoder, encoder, x: torch.Tensor) -> pd.DataFrame | None:
             q_star = None if q_star_params is None else family.posterior(
                 {k: v[unit.start:unit.stop].to(run.device) for k, v in q_star_params.items()})
             with unit_bar(run, unit, settings.num_steps, "annealing") as bar:
-                def callback(step: int) -> None:
-                    bar.update(1)
-                    run.stop_inside()
                 estimate = ais_of(decoder, batch, init=settings.init, encoder=encoder, q_star=q_star,
                                   procedure=settings.procedure(),
                                   chunk_size=run.chunk_size(batch.shape[0], with_gradient=True),
-                                  generator=run.streams("ais", unit.start, batch), callback=callback)
+                                  generator=run.streams("ais", unit.start, batch), callback=step_callback(run, bar))
             return UnitResult(with_index(pd.DataFrame({
                 **estimate_columns("ais", estimate),
                 **{k: v.cpu().numpy() for k, v in ais_diagnostics(estimate).items()}}), unit.start), {})
@@ -308,12 +313,10 @@ def curve(run: Run, decoder, encoder, x: torch.Tensor, pilot: pd.DataFrame | Non
         def compute(unit: Unit) -> UnitResult:
             batch = x[unit.start:unit.stop].to(run.device)
             with unit_bar(run, unit, procedure.steps[-1], "SVI") as bar:
-                def callback(step: int) -> None:
-                    bar.update(1)
-                    run.stop_inside()
                 result = refinement_curve(decoder, encoder, batch, **procedure._asdict(),
                                           chunk_size=run.config.eval.chunk_size,
-                                          generator=run.streams("curve", unit.start, batch), callback=callback)
+                                          generator=run.streams("curve", unit.start, batch),
+                                          callback=step_callback(run, bar))
             return UnitResult(curve_frame(result, elbo_q_star[unit.start:unit.stop], offset=unit.start), {})
         return [Part(compute, "curve")]
     return evaluation_stage(run, "curve", parts, one_frame(run, "curve"), lambda: io.read_csv(run.dir / "curve.csv"))
@@ -336,7 +339,7 @@ def calibration(run: Run, decoder, encoder) -> dict | None:
                                    init="prior" if settings.init == "prior" else "encoder",
                                    tolerance=settings.calibration_tolerance,
                                    generator=stage_generator(run.config.seed, "calibration"),
-                                   callback=lambda step: (bar.update(1), run.stop_inside()))
+                                   callback=step_callback(run, bar))
         io.write_json(path, result)
         for line in calibration_lines(result):
             run.log(f"[calibration] {line}")
