@@ -143,12 +143,15 @@ def starting_point(family: LocalFamily, q, *, generator: RandomStream | None):
 def local_posterior(model, encoder: Callable, x: torch.Tensor, *, family: str | LocalFamily = "ffg",
                     init: str = "prior", procedure: RefineProcedure | None = None,
                     generator: RandomStream | None,
-                    callback: Callable[[int, int], None] | None = None) -> RefineResult:
+                    callback: Callable[[int, int], None] | None = None,
+                    init_from: DiagonalGaussian | None = None) -> RefineResult:
     """Refine a local posterior of ``family`` for every datapoint of x (B, D), all at once.
 
     ``init="prior"`` starts from N(0, I) (as the paper), flows at the identity; ``init="encoder"``
-    from the encoder's output (see :func:`starting_point`). ``procedure`` (None: the family's default)
-    is adjusted by :func:`effective_procedure`. Random initial flow weights come from ``generator``.
+    from the encoder's output (see :func:`starting_point`); ``init_from`` (B datapoints' diagonal
+    Gaussians, e.g. the local FFG's q*) replaces either: a flow starts at the identity on top of it.
+    ``procedure`` (None: the family's default) is adjusted by :func:`effective_procedure`. Random
+    initial flow weights come from ``generator``.
     """
     if init not in INITS:
         raise ValueError(f"unknown refinement init {init!r}; choose one of {INITS}")
@@ -158,7 +161,8 @@ def local_posterior(model, encoder: Callable, x: torch.Tensor, *, family: str | 
     probe = torch.Generator(device=x.device).manual_seed(0)  # fixed: leaves the caller's stream alone
     z, _ = q.rsample_and_log_prob(1, generator=probe)  # (1, B, Z), shape probe
     fit = generator if isinstance(generator, DatapointStreams) else probe  # forked there, only when it fits
-    init_from = starting_point(local, q, generator=fit) if init == "encoder" else None
+    if init_from is None and init == "encoder":
+        init_from = starting_point(local, q, generator=fit)
     init_params = local.init_params(x.shape[0], z.shape[-1], like=z.detach(), init_from=init_from,
                                     generator=generator)
     with frozen(model):

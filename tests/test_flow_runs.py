@@ -5,6 +5,7 @@ import csv
 import io
 import json
 
+import pandas as pd
 import pytest
 import torch
 
@@ -101,6 +102,54 @@ def test_families_default_to_the_encoders_and_the_old_key_still_reads():
     assert "family" not in parse_config({"name": "a", "refine": {"family": "ffg"}}).model_dump()["refine"]
 
 
+def test_flow_init_at_its_default_leaves_old_folders_alone():
+    """refine.flow_init at its default is not in the resolved config (so folders made before it existed keep
+    their stage hashes); set, it is, and it changes the local stage's hash."""
+    from gapbench.runner.stage_table import section_hash
+    default = parse_config({"name": "a", "refine": {"families": ["ffg", "flow"]}})
+    on_ffg = parse_config({"name": "a", "refine": {"families": ["ffg", "flow"], "flow_init": "q_star_ffg"}})
+    assert "flow_init" not in default.model_dump(mode="json")["refine"]
+    assert on_ffg.model_dump(mode="json")["refine"]["flow_init"] == "q_star_ffg"
+    assert section_hash(default.model_dump(mode="json"), "local") != section_hash(on_ffg.model_dump(mode="json"), "local")
+    assert section_hash(default.model_dump(mode="json"), "ais") == section_hash(on_ffg.model_dump(mode="json"), "ais")
+
+
+@pytest.mark.slow  # trains a small model and refines the FFG and the flow (~30 s)
+def test_local_flows_start_on_the_local_ffg(tmp_path):
+    """refine.flow_init = "q_star_ffg": each local flow starts at the identity on top of the FFG's q* of the
+    same run (recomputed from the FFG's streams), so L[q*_Flow] is not below L[q*_FFG] beyond noise, the
+    FFG's own numbers are those of a run without the option, and the summary records the setting."""
+    both = ["--set", 'refine.families=["ffg", "flow"]', "--set", "ais.enabled=false"]
+    assert main(["run", str(DIGITS), "--out", str(tmp_path / "prior"), *FLOW_QUICK, *both]) == 0
+    assert main(["run", str(DIGITS), "--out", str(tmp_path / "on_ffg"), *FLOW_QUICK, *both,
+                 "--set", 'refine.flow_init="q_star_ffg"']) == 0
+    prior, on_ffg = (pd.read_csv(tmp_path / run / "local.csv").set_index("index") for run in ("prior", "on_ffg"))
+    pd.testing.assert_series_equal(prior["elbo_q_star_ffg"], on_ffg["elbo_q_star_ffg"])
+    gain = on_ffg["elbo_q_star_flow"] - on_ffg["elbo_q_star_ffg"]
+    noise = (on_ffg["elbo_q_star_flow_stderr"] ** 2 + on_ffg["elbo_q_star_ffg_stderr"] ** 2) ** 0.5
+    assert (gain > -4 * noise).all(), gain[gain <= -4 * noise]
+    assert not prior["elbo_q_star_flow"].equals(on_ffg["elbo_q_star_flow"])
+    summary = json.loads((tmp_path / "on_ffg" / "summary.json").read_text())
+    assert summary["settings"]["refinement"]["flow_init"] == "q_star_ffg"
+    assert "flow_init" not in json.loads((tmp_path / "prior" / "summary.json").read_text())["settings"]["refinement"]
+
+
+@pytest.mark.slow  # trains a small flow model and refines the FFG and the flow (~30 s)
+def test_local_flows_start_from_a_flow_encoder(tmp_path):
+    """refine.flow_init = "encoder" with refine.init = "prior": the local flow starts at the flow encoder's
+    own q (its output as per-datapoint parameters), so L[q*_Flow] does not fall below L[q] beyond noise."""
+    assert main(["run", str(DIGITS), "--out", str(tmp_path), *FLOW_QUICK, "--set", 'model.posterior="flow"',
+                 "--set", 'refine.families=["ffg", "flow"]', "--set", "ais.enabled=false",
+                 "--set", 'refine.init="prior"', "--set", 'refine.flow_init="encoder"']) == 0
+    frame = pd.read_csv(tmp_path / "amortized.csv").set_index("index").join(
+        pd.read_csv(tmp_path / "local.csv").set_index("index"))
+    gain = frame["elbo_q_star_flow"] - frame["elbo_q"]
+    noise = (frame["elbo_q_star_flow_stderr"] ** 2 + frame["elbo_q_stderr"] ** 2) ** 0.5
+    assert (gain > -4 * noise).all(), gain[gain <= -4 * noise]
+    refinement = json.loads((tmp_path / "summary.json").read_text())["settings"]["refinement"]
+    assert refinement["init"] == "prior" and refinement["flow_init"] == "encoder"
+
+
 @pytest.mark.parametrize("raw, message", [
     ({"refine": {"family": "ffg", "families": ["ffg"]}}, "refine.family and refine.families are both given"),
     ({"model": {"posterior": "flow"}, "refine": {"families": ["ffg"]}}, "must include the encoder's family"),
@@ -108,6 +157,8 @@ def test_families_default_to_the_encoders_and_the_old_key_still_reads():
     ({"refine": {"families": []}}, "refine.families is empty"),
     ({"refine": {"families": ["maf"]}}, "refine.families.0"),
     ({"model": {"posterior": "real-nvp"}}, "model.posterior"),
+    ({"refine": {"flow_init": "q_star_ffg"}}, "refine.flow_init = \"q_star_ffg\" sets where local flows start"),
+    ({"refine": {"families": ["ffg", "flow"], "flow_init": "prior"}}, "refine.flow_init"),
 ])
 def test_bad_family_settings_are_refused(raw, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):

@@ -295,3 +295,39 @@ def test_measure_gaps_with_a_local_flow():
     assert elbo_q_star["mean"] > best_ffg + 4 * elbo_q_star["mc_stderr"]
     assert summary["gaps"]["approximation"]["mean"] < ffg_gap
     assert summary["gaps"]["amortization"]["mean"] > 0
+
+
+def test_a_local_flow_starts_on_top_of_a_given_gaussian():
+    """local_posterior(init_from=...): a flow starts at the identity on top of the Gaussian it is given (here
+    the best FFG, in closed form): before any step its ELBO is that FFG's exact ELBO, whatever ``init`` says."""
+    model, x = make_linear_gaussian(num_datapoints=6, seed=3)
+    mean, var = model.optimal_diagonal(x)
+    family = make_family("flow", hidden_size=8)
+    start = DiagonalGaussian(mean, var.log())
+    from gapbench.measure import RefineProcedure
+    frozen_start = RefineProcedure.for_flows()._replace(learning_rate=1e-12, max_steps=1)
+    result = local_posterior(model, model.posterior_distribution, x, family=family, init="prior",
+                             procedure=frozen_start, init_from=start, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(result.params["mean"], mean, rtol=0, atol=1e-6)
+    est = elbo(model, family.posterior(result.params), x, num_samples=4000, generator=torch.Generator().manual_seed(1))
+    exact = model.elbo_diagonal(x, mean, var)
+    assert torch.all((est.value - exact).abs() < 4 * est.stderr + 1e-6), (est.value - exact, est.stderr)
+
+
+@pytest.mark.slow  # a full refinement of 20 local flows (~40 s)
+def test_a_local_flow_on_top_of_the_best_ffg_closes_most_of_its_gap():
+    """Started at the identity on top of the best FFG (refine.flow_init = "q_star_ffg"), the auxiliary flow
+    closes as much of the FFG's approximation gap as from the prior (CLOSED_AT_LEAST) and never ends below
+    where it started (beyond Monte Carlo error). Measured: 0.845 ± 0.002 of the gap closed (from the prior
+    0.85) in 765 steps on average."""
+    model, x = make_linear_gaussian(num_datapoints=20, seed=0)
+    mean, var = model.optimal_diagonal(x)
+    log_px, best_ffg = model.log_marginal(x), model.elbo_diagonal(x, mean, var)
+    family = make_family("flow", hidden_size=32)
+    result = local_posterior(model, model.posterior_distribution, x, family=family, init="prior",
+                             init_from=DiagonalGaussian(mean, var.log()), generator=torch.Generator().manual_seed(0))
+    est = elbo(model, family.posterior(result.params), x, num_samples=20000, generator=torch.Generator().manual_seed(1))
+    gap = (log_px - best_ffg).sum()
+    closed, stderr = (est.value - best_ffg).sum() / gap, est.stderr.square().sum().sqrt() / gap
+    assert closed - 4 * stderr > CLOSED_AT_LEAST["flow"], (closed, stderr)
+    assert torch.all(est.value > best_ffg - 4 * est.stderr - 1e-3)

@@ -100,3 +100,15 @@ def test_a_change_redoes_its_stages_and_their_readers():
     assert affected_stages({"curve.steps"}) == ["curve", "report"]
     assert affected_stages({"ais.flag_ess_fraction"}) == ["report"]
     assert affected_stages({"train.epochs"}) == list(STAGES)
+
+
+def test_where_local_flows_start_redoes_local_and_its_readers_only():
+    """refine.flow_init changes the local stage's numbers and those of the stages reading q*; AIS from the
+    encoder reads neither, so its finished chains are kept (AIS from q* is redone)."""
+    previous = load_config(CI_QUICK, ['refine.families=["ffg", "flow"]']).model_dump(mode="json")
+    resolved = load_config(CI_QUICK, ['refine.families=["ffg", "flow"]', 'refine.flow_init="q_star_ffg"']
+                           ).model_dump(mode="json")
+    assert resolved["ais"]["init"] == "encoder"
+    assert affected_stages({"refine.flow_init"}, previous, resolved) == ["local", "log_px", "curve", "report"]
+    from_q_star = [{**config, "ais": {**config["ais"], "init": "q_star"}} for config in (previous, resolved)]
+    assert affected_stages({"refine.flow_init"}, *from_q_star) == ["local", "ais", "log_px", "curve", "report"]

@@ -80,6 +80,7 @@ class DataConfig(Section):
 
 # FFG, Cremer et al.'s auxiliary coupling flow, planar, IAF; q(z1|x) q(z2|z1) of the two-layer model
 Family = Literal["ffg", "flow", "planar", "iaf", "hierarchical"]
+FLOW_FAMILIES = ("flow", "planar", "iaf")
 HIERARCHICAL_KEYS = ("latent_size_2", "prior_hidden")  # written out only for kind = "hierarchical"
 
 
@@ -222,6 +223,12 @@ class RefineConfig(Section):
     init: Literal["prior", "encoder"] = Field("encoder", description=(
         "where each local optimisation starts: the encoder's output (`encoder`) or the prior (`prior`, as the "
         "paper); see [Variational families](#variational-families) for what a family starts from"))
+    flow_init: Literal["init", "q_star_ffg", "encoder"] = Field("init", description=(
+        "where a local flow starts (the FFG always starts from `init`): as `init` (`init`); at the identity on top "
+        "of the local FFG's q* (`q_star_ffg`: the FFG refined first, with its own procedure and random streams, so "
+        "the flow starts at the reported L[q*_FFG]); or from the encoder's output (`encoder`: a flow encoder's q "
+        "itself, so the flow starts at L[q]). From the prior, gapbench's flow procedure stops far short on the "
+        "paper-protocol Fashion-MNIST models (results/README.md, \"Why the local flow gains little\")"))
     procedure: Literal["gapbench", "paper"] = Field("gapbench", description=(
         "preset: `gapbench` (per family: `RefineProcedure()` for the FFG, `RefineProcedure.for_flows()` for "
         "flows) or `paper`; the keys below override it for every family (see `gapbench.RefineProcedure`)"))
@@ -247,7 +254,15 @@ class RefineConfig(Section):
             raise ValueError("refine.families is empty; list at least one family, e.g. [\"ffg\"]")
         if len(set(self.families)) != len(self.families):
             raise ValueError(f"refine.families lists a family twice: {self.families}")
+        if self.flow_init != "init" and not set(self.families) & set(FLOW_FAMILIES):
+            raise ValueError(f"refine.flow_init = \"{self.flow_init}\" sets where local flows start, but refine.families "
+                             f"({self.families}) has none; add one of {list(FLOW_FAMILIES)} or remove refine.flow_init")
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_default_flow_init(self, handler: Any) -> dict[str, Any]:
+        """Without ``flow_init`` at its default, as folders made before it existed (``migrate.omit_unused_keys``)."""
+        return omit_unused_keys(handler(self), ("flow_init",), is_used=self.flow_init != "init")
 
     def resolved(self, family: str = "ffg") -> RefineProcedure:
         """The preset for ``family`` with every field set here replacing the preset's value.

@@ -286,7 +286,7 @@ def _change_config(path: Path, previous: dict, resolved: dict, records: dict[str
     ``.replaced/`` (see :func:`open_run_folder`); True when outputs were moved there. A folder where no
     stage finished (e.g. a run refused for its size) takes the new config without ``force``."""
     changed = sorted(diff_keys(previous, resolved))
-    redo = affected_stages(set(changed))
+    redo = affected_stages(set(changed), previous, resolved)
     kept = [s for s in STAGES if s not in redo]
     if not records and not (path / TRAIN_STATE).exists() and not (path / REPLACED).exists():
         log(f"[run] no stage of the run in {path} finished; starting it with the new config")

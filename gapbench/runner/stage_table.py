@@ -23,7 +23,10 @@ numbers (:func:`hashed_sections`): the ``train.semi_amortized_*`` keys while
 ``[curve]`` section while ``curve.enabled`` is false, the ``ais.calibration_*`` keys for the stages
 that do not use them (and for every stage while ``ais.calibration_datapoints = 0``), and the AIS
 health thresholds (``ais.flag_*``) except, for the stages that use them, where they differ from their
-defaults. So a run whose config changes only such a key keeps its finished stages.
+defaults, and ``refine.flow_init`` for AIS unless its chains start from q* (``ais.init = "q_star"``).
+So a run whose config changes only such a key keeps its finished stages. (AIS from the prior or the
+encoder depends on no other ``refine`` key either; those stay in its hash so that the hashes of
+folders written before this rule still match.)
 """
 
 from __future__ import annotations
@@ -115,6 +118,9 @@ def hashed_sections(resolved: dict, stage: str) -> dict:
         if not ais.get("calibration_datapoints") or not facts.hashes_calibration:
             ais = {k: v for k, v in ais.items() if not k.startswith("calibration_")}
         sections["ais"] = ais
+    refine = sections.get("refine")
+    if stage == "ais" and isinstance(refine, dict) and isinstance(ais, dict) and ais.get("init") != "q_star":
+        sections["refine"] = {k: v for k, v in refine.items() if k != "flow_init"}
     curve = sections.get("curve", {})
     if "curve" in sections and not (isinstance(curve, dict) and curve.get("enabled")):
         del sections["curve"]
@@ -126,14 +132,21 @@ def section_hash(resolved: dict, stage: str) -> str:
     return hashlib.sha256(json.dumps(hashed_sections(resolved, stage), sort_keys=True).encode()).hexdigest()
 
 
-def affected_stages(changed_keys: set[str]) -> list[str]:
+def affected_stages(changed_keys: set[str], previous: dict | None = None, resolved: dict | None = None) -> list[str]:
     """The stages to redo after a config change: those depending on a changed section, every stage
-    that reads one of them, and the stages using the AIS health thresholds when one of those changed."""
+    that reads one of them, and the stages using the AIS health thresholds when one of those changed.
+    Given both configs (JSON form), a stage whose hash is the same under both is not redone for its
+    sections (only for what it reads), and what a stage reads is taken under ``resolved``
+    (:func:`stages_read`): e.g. ``refine.flow_init`` redoes the local stage but not AIS from the encoder."""
     is_flag = {key: key.removeprefix("ais.") in AIS_FLAG_DEFAULTS for key in changed_keys}
     sections = {key.split(".")[0] for key in changed_keys if not is_flag[key]}
     affected: list[str] = []
     for stage in STAGE_TABLE:  # in order, so a stage's readers come after it
-        if sections & set(stage.sections) or set(stage.reads) & set(affected):
+        depends = bool(sections & set(stage.sections))
+        if depends and previous is not None and resolved is not None:
+            depends = section_hash(previous, stage.name) != section_hash(resolved, stage.name)
+        reads = stages_read(stage.name, resolved) if resolved is not None else stage.reads
+        if depends or set(reads) & set(affected):
             affected.append(stage.name)
     if "report" not in affected and any(is_flag.values()):
         affected.append("report")

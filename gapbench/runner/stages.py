@@ -34,7 +34,7 @@ from gapbench.gaps import decompose, estimate_columns, find_faults
 from gapbench.inference.curves import curve_frame, refinement_curve, summarize_curve
 from gapbench.measure import ais_diagnostics, ais_of, bounds_of, fresh_estimators, local_posterior
 from gapbench.outputs import join_on_index, sha256_file, with_index
-from gapbench.posteriors import DatapointStreams
+from gapbench.posteriors import DatapointStreams, DiagonalGaussian, FlowFamily
 from gapbench.report import gap_table_markdown
 from gapbench.runner import migrate
 from gapbench.runner.build import datapoint_streams, local_family, log_px_candidates, stage_generator
@@ -206,17 +206,24 @@ def refine_unit(run: Run, decoder, encoder, x: torch.Tensor, name: str) -> Calla
     a family changes no other family's numbers."""
     refine, family = run.config.refine, local_family(run.config, name)
     procedure = refine.resolved(name)
+    is_flow = isinstance(family, FlowFamily)
+    on_ffg = refine.flow_init == "q_star_ffg" and is_flow
+    init = "encoder" if refine.flow_init == "encoder" and is_flow else refine.init
 
     def compute(unit: Unit) -> UnitResult:
         batch = x[unit.start:unit.stop].to(run.device)
         generator = run.streams("local", unit.start, batch, part=name)
+        # a flow on top of the local FFG: q*_FFG again from the FFG's own streams and procedure, so the
+        # flow starts exactly at the q*_FFG this stage reports (the FFG costs a small part of a flow)
+        init_from = local_ffg(run, decoder, encoder, batch, unit) if on_ffg else None
         with unit_bar(run, unit, unit.size, "stopped", "datapoint") as bar:
             def callback(step: int, num_active: int) -> None:  # datapoints leave as they converge
                 bar.set_postfix(step=step, active=num_active, refresh=False)
                 bar.update(unit.size - num_active - bar.n)
                 run.stop_inside()
-            result = local_posterior(decoder, encoder, batch, family=family, init=refine.init,
-                                     procedure=procedure, generator=generator, callback=callback)
+            result = local_posterior(decoder, encoder, batch, family=family, init=init,
+                                     procedure=procedure, generator=generator, callback=callback,
+                                     init_from=init_from)
         pair = bounds_of(decoder, family.posterior(result.params), batch, num_samples=run.config.eval.num_samples,
                          chunk_size=run.chunk_size(batch.shape[0], with_gradient=False), generator=generator)
         return UnitResult(with_index(pd.DataFrame({
@@ -227,6 +234,16 @@ def refine_unit(run: Run, decoder, encoder, x: torch.Tensor, name: str) -> Calla
             f"refine_diverged_{name}": result.is_diverged.cpu().numpy(),
         }), unit.start), cpu_tensors(result.params))
     return compute
+
+
+def local_ffg(run: Run, decoder, encoder, batch: torch.Tensor, unit: Unit) -> DiagonalGaussian:
+    """q*_FFG of a unit's datapoints as the FFG part refines it (its streams, procedure and start)."""
+    ffg = local_family(run.config, "ffg")
+    result = local_posterior(decoder, encoder, batch, family=ffg, init=run.config.refine.init,
+                             procedure=run.config.refine.resolved("ffg"),
+                             generator=run.streams("local", unit.start, batch, part="ffg"),
+                             callback=lambda step, num_active: run.stop_inside())
+    return DiagonalGaussian(result.params["mean"], result.params["log_var"])
 
 
 def ais(run: Run, decoder, encoder, x: torch.Tensor) -> pd.DataFrame | None:

@@ -107,6 +107,7 @@ def settings(config: ExperimentConfig, x: torch.Tensor, dataset: Dataset, device
         "log_px": method_description(log_px_candidates(config)),
         "encoder_family": config.model.posterior,
         "refinement": {"families": list(families), "init": config.refine.init, "preset": config.refine.procedure,
+                       **({"flow_init": config.refine.flow_init} if config.refine.flow_init != "init" else {}),
                        "procedures": {name: effective_procedure(local_family(config, name),
                                                                 config.refine.resolved(name))._asdict()
                                       for name in families}},
