@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 
 from gapbench.estimators import AISProcedure, bdmc, simulate
-from gapbench.measure import amortized_posterior, frozen
+from gapbench.measure import amortized_posterior, fit_diagonal, frozen
+from gapbench.posteriors import FlowPosterior
 
 CALIBRATION_INITS = ("prior", "encoder")
 
@@ -29,7 +30,7 @@ def calibrate_ais(model, encoder: Callable | None, *, num_datapoints: int, proce
     """BDMC with ``procedure`` on ``num_datapoints`` datapoints simulated from ``model``.
 
     ``init``: where forward AIS starts and reverse AIS ends, "prior" or "encoder" (the encoder's posterior
-    for the simulated x). The model needs ``sample_x(z, *, generator)`` (``gapbench.estimators.simulate``);
+    for the simulated x; for a flow encoder, as in the run's AIS, the diagonal Gaussian fitted to its samples). The model needs ``sample_x(z, *, generator)`` (``gapbench.estimators.simulate``);
     ``dtype``: of the simulated z.
 
     Returns
@@ -43,6 +44,9 @@ def calibrate_ais(model, encoder: Callable | None, *, num_datapoints: int, proce
         raise ValueError(f"AIS calibration needs at least 2 simulated datapoints, got {num_datapoints}")
     x, z = simulate(model, num_datapoints, generator=generator, dtype=dtype)  # (N, D), (N, Z)
     q = amortized_posterior(encoder, x) if init == "encoder" else None
+    if isinstance(q, FlowPosterior):  # as the run's AIS (measure.ais_of): a flow's chains start from its fitted Gaussian
+        seed = int(torch.randint(2**62, (1,), generator=generator))
+        q = fit_diagonal(q, generator=torch.Generator(device=x.device).manual_seed(seed))
     with frozen(model):
         result = bdmc(model, x, z, init=q, procedure=procedure, generator=generator, callback=callback)
     width = result.gap.double()  # (N,)

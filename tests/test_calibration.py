@@ -67,3 +67,14 @@ def test_a_run_records_the_calibration_and_warns_under_the_table(tmp_path, capsy
     err = capsys.readouterr().err
     assert "[calibration] skipped: finished" in err and "[report] skipped: finished" in err
     assert json.loads((out / "summary.json").read_text())["ais_calibration"] == calibration
+
+
+def test_a_flow_encoders_run_is_calibrated_from_its_fitted_gaussian(tmp_path):
+    """A flow encoder's q(z|x) has no tractable log-density (the auxiliary flow); the calibration starts its
+    chains, as the run's AIS does, from the diagonal Gaussian fitted to q's samples (it raised TypeError)."""
+    out = tmp_path / "flow"
+    assert main(["run", str(DIGITS), "--out", str(out), *QUICK, "--set", 'model.posterior="flow"',
+                 "--set", "model.flow_hidden=8", "--set", 'refine.families=["ffg", "flow"]',
+                 "--set", "ais.calibration_datapoints=4"]) == 0
+    calibration = json.loads((out / "ais_calibration.json").read_text())
+    assert calibration["init"] == "encoder" and np.isfinite(calibration["mean_width"])

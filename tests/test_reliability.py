@@ -207,13 +207,41 @@ def test_force_keeps_the_new_runs_progress_when_it_stops_at_a_time_limit(copy, c
     assert json.loads((copy / "config.json").read_text())["refine"]["max_steps"] == 60  # the new config stays
     records = json.loads((copy / "stages.json").read_text())
     assert {"train", "amortized", "local"} <= set(records) and "ais" not in records
-    assert (copy / rundir.REPLACED).is_dir()
+    assert not (copy / rundir.REPLACED).exists()  # local finished under the new config: no way back
     local = (copy / "local.csv").read_bytes()
     assert local != before["local.csv"]
     monkeypatch.undo()
     assert run(copy, *command) == 0
     assert "[local] skipped: finished" in capsys.readouterr().err  # finished under the new config: not redone
     assert (copy / "local.csv").read_bytes() == local and not (copy / rundir.REPLACED).exists()
+
+
+def test_a_failure_after_a_forced_run_finished_a_stage_keeps_that_stage(copy, capsys, monkeypatch):
+    """A forced run stopped at a time limit, continued (finishing a stage under the new config), then failing
+    in a later stage keeps its new config and finished stages: nothing of the old run is put back over
+    them (that once deleted a trained flow model's evaluation, hours of work, after a calibration crash)."""
+    from gapbench.deadline import StopRequested
+    command = ("--force", "--set", "ais.num_steps=6", "--set", "refine.max_steps=60")
+
+    def stop(*args, **kwargs):
+        raise StopRequested("stopped in the local stage")
+    monkeypatch.setattr(stages, "local_posterior", stop)
+    assert run(copy, *command, "--time-limit", "1h") == 3
+    assert (copy / rundir.REPLACED).is_dir()  # nothing finished under the new config yet
+    monkeypatch.undo()
+
+    def fail(*args, **kwargs):
+        raise RunError("AIS failed")
+    monkeypatch.setattr(stages, "ais_of", fail)
+    assert run(copy, *command) == 2
+    assert "are back in" not in capsys.readouterr().err
+    records = json.loads((copy / "stages.json").read_text())
+    assert "local" in records and "ais" not in records
+    assert json.loads((copy / "config.json").read_text())["refine"]["max_steps"] == 60
+    local = (copy / "local.csv").read_bytes()
+    monkeypatch.undo()
+    assert run(copy, *command) == 0
+    assert "[local] skipped: finished" in capsys.readouterr().err and (copy / "local.csv").read_bytes() == local
 
 
 @pytest.mark.parametrize("init", ["encoder", "q_star"])

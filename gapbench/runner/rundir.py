@@ -142,6 +142,9 @@ class RunFolder:
         }
         self._verified[stage] = True
         io.write_json(self.path / "stages.json", {s: self.records[s] for s in STAGES if s in self.records})
+        if (self.path / REPLACED).is_dir():  # the new config has a finished stage: no way back to the old one
+            shutil.rmtree(self.path / REPLACED, ignore_errors=True)
+            self.log(f"[run] {stage} finished under the new config: the outputs --force replaced are deleted")
 
 
 @contextmanager
@@ -155,10 +158,13 @@ def open_run_folder(path: str | Path, resolved: dict, *, force: bool, log: Calla
     Refuses (RunError) a path that is not a writable folder, a non-empty folder that holds no
     gapbench run, a folder another gapbench process is using, and a run with another config unless
     ``force`` (or no stage of it finished). Holds an exclusive lock (released when the process ends,
-    even by SIGKILL) while open. ``force`` moves the outputs it replaces to ``.replaced/``; they are
-    deleted when the block ends normally and put back (with the old config and records) when it
-    raises an Exception other than :class:`StopRequested` (a time limit or SIGTERM leaves the new run's
-    config and finished stages, and ``.replaced/``, so that the same command continues it). A finished
+    even by SIGKILL) while open. ``force`` moves the outputs it replaces to ``.replaced/``; they
+    are deleted as soon as a stage finishes under the new config (:meth:`RunFolder.finish`) or the
+    block ends normally, and put back (with the old config and records) when it raises an Exception
+    other than :class:`StopRequested` before that (a time limit or SIGTERM leaves the new run's config,
+    its progress and ``.replaced/``, so that the same command continues it). So a failure never undoes
+    a stage finished under the new config (putting back what a forced run had replaced, hours of
+    training and evaluation later, once deleted all of them). A finished
     run on a read-only disk opens read-only (no lock), so its table can be printed again.
     """
     path = Path(path)
