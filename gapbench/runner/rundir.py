@@ -325,7 +325,7 @@ def _change_config(path: Path, previous: dict, resolved: dict, records: dict[str
             _restore_replaced(path, log)
         raise
     if moved:
-        log(f"[run] the replaced outputs are kept in {aside} until the new stages finish (put back if they fail)")
+        log(f"[run] the replaced outputs are kept in {aside} until a stage finishes under the new config (put back if the run fails before)")
     return moved
 
 
