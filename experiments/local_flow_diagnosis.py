@@ -127,6 +127,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name}: mean {values[name].mean():.3f}, over q*_FFG {diff.mean():+.3f} ± "
               f"{diff.std() / n ** 0.5:.3f} ({seconds[name]:.0f} s)", flush=True)
 
+    def continue_rounds(start: str, *, seed: int) -> None:
+        """--continue-rounds rounds of fixed steps at the last --learning-rates from ``last_params[start]``,
+        each evaluated."""
+        lr = args.learning_rates[-1]
+        for round in range(1, args.continue_rounds + 1):
+            def more(round=round):
+                params = fixed_steps(decoder, flow, last_params[start], x, steps=args.continue_steps,
+                                     learning_rate=lr, seed=seed + 100 * round)
+                last_params[start] = params
+                return flow, params
+            timed(f"  the same + {round * args.continue_steps} steps at lr {lr:g}", more)
+
     if "continue" not in args.skip:
         for lr in args.learning_rates:
             timed(f"q*_Flow (run) + {args.continue_steps} steps at lr {lr:g}",
@@ -146,14 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         timed("flow from q*_FFG (identity on top), gapbench procedure"
               + "".join(f", {k} {v}" for k, v in args.procedure.items()), on_ffg)
         if "on_ffg_continue" not in args.skip:
-            lr = args.learning_rates[-1]
-            for round in range(1, args.continue_rounds + 1):
-                def more(round=round):
-                    params = fixed_steps(decoder, flow, last_params["flow from q*_FFG"], x,
-                                         steps=args.continue_steps, learning_rate=lr, seed=args.seed + 2 + 100 * round)
-                    last_params["flow from q*_FFG"] = params
-                    return flow, params
-                timed(f"  the same + {round * args.continue_steps} steps at lr {lr:g}", more)
+            continue_rounds("flow from q*_FFG", seed=args.seed + 2)
     if "encoder" not in args.skip:
         def from_encoder():
             params = local_posterior(decoder, encoder, x, family=flow, init="encoder",
@@ -162,14 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             return flow, params
         timed("flow from the encoder's q, gapbench procedure", from_encoder)
         if "encoder_continue" not in args.skip:
-            lr = args.learning_rates[-1]
-            for round in range(1, args.continue_rounds + 1):
-                def more(round=round):
-                    params = fixed_steps(decoder, flow, last_params["encoder"], x, steps=args.continue_steps,
-                                         learning_rate=lr, seed=args.seed + 7 + 100 * round)
-                    last_params["encoder"] = params
-                    return flow, params
-                timed(f"  the same + {round * args.continue_steps} steps at lr {lr:g}", more)
+            continue_rounds("encoder", seed=args.seed + 7)
     if "larger" not in args.skip:
         larger = make_family("flow", num_steps=args.steps, hidden_size=args.hidden)
         timed(f"flow of {args.steps} steps, width {args.hidden}, from the prior, gapbench procedure",

@@ -22,6 +22,7 @@ from gapbench.estimators import AISProcedure
 from gapbench.estimators.ais import DEFAULT_AIS
 from gapbench.estimators.health import AIS_FLAG_DEFAULTS
 from gapbench.measure import RefineProcedure
+from gapbench.posteriors.families import FLOW_FAMILIES
 from gapbench.inference.semi_amortized import SemiAmortized
 from gapbench.runner.migrate import omit_unused_keys, refine_families
 
@@ -80,7 +81,6 @@ class DataConfig(Section):
 
 # FFG, Cremer et al.'s auxiliary coupling flow, planar, IAF; q(z1|x) q(z2|z1) of the two-layer model
 Family = Literal["ffg", "flow", "planar", "iaf", "hierarchical"]
-FLOW_FAMILIES = ("flow", "planar", "iaf")
 HIERARCHICAL_KEYS = ("latent_size_2", "prior_hidden")  # written out only for kind = "hierarchical"
 
 
